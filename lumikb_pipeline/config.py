@@ -1,0 +1,197 @@
+"""Configuration from the environment (PRODUCT.md section 4), with embedded defaults.
+
+Every setting is read once into a typed `Settings`; an invalid value fails at start-up with a
+message naming the variable. Everything derived from a default (the SQLite file, the embedded Redis,
+the Dagster home) is resolved here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lumikb_pipeline.errors import ConfigError
+
+_RATE_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+_RATE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|m|min|h)\s*$")
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """A number of calls per period, e.g. `10/s` or `600/m`."""
+
+    calls: float
+    period_s: float
+
+    @property
+    def per_second(self) -> float:
+        return self.calls / self.period_s
+
+    def __str__(self) -> str:
+        unit = {1.0: "s", 60.0: "m", 3600.0: "h"}[self.period_s]
+        calls = int(self.calls) if self.calls == int(self.calls) else self.calls
+        return f"{calls}/{unit}"
+
+
+def parse_rate_limit(text: str) -> RateLimit:
+    """Parse `N/s`, `N/m` or `N/h` (N > 0); raise ValueError with the accepted forms otherwise."""
+    match = _RATE_PATTERN.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a rate; write calls per period, e.g. '10/s', '600/m' or '36000/h'")
+    return RateLimit(float(match.group(1)), _RATE_UNITS[match.group(2)])
+
+
+def parse_model_rate_limits(text: str) -> dict[str, RateLimit]:
+    """Parse `model=rate,model=rate` (per-model overrides of the global limit)."""
+    limits: dict[str, RateLimit] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        model, sep, rate = part.rpartition("=")
+        if not sep or not model.strip():
+            raise ValueError(f"{part!r} is not 'model=rate'; e.g. 'openai/gpt-4o-mini=20/s,lumikb/offline=100/s'")
+        limits[model.strip()] = parse_rate_limit(rate)
+    return limits
+
+
+class Settings(BaseSettings):
+    """All of the pipeline's configuration; see PRODUCT.md section 4 and docs/configuration.md."""
+
+    model_config = SettingsConfigDict(env_prefix="LUMIKB_", extra="ignore", populate_by_name=True)
+
+    home: Path = Path("./.lumikb")
+    database_url: str | None = None
+    redis_url: str | None = None
+    neo4j_uri: str | None = None
+    neo4j_user: str = "neo4j"
+    neo4j_password: SecretStr | None = None
+    neo4j_database: str = "neo4j"
+    llm_model: str = "lumikb/offline"
+    llm_api_base: str | None = None
+    llm_api_key: SecretStr | None = None
+    llm_rate_limit: str = "10/s"
+    llm_rate_limits: str = ""
+    llm_max_in_flight: int | None = Field(default=None, gt=0, le=10_000)
+    llm_timeout_s: float = Field(default=120.0, gt=0)
+    llm_max_attempts: int = Field(default=6, ge=1, le=50)
+    chunk_tokens: int = Field(default=400, ge=32, le=8192)
+    reextract_batch_size: int = Field(default=25, ge=1, le=10_000)
+    drift_threshold: int = Field(default=10, ge=0)
+    drift_webhook_url: str | None = None
+    celery_broker_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("CELERY_BROKER_URL", "celery_broker_url")
+    )
+    dagster_home: Path | None = Field(
+        default=None, validation_alias=AliasChoices("DAGSTER_HOME", "dagster_home")
+    )
+
+    @field_validator("llm_rate_limit")
+    @classmethod
+    def _check_rate(cls, value: str) -> str:
+        parse_rate_limit(value)
+        return value
+
+    @field_validator("llm_rate_limits")
+    @classmethod
+    def _check_rates(cls, value: str) -> str:
+        parse_model_rate_limits(value)
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError as exc:
+            raise ValueError("not a SQLAlchemy URL; e.g. postgresql+psycopg://user:pw@host:5432/db") from exc
+        if url.get_backend_name() not in ("postgresql", "sqlite"):
+            raise ValueError(f"backend {url.get_backend_name()!r} is not supported; use postgresql or sqlite")
+        return value
+
+    @field_validator("redis_url", "celery_broker_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis:// (or rediss://, unix://) URL, e.g. redis://127.0.0.1:6379/0")
+        return value
+
+    @field_validator("neo4j_uri")
+    @classmethod
+    def _check_neo4j_uri(cls, value: str | None) -> str | None:
+        schemes = ("bolt://", "bolt+s://", "bolt+ssc://", "neo4j://", "neo4j+s://", "neo4j+ssc://")
+        if value is not None and not value.startswith(schemes):
+            raise ValueError("must be a bolt:// or neo4j:// URI, e.g. bolt://127.0.0.1:7687")
+        return value
+
+    # --- derived values: the one place where embedded defaults are resolved ---
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.home_dir / 'lumikb.sqlite3'}"
+
+    @property
+    def uses_embedded_redis(self) -> bool:
+        return self.redis_url is None
+
+    @property
+    def uses_embedded_graph(self) -> bool:
+        return self.neo4j_uri is None
+
+    @property
+    def effective_dagster_home(self) -> Path:
+        return (self.dagster_home or self.home_dir / "dagster").expanduser().resolve()
+
+    @property
+    def rate_limit(self) -> RateLimit:
+        """The global LLM limit for the configured model (a per-model override wins)."""
+        return self.rate_limit_for(self.llm_model)
+
+    def rate_limit_for(self, model: str) -> RateLimit:
+        return parse_model_rate_limits(self.llm_rate_limits).get(model, parse_rate_limit(self.llm_rate_limit))
+
+    @property
+    def max_in_flight(self) -> int:
+        """Calls in flight across all workers: enough to keep the limit busy with ~5 s calls."""
+        if self.llm_max_in_flight is not None:
+            return self.llm_max_in_flight
+        return max(1, min(500, math.ceil(self.rate_limit.per_second * 5)))
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else "?"
+        variable = {"celery_broker_url": "CELERY_BROKER_URL", "dagster_home": "DAGSTER_HOME"}.get(
+            field, field if field.isupper() else f"LUMIKB_{field.upper()}"
+        )
+        lines.append(f"{variable}: {item['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_settings() -> Settings:
+    """Read the environment now; raise ConfigError naming each invalid variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()

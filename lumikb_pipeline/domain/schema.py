@@ -1,0 +1,200 @@
+"""The domain schema of a knowledge base: entity types, relationship types, prompt version.
+
+`parse_schema_file` reads a schema file (YAML or JSON; JSON is YAML) and refuses one that breaks the
+rules of PRODUCT.md section 1 with a message that points at the line.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from lumikb_pipeline.errors import SchemaFileError
+
+ENTITY_TYPE_PATTERN = re.compile(r"^[A-Z][A-Za-z0-9_]{0,63}$")
+RELATIONSHIP_TYPE_PATTERN = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+KB_SLUG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+class EntityType(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    description: str = ""
+
+
+class RelationshipType(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    source: tuple[str, ...]
+    target: tuple[str, ...]
+    description: str = ""
+
+
+class DomainSchema(BaseModel):
+    """One version's content. Equal content means equal schema (used to skip no-op `schema set`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    entity_types: tuple[EntityType, ...]
+    relationship_types: tuple[RelationshipType, ...] = ()
+    prompt_version: int = Field(default=1, ge=1)
+
+    @property
+    def entity_type_names(self) -> frozenset[str]:
+        return frozenset(t.name for t in self.entity_types)
+
+    def relationship_type(self, name: str) -> RelationshipType | None:
+        return next((r for r in self.relationship_types if r.name == name), None)
+
+    def allows_relationship(self, name: str, source_type: str, target_type: str) -> bool:
+        """True when `name` is a relationship type of this schema with these endpoint types."""
+        rel = self.relationship_type(name)
+        return rel is not None and source_type in rel.source and target_type in rel.target
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def check_kb_slug(slug: str) -> str:
+    """Return `slug` if it is a valid KB slug, else raise a UsageError that shows the rule."""
+    from lumikb_pipeline.errors import UsageError
+
+    if not KB_SLUG_PATTERN.match(slug):
+        raise UsageError(
+            f"KB slug {slug!r} is not valid: use 1-63 lowercase letters, digits and '-', "
+            "starting with a letter or digit (e.g. 'legal-contracts')"
+        )
+    return slug
+
+
+class _LineLoader(yaml.SafeLoader):
+    """A YAML loader that remembers the line of every mapping, so errors can point at it."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[str, Any]:
+    mapping = loader.construct_mapping(node, deep=True)
+    mapping["__line__"] = node.start_mark.line + 1
+    return mapping
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _fail(where: str, line: int | None, message: str) -> SchemaFileError:
+    at = f"{where}, line {line}" if line else where
+    return SchemaFileError(f"{at}: {message}")
+
+
+def _text(item: dict[str, Any], key: str, where: str, line: int | None, required: bool) -> str:
+    value = item.get(key)
+    if value is None:
+        if required:
+            raise _fail(where, line, f"'{key}' is missing")
+        return ""
+    if not isinstance(value, str):
+        raise _fail(where, line, f"'{key}' must be text, not {type(value).__name__}")
+    return value
+
+
+def _type_list(item: dict[str, Any], key: str, where: str, line: int | None) -> tuple[str, ...]:
+    value = item.get(key)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise _fail(where, line, f"'{key}' must be a non-empty list of entity type names, e.g. [Person]")
+    return tuple(value)
+
+
+def parse_schema_text(text: str, where: str = "schema") -> DomainSchema:
+    """Parse and validate a schema document; `where` names it in error messages."""
+    try:
+        data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise _fail(where, line, f"not valid YAML or JSON ({problem})") from None
+    if not isinstance(data, dict):
+        raise _fail(where, None, "must be a mapping with 'entity_types' and 'relationship_types'")
+    top_line = data.pop("__line__", None)
+    unknown = sorted(set(data) - {"entity_types", "relationship_types", "prompt_version"})
+    if unknown:
+        raise _fail(
+            where, top_line, f"unknown key(s) {', '.join(unknown)}; "
+            "allowed: entity_types, relationship_types, prompt_version"
+        )
+
+    raw_entities = data.get("entity_types")
+    if not isinstance(raw_entities, list) or not raw_entities:
+        raise _fail(where, top_line, "'entity_types' must be a non-empty list")
+    entities: list[EntityType] = []
+    for raw in raw_entities:
+        if not isinstance(raw, dict):
+            raise _fail(where, top_line, "each entity type must be a mapping with 'name' and 'description'")
+        line = raw.get("__line__")
+        name = _text(raw, "name", where, line, required=True)
+        if not ENTITY_TYPE_PATTERN.match(name):
+            raise _fail(where, line, f"entity type name {name!r} must match {ENTITY_TYPE_PATTERN.pattern}")
+        if any(e.name == name for e in entities):
+            raise _fail(where, line, f"entity type {name!r} is defined twice")
+        entities.append(EntityType(name=name, description=_text(raw, "description", where, line, False)))
+
+    raw_relationships = data.get("relationship_types") or []
+    if not isinstance(raw_relationships, list):
+        raise _fail(where, top_line, "'relationship_types' must be a list")
+    entity_names = {e.name for e in entities}
+    relationships: list[RelationshipType] = []
+    for raw in raw_relationships:
+        if not isinstance(raw, dict):
+            raise _fail(where, top_line, "each relationship type must be a mapping with name, source, target")
+        line = raw.get("__line__")
+        name = _text(raw, "name", where, line, required=True)
+        if not RELATIONSHIP_TYPE_PATTERN.match(name):
+            raise _fail(
+                where, line, f"relationship type name {name!r} must match {RELATIONSHIP_TYPE_PATTERN.pattern}"
+            )
+        if any(r.name == name for r in relationships):
+            raise _fail(where, line, f"relationship type {name!r} is defined twice")
+        source = _type_list(raw, "source", where, line)
+        target = _type_list(raw, "target", where, line)
+        for end in (*source, *target):
+            if end not in entity_names:
+                raise _fail(
+                    where, line, f"relationship type {name!r} names unknown entity type {end!r}; "
+                    f"known: {', '.join(sorted(entity_names))}"
+                )
+        relationships.append(
+            RelationshipType(
+                name=name, source=source, target=target,
+                description=_text(raw, "description", where, line, False),
+            )
+        )
+
+    prompt_version = data.get("prompt_version", 1)
+    if not isinstance(prompt_version, int) or isinstance(prompt_version, bool) or prompt_version < 1:
+        raise _fail(where, top_line, "'prompt_version' must be a whole number of at least 1")
+    return DomainSchema(
+        entity_types=tuple(entities), relationship_types=tuple(relationships), prompt_version=prompt_version
+    )
+
+
+def parse_schema_file(path: Path) -> DomainSchema:
+    """Read and validate a schema file; every problem is a SchemaFileError naming the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SchemaFileError(f"schema file {path} does not exist; pass the path of a YAML or JSON file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SchemaFileError(f"schema file {path} cannot be read as UTF-8 text ({exc})") from None
+    return parse_schema_text(text, where=str(path))
+
+
+def schema_from_json(data: dict[str, Any]) -> DomainSchema:
+    """Rebuild a stored schema (the database keeps `DomainSchema.to_json()`)."""
+    return DomainSchema.model_validate(data)

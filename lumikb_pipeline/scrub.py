@@ -1,0 +1,46 @@
+"""Keep secrets out of logs, Dagster event logs, stored errors and messages.
+
+`scrub` removes the configured secrets (LLM API key, Neo4j password, passwords in URLs) and
+anything shaped like an API key or bearer token from a text before it leaves the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+_SECRET_VARIABLES = ("LUMIKB_LLM_API_KEY", "LUMIKB_NEO4J_PASSWORD", "OPENAI_API_KEY", "ANTHROPIC_API_KEY")
+_PATTERNS = [
+    re.compile(r"\bsk-[A-Za-z0-9_\-]{6,}"),
+    re.compile(r"(?i)\b(bearer|api[_-]?key|authorization|x-api-key)([\"'\s:=]+)([^\s\"',}]{6,})"),
+    re.compile(r"(?<=://)([^:/@\s]+):([^@/\s]+)@"),
+]
+REDACTED = "[REDACTED]"
+
+
+def _known_secrets() -> list[str]:
+    return [value for name in _SECRET_VARIABLES if (value := os.environ.get(name)) and len(value) >= 4]
+
+
+def scrub(text: str, extra_secrets: tuple[str, ...] = ()) -> str:
+    """`text` with every known secret and key-shaped token replaced by [REDACTED]."""
+    for secret in (*_known_secrets(), *extra_secrets):
+        if secret:
+            text = text.replace(secret, REDACTED)
+    text = _PATTERNS[0].sub(REDACTED, text)
+    text = _PATTERNS[1].sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
+    return _PATTERNS[2].sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
+
+
+class ScrubbingFilter(logging.Filter):
+    """A logging filter that scrubs every record's message (install on handlers)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = scrub(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        if record.exc_text:
+            record.exc_text = scrub(record.exc_text)
+        return True

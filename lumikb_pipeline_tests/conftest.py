@@ -18,11 +18,13 @@ from lumikb_pipeline.db.models import Base
 from lumikb_pipeline.db.session import dispose_engines, get_engine
 
 SERVICES_HINT = 'start the services with `scripts/services up` and `eval "$(scripts/services env)"`'
+# Read once, before any fixture clears the LUMIKB_ variables for a test of the embedded defaults.
+_SERVICES_ENV = {name: value for name, value in os.environ.items() if name.startswith(("LUMIKB_", "CELERY_"))}
 
 
 def required_env(name: str) -> str:
     """The value of a variable that `scripts/services env` sets; fail loudly when it is missing."""
-    value = os.environ.get(name)
+    value = _SERVICES_ENV.get(name)
     if not value:
         pytest.fail(f"{name} is not set: {SERVICES_HINT}")
     return value

@@ -17,7 +17,15 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from lumikb_pipeline.db.models import Document, ExtractionRecord, ExtractionStatus, KnowledgeBase, utcnow
+from lumikb_pipeline.db.models import (
+    Document,
+    ExtractionRecord,
+    ExtractionStatus,
+    Job,
+    JobStatus,
+    KnowledgeBase,
+    utcnow,
+)
 
 DEFAULT_LEASE = timedelta(minutes=30)
 CLAIMABLE = (ExtractionStatus.PENDING, ExtractionStatus.FAILED, ExtractionStatus.CANCELLED)
@@ -46,9 +54,11 @@ def ensure_records(
     doc_ids: Sequence[str],
     schema_version: int,
     job_id: str | None = None,
+    redo_succeeded: bool = False,
 ) -> None:
-    """Create `pending` rows for documents at a schema version (existing rows are left alone,
-    except that a job takes over rows that are not running or succeeded)."""
+    """Create `pending` rows for documents at a schema version. Existing rows are left alone,
+    except that a job takes over rows that are not running — and succeeded ones too (set back to
+    `pending`) when `redo_succeeded` asks for a fresh extraction of every document."""
     if not doc_ids:
         return
     revisions = dict(
@@ -67,16 +77,21 @@ def ensure_records(
     for start in range(0, len(rows), 1000):
         statement = insert(ExtractionRecord).values(rows[start : start + 1000])
         session.execute(statement.on_conflict_do_nothing(index_elements=["document_id", "schema_version"]))
-    if job_id is not None:
-        session.execute(
-            update(ExtractionRecord)
-            .where(
-                ExtractionRecord.document_id.in_(doc_ids),
-                ExtractionRecord.schema_version == schema_version,
-                ExtractionRecord.status.not_in([ExtractionStatus.RUNNING, ExtractionStatus.SUCCEEDED]),
-            )
-            .values(job_id=job_id, updated_at=now)
+    if job_id is None:
+        return
+    taken_over = [*CLAIMABLE, ExtractionStatus.SKIPPED]
+    if redo_succeeded:
+        taken_over.append(ExtractionStatus.SUCCEEDED)
+    session.execute(
+        update(ExtractionRecord)
+        .where(
+            ExtractionRecord.document_id.in_(doc_ids),
+            ExtractionRecord.schema_version == schema_version,
+            ExtractionRecord.status.in_(taken_over),
         )
+        .values(job_id=job_id, status=ExtractionStatus.PENDING, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _claimable() -> ColumnElement[bool]:
@@ -254,6 +269,26 @@ def outdated_document_ids(session: Session, kb: KnowledgeBase) -> list[str]:
         .order_by(Document.created_at, Document.id)
     )
     return list(session.scalars(query))
+
+
+def finish_job_if_done(session: Session, job_id: str) -> JobStatus | None:
+    """Close a job whose every ledger row is final: `succeeded` when all succeeded, `cancelled` when
+    it was cancelled (or stopped at its budget), else `failed`. Returns the new status, or None
+    while rows are still pending or running."""
+    counts = status_counts(session, job_id)
+    if counts[ExtractionStatus.PENDING] or counts[ExtractionStatus.RUNNING]:
+        return None
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None or job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED):
+        return None
+    if job.cancel_requested_at is not None or counts[ExtractionStatus.CANCELLED]:
+        job.status = JobStatus.CANCELLED
+    elif counts[ExtractionStatus.FAILED]:
+        job.status = JobStatus.FAILED
+    else:
+        job.status = JobStatus.SUCCEEDED
+    job.finished_at = job.updated_at = utcnow()
+    return job.status
 
 
 def status_counts(session: Session, job_id: str) -> dict[ExtractionStatus, int]:

@@ -1,0 +1,327 @@
+"""Extraction of documents, in the two stages that Dagster runs as two ops (and the demo in-process):
+
+1. `extract_documents`: claim each document's ledger row, send its chunks to the LLM (rate-limited,
+   checkpointed: every validated chunk result is stored as a chunk checkpoint as soon as it exists).
+2. `write_documents`: read those checkpoints back, build each document's graph contribution, write
+   it in one transaction, and close the ledger row.
+
+The checkpoint table is the hand-over between the stages, so nothing large passes between steps and
+a crash between them costs no LLM call. One document's failure never fails the others: each stage
+returns one `DocumentOutcome` per document.
+
+For documents of a job, both stages also obey the job's stop conditions (`lumikb cancel`, the
+`--max-cost` budget: `control.JobControl`), report every final outcome to the job's progress in
+Redis, and close the job once its last document is final.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sqlalchemy import select
+
+from lumikb_pipeline import progress, redis_client
+from lumikb_pipeline.config import Settings
+from lumikb_pipeline.control import JobControl
+from lumikb_pipeline.db import ledger
+from lumikb_pipeline.db.models import Chunk, Document, ExtractionStatus, KnowledgeBase, SchemaVersion
+from lumikb_pipeline.db.session import session_scope
+from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure, GraphChunk
+from lumikb_pipeline.domain.schema import DomainSchema, schema_from_json
+from lumikb_pipeline.errors import LumikbError, SchemaViolation
+from lumikb_pipeline.graph.build import build_document_graph
+from lumikb_pipeline.graph.store import GraphStore
+from lumikb_pipeline.llm.checkpoints import load_checkpoints
+from lumikb_pipeline.llm.extractor import ChunkExtractor, ChunkInput
+from lumikb_pipeline.llm.prompt import effective_prompt_version
+from lumikb_pipeline.scrub import scrub
+
+OutcomeStatus = Literal["extracted", "succeeded", "failed", "skipped", "cancelled"]
+
+
+@dataclass
+class DocumentOutcome:
+    """One document's result in one stage."""
+
+    doc_id: str
+    status: OutcomeStatus
+    schema_version: int
+    entities: int = 0
+    relationships: int = 0
+    chunks: int = 0
+    llm_calls: int = 0
+    cached_chunks: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    duration_s: float = 0.0
+    error: str | None = None
+
+    def ledger_outcome(self) -> ledger.Outcome:
+        return ledger.Outcome(
+            entity_count=self.entities, relationship_count=self.relationships, llm_calls=self.llm_calls,
+            cached_chunks=self.cached_chunks, prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens, cost_usd=self.cost_usd,
+        )
+
+
+@dataclass
+class _DocumentWork:
+    doc_id: str
+    kb_id: int
+    kb_slug: str
+    schema_version: int
+    schema: DomainSchema
+    chunks: list[ChunkInput] = field(default_factory=list)
+    ordinals: dict[str, int] = field(default_factory=dict)
+
+
+def target_version(settings: Settings, doc_id: str, requested: int | None) -> int:
+    """The schema version to extract a document at: the one requested, else its KB's current one."""
+    if requested is not None:
+        return requested
+    with session_scope(settings.effective_database_url) as session:
+        version = session.scalar(
+            select(KnowledgeBase.current_schema_version).join(Document).where(Document.id == doc_id)
+        )
+    if version is None:
+        raise LumikbError(f"document {doc_id} does not exist")
+    return version
+
+
+def _load_work(settings: Settings, doc_ids: Sequence[str], schema_version: int | None) -> dict[str, _DocumentWork]:
+    work: dict[str, _DocumentWork] = {}
+    schemas: dict[tuple[int, int], DomainSchema] = {}
+    with session_scope(settings.effective_database_url) as session:
+        documents = session.execute(
+            select(Document, KnowledgeBase).join(KnowledgeBase).where(Document.id.in_(list(doc_ids)))
+        ).tuples()
+        for document, kb in documents:
+            version = schema_version or kb.current_schema_version
+            if (kb.id, version) not in schemas:
+                definition = session.scalar(
+                    select(SchemaVersion.definition).where(
+                        SchemaVersion.kb_id == kb.id, SchemaVersion.version == version
+                    )
+                )
+                if definition is None:
+                    raise LumikbError(f"KB {kb.slug} has no schema version {version}")
+                schemas[(kb.id, version)] = schema_from_json(definition)
+            item = _DocumentWork(document.id, kb.id, kb.slug, version, schemas[(kb.id, version)])
+            if document.deleted_at is None:
+                for chunk in session.scalars(select(Chunk).where(Chunk.document_id == document.id)):
+                    item.chunks.append(ChunkInput(id=chunk.id, text=chunk.text, content_hash=chunk.content_hash))
+                    item.ordinals[chunk.id] = chunk.ordinal
+            work[document.id] = item
+    return work
+
+
+def extract_documents(
+    settings: Settings,
+    extractor: ChunkExtractor,
+    doc_ids: Sequence[str],
+    *,
+    claimant: str,
+    job_id: str | None = None,
+    schema_version: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[DocumentOutcome]:
+    """Stage 1: claim and extract. Documents already succeeded at this version and revision are
+    `skipped` (a retried step does not redo them); claimed documents whose chunks all have a
+    checkpoint now are `extracted` and stay claimed by `claimant` for stage 2."""
+    started = time.monotonic()
+    stop = _stop_check(settings, job_id, should_stop)
+    work = _load_work(settings, doc_ids, schema_version)
+    outcomes: dict[str, DocumentOutcome] = {}
+    claimed: list[_DocumentWork] = []
+    with session_scope(settings.effective_database_url) as session:
+        for doc_id in doc_ids:
+            item = work.get(doc_id)
+            if item is None:
+                outcomes[doc_id] = DocumentOutcome(
+                    doc_id, "failed", schema_version or 0, error=f"document {doc_id} does not exist"
+                )
+                continue
+            ledger.ensure_records(session, item.kb_id, [doc_id], item.schema_version, job_id)
+            if ledger.claim(session, doc_id, item.schema_version, claimant, job_id):
+                claimed.append(item)
+            else:
+                outcomes[doc_id] = DocumentOutcome(doc_id, "skipped", item.schema_version)
+
+    results: dict[str, ChunkExtraction | ChunkFailure] = {}
+    for (kb_id, version), group in _group_by_schema(claimed).items():
+        chunk_inputs = [chunk for item in group for chunk in item.chunks]
+        for result in extractor.extract_sync(kb_id, version, group[0].schema, chunk_inputs, stop, stop.on_result):
+            results[result.chunk_id] = result
+
+    elapsed = time.monotonic() - started
+    with session_scope(settings.effective_database_url) as session:
+        for item in claimed:
+            outcome = DocumentOutcome(item.doc_id, "extracted", item.schema_version, chunks=len(item.chunks))
+            failures: list[ChunkFailure] = []
+            for chunk in item.chunks:
+                result = results[chunk.id]
+                outcome.llm_calls += result.llm_calls
+                if isinstance(result, ChunkFailure):
+                    failures.append(result)
+                    continue
+                outcome.cached_chunks += int(result.from_checkpoint)
+                outcome.prompt_tokens += result.prompt_tokens
+                outcome.completion_tokens += result.completion_tokens
+                outcome.cost_usd += result.cost_usd
+            outcome.duration_s = elapsed
+            if failures and all(f.reason == "cancelled" for f in failures):
+                outcome.status = "cancelled"
+                outcome.error = f"{stop.describe()} before every chunk was extracted; the graph was not changed"
+                ledger.mark_cancelled(session, item.doc_id, item.schema_version, claimant, outcome.error)
+            elif failures:
+                first = failures[0]
+                outcome.status = "failed"
+                outcome.error = scrub(
+                    f"{len(failures)} of {len(item.chunks)} chunks failed; chunk {first.chunk_id}: {first.reason}"
+                )
+                ledger.mark_failed(session, item.doc_id, item.schema_version, claimant, outcome.error,
+                                   outcome.ledger_outcome())
+            outcomes[item.doc_id] = outcome
+    _report(settings, job_id, [outcomes[doc_id] for doc_id in doc_ids])
+    return [outcomes[doc_id] for doc_id in doc_ids]
+
+
+@dataclass
+class _StopCheck:
+    """The job's stop conditions (cancel, budget) combined with the caller's own check."""
+
+    control: JobControl | None
+    caller: Callable[[], bool] | None
+
+    def __call__(self) -> bool:
+        return bool(
+            (self.control is not None and self.control.should_stop()) or (self.caller is not None and self.caller())
+        )
+
+    @property
+    def cancelled(self) -> bool:
+        """Stopped for a reason other than the budget (a cancel, or the caller)."""
+        return self() and not (self.control is not None and self.control.stop_reason == "budget")
+
+    def describe(self) -> str:
+        if not self.cancelled and self.control is not None:
+            return f"the job reached its budget of ${self.control.max_cost_usd:g}"
+        return "the job was cancelled"
+
+    def on_result(self, outcome: ChunkExtraction | ChunkFailure) -> None:
+        if self.control is not None:
+            self.control.on_result(outcome)
+
+
+def _stop_check(settings: Settings, job_id: str | None, should_stop: Callable[[], bool] | None) -> _StopCheck:
+    if job_id is None:
+        return _StopCheck(None, should_stop)
+    client = redis_client.connect(settings)
+    return _StopCheck(JobControl.for_job(client, settings.effective_database_url, job_id), should_stop)
+
+
+def _report(settings: Settings, job_id: str | None, outcomes: Sequence[DocumentOutcome]) -> None:
+    """Report final outcomes to the job's progress and close the job when it is done."""
+    if job_id is None:
+        return
+    final = [o for o in outcomes if o.status in ("succeeded", "failed", "cancelled", "skipped")]
+    if final:
+        progress.report(
+            redis_client.connect(settings), job_id,
+            [(o.doc_id, o.status, o.cost_usd, o.error) for o in final],
+        )
+    with session_scope(settings.effective_database_url) as session:
+        ledger.finish_job_if_done(session, job_id)
+
+
+def _group_by_schema(items: Sequence[_DocumentWork]) -> dict[tuple[int, int], list[_DocumentWork]]:
+    groups: dict[tuple[int, int], list[_DocumentWork]] = {}
+    for item in items:
+        groups.setdefault((item.kb_id, item.schema_version), []).append(item)
+    return groups
+
+
+def write_documents(
+    settings: Settings,
+    graph_store: GraphStore,
+    extracted: Sequence[DocumentOutcome],
+    *,
+    claimant: str,
+    job_id: str | None = None,
+    mode: Literal["replace", "merge"] = "replace",
+    should_stop: Callable[[], bool] | None = None,
+) -> list[DocumentOutcome]:
+    """Stage 2: write the graph of each `extracted` document from its checkpoints and close its
+    ledger row. Other outcomes pass through unchanged. A document is written whole or not at all:
+    a cancel that arrives before its write keeps its previous graph and marks it `cancelled`."""
+    stop = _stop_check(settings, job_id, should_stop)
+    to_write = [o for o in extracted if o.status == "extracted"]
+    work = _load_work(settings, [o.doc_id for o in to_write], None) if to_write else {}
+    results: list[DocumentOutcome] = []
+    for outcome in extracted:
+        if outcome.status != "extracted":
+            results.append(outcome)
+            continue
+        started = time.monotonic()
+        item = work[outcome.doc_id]
+        item = _DocumentWork(item.doc_id, item.kb_id, item.kb_slug, outcome.schema_version,
+                             _schema_at(settings, item.kb_id, outcome.schema_version), item.chunks, item.ordinals)
+        with session_scope(settings.effective_database_url) as session:
+            if stop.cancelled:
+                outcome.status = "cancelled"
+                outcome.error = "the job was cancelled before the graph write; the previous graph is kept"
+                ledger.mark_cancelled(session, item.doc_id, item.schema_version, claimant, outcome.error)
+                results.append(outcome)
+                continue
+            try:
+                extractions = load_checkpoints(
+                    session, item.kb_id, item.schema_version,
+                    effective_prompt_version(item.schema), extractor_model(settings), item.chunks,
+                )
+                graph = build_document_graph(
+                    item.kb_slug, item.doc_id, item.schema_version,
+                    [GraphChunk(id=c.id, ordinal=item.ordinals[c.id]) for c in item.chunks],
+                    extractions,
+                )
+                summary = graph_store.write_document(graph, item.schema, mode)
+                outcome.entities, outcome.relationships = summary.entities, summary.relationships
+                outcome.status = "succeeded"
+                outcome.duration_s += time.monotonic() - started
+                ledger.mark_succeeded(session, item.doc_id, item.schema_version, claimant, outcome.ledger_outcome())
+            except (SchemaViolation, LumikbError) as exc:
+                outcome.status = "failed"
+                outcome.error = scrub(str(exc))
+                ledger.mark_failed(session, item.doc_id, item.schema_version, claimant, outcome.error,
+                                   outcome.ledger_outcome())
+        results.append(outcome)
+    _report(settings, job_id, [o for o in results if o.doc_id in {w.doc_id for w in to_write}])
+    return results
+
+
+def _schema_at(settings: Settings, kb_id: int, version: int) -> DomainSchema:
+    with session_scope(settings.effective_database_url) as session:
+        definition = session.scalar(
+            select(SchemaVersion.definition).where(SchemaVersion.kb_id == kb_id, SchemaVersion.version == version)
+        )
+    if definition is None:
+        raise LumikbError(f"schema version {version} of KB {kb_id} does not exist")
+    return schema_from_json(definition)
+
+
+def extractor_model(settings: Settings) -> str:
+    """The model whose checkpoints count: the configured one."""
+    return settings.llm_model
+
+
+def unfinished(outcomes: Sequence[DocumentOutcome]) -> list[DocumentOutcome]:
+    """Outcomes that did not succeed (failed or cancelled), for the step's final verdict."""
+    return [o for o in outcomes if o.status in ("failed", "cancelled")]
+
+
+__all__ = [
+    "DocumentOutcome", "ExtractionStatus", "extract_documents", "write_documents", "target_version", "unfinished",
+]

@@ -1,0 +1,280 @@
+"""`document_entities`: one partition per document = its entities and relationships in the graph.
+
+A graph-backed asset of two ops, so each holds its own pool: `extract_document_entities` (pool
+`lumikb_llm`) claims the run's documents in the ledger and extracts their chunks (checkpointed),
+then `write_document_entities` (pool `lumikb_graph_write`) writes each document's graph and closes
+its ledger row. Only the small outcome list passes between them; the chunk checkpoints are the
+hand-over.
+
+One run covers a range of partitions (a batch). Each document's outcome is its own:
+- a written document is materialized on its own, with its metadata;
+- a failed one gets an observation with its error, and the step that failed on it fails *after*
+  handing over the others, so the run fails and the document's partition shows failed;
+- a retry from failure re-runs extract and write; the ledger claim skips documents already done
+  (the claimant is the root run, the same across retries), so only the failed ones are redone.
+"""
+
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from dagster import (
+    AssetKey,
+    AssetMaterialization,
+    AssetObservation,
+    BackfillPolicy,
+    Failure,
+    MetadataValue,
+    Nothing,
+    OpExecutionContext,
+    Out,
+    Output,
+    RetryPolicy,
+    graph_asset,
+    op,
+)
+
+from lumikb_pipeline.assets.partitions import documents_partitions
+from lumikb_pipeline.config import Settings, get_settings
+from lumikb_pipeline.orchestration.names import POOL_GRAPH_WRITE, POOL_LLM, TAG_JOB_ID, TAG_MODE, TAG_SCHEMA_VERSION
+from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource, LLMResource
+
+if TYPE_CHECKING:
+    from lumikb_pipeline.processing import DocumentOutcome
+
+DOCUMENT_ENTITIES = AssetKey("document_entities")
+
+# Infrastructure hiccups (a dropped connection) get a quick op-level retry; a document's own
+# failure does not (it is raised with allow_retries=False and left to the run retry).
+INFRA_RETRY = RetryPolicy(max_retries=2, delay=5)
+
+
+@dataclass(frozen=True)
+class RunScope:
+    """What a run of `document_entities` works on, read from its partitions and tags."""
+
+    doc_ids: tuple[str, ...]
+    claimant: str
+    job_id: str | None
+    schema_version: int | None
+    mode: Literal["replace", "merge"]
+
+    @classmethod
+    def of(cls, context: OpExecutionContext) -> "RunScope":
+        tags = context.run.tags
+        version = tags.get(TAG_SCHEMA_VERSION)
+        mode = tags.get(TAG_MODE, "replace")
+        if mode not in ("replace", "merge"):
+            raise Failure(f"run tag {TAG_MODE}={mode!r} is not 'replace' or 'merge'", allow_retries=False)
+        return cls(
+            doc_ids=tuple(context.partition_keys),
+            # Stable across retries of the same run, so a retried step can take over its own claims.
+            claimant=f"dagster-run:{context.run.root_run_id or context.run_id}",
+            job_id=tags.get(TAG_JOB_ID) or None,
+            schema_version=int(version) if version else None,
+            mode="merge" if mode == "merge" else "replace",
+        )
+
+
+def _failures(outcomes: Sequence["DocumentOutcome"]) -> list["DocumentOutcome"]:
+    return [o for o in outcomes if o.status == "failed"]
+
+
+def _report_failures(context: OpExecutionContext, stage: str, failed: Sequence["DocumentOutcome"]) -> Iterator[object]:
+    """One observation per failed document (its error on its partition), then the step's failure."""
+    for outcome in failed:
+        yield AssetObservation(
+            asset_key=DOCUMENT_ENTITIES,
+            partition=outcome.doc_id,
+            metadata={
+                "status": "failed",
+                "stage": stage,
+                "error": MetadataValue.text(outcome.error or "unknown error"),
+                "schema_version": outcome.schema_version,
+                "run_id": context.run_id,
+            },
+        )
+    lines = [f"- {o.doc_id}: {o.error}" for o in failed[:20]]
+    more = f"\n... and {len(failed) - 20} more" if len(failed) > 20 else ""
+    raise Failure(
+        description=(
+            f"{len(failed)} document(s) failed in {stage}; the others of this batch were handed on. "
+            "A retry from failure redoes only these.\n" + "\n".join(lines) + more
+        ),
+        metadata={"failed_documents": MetadataValue.json({o.doc_id: o.error for o in failed})},
+        allow_retries=False,
+    )
+
+
+@op(
+    pool=POOL_LLM,
+    retry_policy=INFRA_RETRY,
+    description="Claim the run's documents in the ledger and extract their chunks with the LLM (checkpointed).",
+)
+def extract_document_entities(
+    context: OpExecutionContext, database: DatabaseResource, llm: LLMResource
+) -> Iterator[object]:
+    from lumikb_pipeline.processing import extract_documents
+
+    scope = RunScope.of(context)
+    settings = database.app_settings()
+    started = time.monotonic()
+    # The job's stop conditions (cancel, budget) are checked by the processing code from `job_id`.
+    outcomes = extract_documents(
+        settings, llm.extractor(settings), scope.doc_ids, claimant=scope.claimant, job_id=scope.job_id,
+        schema_version=scope.schema_version,
+    )
+    counts = {status: sum(1 for o in outcomes if o.status == status) for status in {o.status for o in outcomes}}
+    context.log.info(
+        f"extracted {len(scope.doc_ids)} document(s) in {time.monotonic() - started:.1f}s: {counts}"
+        + (" (skipped ones were already extracted at this version and revision)" if counts.get("skipped") else "")
+    )
+    # Hand the outcomes on first: the write op runs on them even if this step then fails.
+    yield Output(outcomes)
+    failed = _failures(outcomes)
+    if failed:
+        yield from _report_failures(context, "extraction", failed)
+
+
+def _writable(
+    settings: Settings, outcomes: Sequence["DocumentOutcome"], claimant: str, job_id: str | None
+) -> list["DocumentOutcome"]:
+    """The extracted outcomes this step may write: their ledger row is held by this run's claimant,
+    or can be taken back (a retry of this step alone after its first attempt failed on them).
+    Rows that succeeded meanwhile are left alone."""
+    from lumikb_pipeline.db import ledger
+    from lumikb_pipeline.db.models import ExtractionStatus
+    from lumikb_pipeline.db.session import session_scope
+
+    extracted = [o for o in outcomes if o.status == "extracted"]
+    if not extracted:
+        return []
+    ready: list[DocumentOutcome] = []
+    with session_scope(settings.effective_database_url) as session:
+        by_version: dict[int, list[DocumentOutcome]] = {}
+        for outcome in extracted:
+            by_version.setdefault(outcome.schema_version, []).append(outcome)
+        for version, group in by_version.items():
+            rows = ledger.records_for(session, [o.doc_id for o in group], version)
+            for outcome in group:
+                row = rows.get(outcome.doc_id)
+                if row is None:
+                    continue
+                held = row.status == ExtractionStatus.RUNNING and row.claimed_by == claimant
+                if held or ledger.claim(session, outcome.doc_id, version, claimant, job_id):
+                    ready.append(outcome)
+    return ready
+
+
+def _materialization(outcome: "DocumentOutcome", scope: RunScope) -> AssetMaterialization:
+    metadata: dict[str, object] = {
+        "schema_version": outcome.schema_version,
+        "entities": outcome.entities,
+        "relationships": outcome.relationships,
+        "llm_calls": outcome.llm_calls,
+        "cached_chunks": outcome.cached_chunks,
+        "chunks": outcome.chunks,
+        "duration_s": round(outcome.duration_s, 3),
+        "cost_usd": round(outcome.cost_usd, 6),
+        "mode": scope.mode,
+        "reused": False,
+    }
+    if scope.job_id:
+        metadata["job_id"] = scope.job_id
+    return AssetMaterialization(asset_key=DOCUMENT_ENTITIES, partition=outcome.doc_id, metadata=metadata)  # type: ignore[arg-type]
+
+
+def _already_current(settings: Settings, outcomes: Sequence["DocumentOutcome"], scope: RunScope) -> list[
+    AssetMaterialization
+]:
+    """Materializations for the skipped documents that are already extracted at this version and
+    revision (done by an earlier attempt of this run, or before it): the partition is current, so
+    it says so, with `reused: true` and the numbers of the extraction that made it. Nothing is
+    redone. (A retried run plans its whole range again; without this the documents done by the
+    first attempt would show failed when the retry fails on another one.)"""
+    from lumikb_pipeline.db import ledger
+    from lumikb_pipeline.db.models import ExtractionStatus
+    from lumikb_pipeline.db.session import session_scope
+
+    skipped: dict[int, list[str]] = {}
+    for outcome in outcomes:
+        if outcome.status == "skipped":
+            skipped.setdefault(outcome.schema_version, []).append(outcome.doc_id)
+    events = []
+    with session_scope(settings.effective_database_url) as session:
+        for version, doc_ids in skipped.items():
+            for doc_id, row in ledger.records_for(session, doc_ids, version).items():
+                if row.status != ExtractionStatus.SUCCEEDED:
+                    continue  # someone else is on it: not this run's to report
+                metadata: dict[str, object] = {
+                    "schema_version": version,
+                    "entities": row.entity_count,
+                    "relationships": row.relationship_count,
+                    "llm_calls": 0,
+                    "cached_chunks": row.cached_chunks,
+                    "reused": True,
+                    "mode": scope.mode,
+                }
+                if row.job_id:
+                    metadata["job_id"] = row.job_id
+                events.append(
+                    AssetMaterialization(asset_key=DOCUMENT_ENTITIES, partition=doc_id, metadata=metadata)  # type: ignore[arg-type]
+                )
+    return events
+
+
+@op(
+    pool=POOL_GRAPH_WRITE,
+    retry_policy=INFRA_RETRY,
+    out=Out(Nothing, is_required=False),
+    description="Write each extracted document's graph (one transaction per document) and close its ledger row.",
+)
+def write_document_entities(
+    context: OpExecutionContext,
+    outcomes: list,  # list[DocumentOutcome]; a plain list keeps Dagster's type check trivial
+    database: DatabaseResource,
+    graph_store: GraphStoreResource,
+) -> Iterator[object]:
+    from lumikb_pipeline.processing import write_documents
+
+    scope = RunScope.of(context)
+    settings = database.app_settings()
+    current = _already_current(settings, outcomes, scope)
+    yield from current
+    ready = _writable(settings, outcomes, scope.claimant, scope.job_id)
+    if not ready:
+        context.log.info(
+            f"nothing to write: {len(current)} document(s) already current, none extracted by this run"
+        )
+        return
+    results: list[DocumentOutcome] = []
+    with graph_store.open() as store:
+        # One document at a time, so each materialization is recorded as soon as it is true.
+        # (Not the op's output: that would materialize every partition of the run, failed ones too.)
+        for outcome in ready:
+            (result,) = write_documents(
+                settings, store, [outcome], claimant=scope.claimant, job_id=scope.job_id, mode=scope.mode
+            )
+            results.append(result)
+            if result.status == "succeeded":
+                yield _materialization(result, scope)
+    written = sum(1 for o in results if o.status == "succeeded")
+    context.log.info(f"wrote {written} of {len(ready)} document(s) ({scope.mode}); {len(current)} already current")
+    failed = _failures(results)
+    if failed:
+        yield from _report_failures(context, "graph write", failed)
+
+
+@graph_asset(
+    partitions_def=documents_partitions,
+    backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=get_settings().reextract_batch_size),
+    group_name="extraction",
+    description=(
+        "One partition per document: its entities and relationships in the graph at a schema version. "
+        "Materialized per document with its metadata; a failed document shows failed with its error."
+    ),
+)
+def document_entities() -> object:
+    return write_document_entities(extract_document_entities())

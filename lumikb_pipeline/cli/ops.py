@@ -1,0 +1,243 @@
+"""`lumikb up|down|status`, `lumikb reextract` and `lumikb schedule …`: running the pipeline."""
+
+import time
+from enum import StrEnum
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from lumikb_pipeline.cli.app import app, console, err_console, handle_errors, schedule_app
+from lumikb_pipeline.cli.catalog import ready_settings
+from lumikb_pipeline.errors import LumikbError, UsageError
+
+
+class Mode(StrEnum):
+    replace = "replace"
+    merge = "merge"
+
+
+# --------------------------------------------------------------------------- up / down / status
+
+
+@app.command("up")
+@handle_errors
+def up(
+    detach: Annotated[bool, typer.Option("--detach", help="Start in the background and return.")] = False,
+) -> None:
+    """Start the Dagster code server, webserver and daemon, and one Celery worker per queue."""
+    from lumikb_pipeline.orchestration import processes
+    from lumikb_pipeline.orchestration.settings import load_orchestration_settings
+
+    settings = ready_settings()
+    orchestration = load_orchestration_settings()
+    processes.prepare_instance(settings, orchestration)
+    workspace = processes.write_workspace(settings)
+    specs = processes.service_specs(settings, orchestration, workspace)
+    env = processes.service_env(settings, orchestration)
+    try:
+        started = processes.start_services(settings, specs, env)
+    except (RuntimeError, TimeoutError) as exc:
+        processes.stop_services(settings, [spec.name for spec in specs])
+        raise LumikbError(f"{exc}; see the logs in {processes.logs_dir(settings)}") from None
+    _print_states(settings)
+    console.print(
+        f"Dagster UI: http://{orchestration.webserver_host}:{orchestration.webserver_port}  "
+        f"logs: {processes.logs_dir(settings)}", highlight=False,
+    )
+    if detach or not started:
+        return
+    console.print("running; Ctrl-C stops everything", highlight=False)
+    try:
+        while all(process.poll() is None for process in started.values()):
+            time.sleep(1)
+        dead = [name for name, process in started.items() if process.poll() is not None]
+        err_console.print(f"[red]{', '.join(dead)} stopped; stopping the rest[/]", highlight=False)
+    except KeyboardInterrupt:
+        pass
+    processes.stop_services(settings, processes.service_names())
+    if any(process.poll() not in (None, 0, -15) for process in started.values()):
+        raise LumikbError(f"a process failed; see the logs in {processes.logs_dir(settings)}")
+
+
+@app.command("down")
+@handle_errors
+def down() -> None:
+    """Stop what `lumikb up` started."""
+    from lumikb_pipeline.orchestration import processes
+
+    settings = ready_settings()
+    stopped = processes.stop_services(settings, processes.service_names())
+    console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running", highlight=False)
+
+
+@app.command("status")
+@handle_errors
+def status() -> None:
+    """Show the processes of `lumikb up` (exit code 1 when one is not running)."""
+    settings = ready_settings()
+    if not _print_states(settings):
+        raise typer.Exit(1)
+
+
+def _print_states(settings: object) -> bool:
+    from lumikb_pipeline.config import Settings
+    from lumikb_pipeline.orchestration import processes
+
+    assert isinstance(settings, Settings)
+    table = Table("process", "state", "pid", "log")
+    states = processes.service_states(settings, processes.service_names())
+    for state in states:
+        table.add_row(state.name, "[green]running[/]" if state.running else "[red]stopped[/]",
+                      str(state.pid or "-"), str(state.log))
+    console.print(table)
+    return all(state.running for state in states)
+
+
+# --------------------------------------------------------------------------- reextract
+
+
+@app.command("reextract")
+@handle_errors
+def reextract(
+    slug: Annotated[str, typer.Argument(help="The KB to re-extract.")],
+    mode: Annotated[Mode, typer.Option(help="replace: the document's graph becomes the new extraction; "
+                                             "merge: add to it.")] = Mode.replace,
+    outdated: Annotated[
+        bool, typer.Option("--outdated", help="Documents older than the KB's schema (the default).")
+    ] = False,
+    all_: Annotated[bool, typer.Option("--all", help="Every live document of the KB.")] = False,
+    doc: Annotated[list[str] | None, typer.Option("--doc", help="A document id (repeatable).", metavar="ID")] = None,
+    max_cost: Annotated[float | None, typer.Option("--max-cost", help="Stop the job when its spend reaches this "
+                                                                     "many USD.", metavar="USD")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be re-extracted; start nothing.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until the job ends; exit 1 unless it succeeded.")] = False,
+) -> None:
+    """Start a re-extraction job on the `reprocessing` queue and print its id."""
+    from lumikb_pipeline.orchestration.jobs import Selection, start_reextraction
+
+    chosen = [name for name, on in (("--outdated", outdated), ("--all", all_), ("--doc", bool(doc))) if on]
+    if len(chosen) > 1:
+        raise UsageError(f"{' and '.join(chosen)} exclude each other; choose one of --outdated, --all, --doc ID")
+    if max_cost is not None and max_cost < 0:
+        raise UsageError(f"--max-cost {max_cost:g} is negative; give a budget in USD, e.g. --max-cost 5")
+    selection = Selection.of_ids(doc or []) if doc else Selection.all() if all_ else Selection.outdated()
+    settings = ready_settings()
+    if dry_run:
+        _dry_run(settings, slug, selection)
+        return
+    job = start_reextraction(settings, slug, selection, mode=mode.value, trigger="cli", max_cost=max_cost)
+    err_console.print(
+        f"job {job.id}: {job.total_documents} document(s) of {slug} to schema version {job.target_schema_version} "
+        f"({mode.value}), backfill {job.dagster_backfill_id or '-'}; follow it with `lumikb progress {job.id} --watch`",
+        highlight=False,
+    )
+    typer.echo(job.id)
+    if wait:
+        _wait(settings, job.id)
+
+
+def _dry_run(settings: object, slug: str, selection: object) -> None:
+    from sqlalchemy import func, select
+
+    from lumikb_pipeline.catalog import get_kb
+    from lumikb_pipeline.config import Settings
+    from lumikb_pipeline.db.models import Chunk
+    from lumikb_pipeline.db.session import session_scope
+    from lumikb_pipeline.orchestration.jobs import Selection, select_documents
+
+    assert isinstance(settings, Settings) and isinstance(selection, Selection)
+    with session_scope(settings.effective_database_url) as session:
+        kb = get_kb(session, slug)
+        doc_ids = select_documents(session, kb, selection)
+        chunks = session.scalar(select(func.count()).select_from(Chunk).where(Chunk.document_id.in_(doc_ids))) or 0
+    console.print(
+        f"dry run: {len(doc_ids)} document(s), {chunks} chunk(s) of {slug} would be re-extracted to schema version "
+        f"{kb.current_schema_version}; nothing was started", highlight=False,
+    )
+
+
+def _wait(settings: object, job_id: str) -> None:
+    from lumikb_pipeline.config import Settings
+    from lumikb_pipeline.db.models import JobStatus
+    from lumikb_pipeline.orchestration.instance import open_instance
+    from lumikb_pipeline.orchestration.jobs import TERMINAL, refresh_job_status
+
+    assert isinstance(settings, Settings)
+    instance = open_instance(settings)
+    last = None
+    while True:
+        job = refresh_job_status(settings, job_id, instance)
+        if job.status != last:
+            err_console.print(f"job {job_id}: {job.status.value}", highlight=False)
+            last = job.status
+        if job.status in TERMINAL:
+            break
+        time.sleep(2)
+    if job.status != JobStatus.SUCCEEDED:
+        detail = job.error or f"see `lumikb progress {job_id}`"
+        raise LumikbError(f"job {job_id} ended {job.status.value}: {detail}")
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def _show(schedule: object) -> None:
+    from datetime import UTC, datetime
+
+    from lumikb_pipeline.schedules.drift_schedule import DriftSchedule
+
+    assert isinstance(schedule, DriftSchedule)
+    state = "enabled" if schedule.enabled else "disabled"
+    upcoming = schedule.next_tick(datetime.now(UTC)).isoformat() if schedule.enabled else "-"
+    console.print(f"drift check: '{schedule.cron}' (UTC), {state}, next {upcoming}", highlight=False)
+
+
+@schedule_app.command("show")
+@handle_errors
+def schedule_show() -> None:
+    """Show the drift check's cron and whether it is enabled."""
+    from lumikb_pipeline.db.session import session_scope
+    from lumikb_pipeline.schedules.drift_schedule import read_drift_schedule
+
+    settings = ready_settings()
+    with session_scope(settings.effective_database_url) as session:
+        _show(read_drift_schedule(session))
+
+
+@schedule_app.command("set-cron")
+@handle_errors
+def schedule_set_cron(
+    cron: Annotated[str, typer.Argument(help="Five cron fields in UTC, e.g. '0 2 * * *'.", metavar="CRON")],
+) -> None:
+    """Change the drift check's cron; the running daemon applies it at its next sensor tick."""
+    from lumikb_pipeline.db.session import session_scope
+    from lumikb_pipeline.schedules.drift_schedule import set_drift_cron, validate_cron
+
+    validate_cron(cron)  # bad input is refused before touching the database
+    settings = ready_settings()
+    with session_scope(settings.effective_database_url) as session:
+        _show(set_drift_cron(session, cron))
+
+
+@schedule_app.command("enable")
+@handle_errors
+def schedule_enable() -> None:
+    """Turn the drift check on."""
+    _set_enabled(True)
+
+
+@schedule_app.command("disable")
+@handle_errors
+def schedule_disable() -> None:
+    """Turn the drift check off (its cron is kept)."""
+    _set_enabled(False)
+
+
+def _set_enabled(enabled: bool) -> None:
+    from lumikb_pipeline.db.session import session_scope
+    from lumikb_pipeline.schedules.drift_schedule import set_drift_enabled
+
+    settings = ready_settings()
+    with session_scope(settings.effective_database_url) as session:
+        _show(set_drift_enabled(session, enabled))

@@ -1,0 +1,34 @@
+"""The Dagster code location of lumikb_pipeline: the one place where assets, checks, jobs, sensors,
+resources and the executor are wired (`dagster dev -m lumikb_pipeline.definitions`,
+`dagster api grpc -m lumikb_pipeline.definitions`)."""
+
+from __future__ import annotations
+
+from dagster import Definitions
+
+from lumikb_pipeline.assets import document_entities, graph_invariants, kb_schema_drift
+from lumikb_pipeline.jobs import document_processing_job, drift_check_job, graph_invariants_job, reextraction_job
+from lumikb_pipeline.orchestration.executor import celery_executor_for
+from lumikb_pipeline.orchestration.names import QUEUE_REPROCESSING
+from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource, LLMResource, RedisResource
+from lumikb_pipeline.sensors import (
+    document_partitions_sensor,
+    drift_check_sensor,
+    job_status_sensor,
+    schema_version_sensor,
+)
+
+defs = Definitions(
+    assets=[document_entities, kb_schema_drift],
+    asset_checks=[graph_invariants],
+    jobs=[document_processing_job, reextraction_job, drift_check_job, graph_invariants_job],
+    sensors=[document_partitions_sensor, schema_version_sensor, drift_check_sensor, job_status_sensor],
+    resources={
+        "database": DatabaseResource(),
+        "graph_store": GraphStoreResource(),
+        "llm": LLMResource(),
+        "redis": RedisResource(),
+    },
+    # Runs Dagster builds itself (backfills launched from the UI) are re-extraction work.
+    executor=celery_executor_for(QUEUE_REPROCESSING),
+)

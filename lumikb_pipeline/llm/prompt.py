@@ -1,0 +1,133 @@
+"""The extraction prompt: a fixed template plus the KB's schema version and one chunk's text.
+
+The schema goes into the system message as a JSON block between `<schema>` tags and the chunk into
+the user message between `<chunk>` tags. The system message is identical for every chunk of a
+schema version, so providers with prompt caching bill it once; and because the schema is embedded
+as JSON, the offline model and the fake server read it back with `read_prompt` instead of being
+told the schema some other way.
+
+`PROMPT_VERSION` is the template's version. Bump it whenever the wording or the answer shape
+changes: it is part of every chunk checkpoint's key (see `effective_prompt_version`), so a new
+template makes every chunk eligible for extraction again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lumikb_pipeline.domain.schema import DomainSchema
+
+PROMPT_VERSION = 1
+
+# The schema's own prompt_version is packed below the template version in one integer, because the
+# checkpoint table has a single integer column for "the prompt that produced this result".
+_SCHEMA_PROMPT_VERSION_SPAN = 100_000
+
+_SYSTEM_TEMPLATE = """\
+You extract a knowledge graph from one chunk of a document. You follow a fixed domain schema.
+
+Rules:
+1. Extract only entities of the entity types listed in the schema below, and only relationships of \
+the relationship types listed there.
+2. A relationship's source must have one of the relationship type's allowed source entity types \
+and its target one of its allowed target entity types. Both ends must also be listed as entities.
+3. Use each entity's name as written in the text (the most complete form). Never invent entities \
+that the text does not mention.
+4. Descriptions are one short sentence grounded in the text.
+5. Answer with one JSON object and nothing else: no prose, no code fences, no comments.
+
+The answer has exactly this shape:
+{{"entities": [{{"name": "...", "type": "<entity type>", "description": "..."}}],
+ "relationships": [{{"source": "<entity name>", "source_type": "<entity type>", \
+"target": "<entity name>", "target_type": "<entity type>", "type": "<relationship type>", \
+"description": "..."}}]}}
+If the chunk mentions nothing of these types, answer {{"entities": [], "relationships": []}}.
+
+The domain schema:
+<schema>
+{schema_json}
+</schema>"""
+
+_USER_TEMPLATE = """\
+Extract the entities and relationships from this chunk.
+<chunk>
+{text}
+</chunk>"""
+
+_SCHEMA_BLOCK = re.compile(r"<schema>\n(.*?)\n</schema>", re.DOTALL)
+_CHUNK_START = "<chunk>\n"
+_CHUNK_END = "\n</chunk>"
+
+
+def effective_prompt_version(schema: DomainSchema) -> int:
+    """The prompt version stored in checkpoints: the template's version combined with the schema's.
+
+    Either one changing gives a different number, so checkpoints of the old prompt no longer match.
+    """
+    if schema.prompt_version >= _SCHEMA_PROMPT_VERSION_SPAN:
+        raise ValueError(
+            f"schema prompt_version {schema.prompt_version} is too large; use a number below "
+            f"{_SCHEMA_PROMPT_VERSION_SPAN}"
+        )
+    return PROMPT_VERSION * _SCHEMA_PROMPT_VERSION_SPAN + schema.prompt_version
+
+
+def schema_block(schema: DomainSchema) -> dict[str, Any]:
+    """The schema as the prompt shows it: types with descriptions and allowed endpoints."""
+    return {
+        "entity_types": [{"name": e.name, "description": e.description} for e in schema.entity_types],
+        "relationship_types": [
+            {"name": r.name, "source": list(r.source), "target": list(r.target), "description": r.description}
+            for r in schema.relationship_types
+        ],
+        "prompt_version": schema.prompt_version,
+    }
+
+
+def build_messages(schema: DomainSchema, text: str) -> list[dict[str, str]]:
+    """The chat messages that ask the model to extract `text` under `schema`."""
+    schema_json = json.dumps(schema_block(schema), ensure_ascii=False)
+    return [
+        {"role": "system", "content": _SYSTEM_TEMPLATE.format(schema_json=schema_json)},
+        {"role": "user", "content": _USER_TEMPLATE.format(text=text)},
+    ]
+
+
+class PromptFormatError(ValueError):
+    """The messages were not built by `build_messages` (no schema block or no chunk block)."""
+
+
+def read_prompt(messages: Sequence[Mapping[str, Any]]) -> tuple[DomainSchema, str]:
+    """The schema and chunk text embedded in messages built by `build_messages`.
+
+    Used by the offline model and the fake server, which answer from the prompt alone.
+    """
+    schema: DomainSchema | None = None
+    text: str | None = None
+    for message in messages:
+        content = _content_text(message.get("content"))
+        if schema is None and (match := _SCHEMA_BLOCK.search(content)):
+            try:
+                schema = DomainSchema.model_validate(json.loads(match.group(1)))
+            except ValueError as exc:
+                raise PromptFormatError(f"the schema block is not a valid schema: {exc}") from None
+        elif message.get("role") == "user" and _CHUNK_START in content:
+            # The chunk text may itself contain the tags: it runs from the first start tag to the last end.
+            start = content.index(_CHUNK_START) + len(_CHUNK_START)
+            end = content.rfind(_CHUNK_END)
+            text = content[start:end] if end >= start else content[start:]
+    if schema is None or text is None:
+        raise PromptFormatError("the prompt has no <schema> block or no <chunk> block")
+    return schema, text
+
+
+def _content_text(content: Any) -> str:
+    # OpenAI-style content may be a list of parts; only text parts matter here.
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""

@@ -1,0 +1,260 @@
+"""The global LLM rate limiter: one limit for every worker process on every machine, kept in Redis.
+
+Two limits hold together, per model:
+
+- **Rate** (`LUMIKB_LLM_RATE_LIMIT`, default `10/s`): GCRA (the generic cell rate algorithm) with a
+  burst of one, in a Lua script. Each caller *reserves* the next free slot: the script returns the
+  slot's time (the theoretical arrival time, TAT) and moves the TAT on by one emission interval
+  (1/rate). The caller sleeps until its slot and calls then. Slots are spaced evenly, so no window
+  of one second ever holds more than `rate` calls, which is how providers count, and there is no
+  polling: a caller wakes once, at its slot. Redis' own clock (`TIME`) is the only clock used, so
+  machines with skewed clocks still share one schedule.
+- **Calls in flight** (`LUMIKB_LLM_MAX_IN_FLIGHT`): a semaphore made of leases in a sorted set,
+  scored by expiry. Holders renew their leases in the background; a crashed worker stops renewing
+  and its slots come back when the leases expire (`lease_ttl_s`).
+
+A caller takes an in-flight lease *before* reserving a rate slot, never after: a reserved slot that
+then waited for a lease would be used late and bunch up with the next ones, breaking the limit.
+The lease therefore also covers the (bounded) wait for the slot; the default in-flight cap leaves
+room for that (see `Settings.max_in_flight`).
+
+When the provider answers 429 anyway, `penalize` slows everyone down: for `penalty_s` seconds the
+emission interval is multiplied by `penalty_factor` (the rate is halved by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+
+from lumikb_pipeline.config import RateLimit, Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NAMESPACE = "lumikb:llm"
+# Share of the configured rate deliberately left unused. A call reaches the provider 5-15 ms after
+# its slot on a quiet machine (LiteLLM's own work before the request leaves, the event loop, the OS
+# scheduler), by an amount that varies from call to call; with slots exactly 1/rate apart, one late
+# call and an on-time call ten slots later would put rate+1 calls into one second at the provider.
+# 3% spaces the slots so that ten of them span 1.031 s: 31 ms of slack for that variation, at a cost
+# of 0.3 calls/s at 10/s.
+DEFAULT_HEADROOM = 0.03
+
+# KEYS[1] = TAT, KEYS[2] = penalty; ARGV[1] = emission interval in microseconds.
+# Returns {slot, now} in microseconds of Redis' clock.
+_RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1]) * tonumber(redis.call('GET', KEYS[2]) or '1')
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local next_tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now) / 1000) + 1000)
+return {tat, now}
+"""
+
+# KEYS[1] = penalty; ARGV[1] = factor, ARGV[2] = duration in ms. Never shortens a running penalty.
+_PENALIZE = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 1
+"""
+
+# KEYS[1] = leases (sorted set, score = expiry in ms); ARGV = cap, lease id, ttl in ms.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[3]))
+  return 1
+end
+return 0
+"""
+
+# KEYS[1] = leases; ARGV[1] = ttl in ms, ARGV[2..] = lease ids. Renews those still held; returns how many.
+_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local renewed = 0
+for i = 2, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i])
+    renewed = renewed + 1
+  end
+end
+redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[1]))
+return renewed
+"""
+
+
+class RateLimiter:
+    """The shared limiter of one model: `async with limiter.slot(): <one LLM call>`.
+
+    Every process and machine that builds a limiter for the same model on the same Redis shares
+    its limits. One instance serves the whole event loop that uses it.
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        model: str,
+        rate: RateLimit,
+        max_in_flight: int,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        headroom: float = DEFAULT_HEADROOM,
+        lease_ttl_s: float = 30.0,
+        penalty_factor: float = 2.0,
+        penalty_s: float = 10.0,
+        poll_s: float = 0.02,
+    ) -> None:
+        if not 0 <= headroom < 0.5:
+            raise ValueError("headroom is the share of the rate left unused; use 0 <= headroom < 0.5")
+        self.redis = redis
+        self.model = model
+        self.rate = rate
+        self.max_in_flight = max_in_flight
+        self.lease_ttl_s = lease_ttl_s
+        self.penalty_factor = penalty_factor
+        self.penalty_s = penalty_s
+        self.poll_s = poll_s
+        self.interval_s = 1.0 / (rate.per_second * (1.0 - headroom))
+        # How late a caller may wake for its slot and still use it: a third of the slack the headroom
+        # leaves per second (10 ms at the default), so the rest absorbs the variation after waking.
+        slack_s = headroom / (1.0 - headroom)
+        self.late_tolerance_s = max(0.002, min(self.interval_s / 4, slack_s / 3))
+        self.missed_slots = 0
+        # The model sits in a hash tag, so both keys of a script land on one Redis Cluster slot.
+        prefix = f"{namespace}:{{{model}}}"
+        self.tat_key = f"{prefix}:gcra"
+        self.penalty_key = f"{prefix}:penalty"
+        self.leases_key = f"{prefix}:in_flight"
+        self._reserve = redis.register_script(_RESERVE)
+        self._penalize = redis.register_script(_PENALIZE)
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._renew = redis.register_script(_RENEW)
+        self._held: set[str] = set()
+        self._renewer: asyncio.Task[None] | None = None
+        self._poller: asyncio.Lock | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, redis: aioredis.Redis, model: str | None = None,
+                      **options: Any) -> RateLimiter:
+        """The limiter for `model` (default: the configured one) with the configured limits."""
+        model = model or settings.llm_model
+        return cls(redis, model, settings.rate_limit_for(model), settings.max_in_flight, **options)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, lead_s: float = 0.0) -> AsyncIterator[float]:
+        """Wait for an in-flight lease and then for the next rate slot; the body is the call.
+
+        Yields the slot's time (`loop.time()` clock). With `lead_s`, the body is entered that much
+        before the slot and must itself hold the request back until the slot (see `send_gate`).
+        """
+        lease = await self.acquire_lease()
+        try:
+            yield await self.wait_for_slot(lead_s)
+        finally:
+            await self.release_lease(lease)
+
+    async def wait_for_slot(self, lead_s: float = 0.0) -> float:
+        """Reserve a rate slot and sleep until `lead_s` before it; return the slot's `loop.time()`.
+
+        A caller that wakes too late gives its slot up and reserves another: a call that leaves
+        well after its slot (the event loop was busy, the process was paused) would land next to
+        the following slot's call. That costs one slot of throughput and never the limit.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            wait = await self.reserve()
+            due = loop.time() + wait
+            await asyncio.sleep(max(0.0, wait - lead_s))
+            late = loop.time() - due  # waking within the lead is on time: the gate does the rest
+            if late <= self.late_tolerance_s:
+                return due
+            self.missed_slots += 1
+            log.debug("woke %.0f ms late for the rate slot of %s; reserving another", late * 1000, self.model)
+
+    async def reserve(self) -> float:
+        """Reserve the next rate slot; return how many seconds to wait until it."""
+        interval_us = max(1, round(self.interval_s * 1_000_000))
+        sent = time.monotonic()
+        slot, now = cast(list[int], await self._reserve(keys=[self.tat_key, self.penalty_key], args=[interval_us]))
+        # Redis read its clock (`now`) a fraction of a millisecond after `sent`, so the slot is
+        # `slot - now` after `sent`. Counting from when the reply was read instead would move the
+        # slot by however long this event loop took to get to the reply: tens of ms when it is busy.
+        return max(0.0, (int(slot) - int(now)) / 1_000_000 - (time.monotonic() - sent))
+
+    async def penalize(self, retry_after_s: float | None = None) -> None:
+        """Slow the shared limit down after a 429: everyone's interval grows for `penalty_s` seconds
+        (or for the provider's Retry-After, when that is longer)."""
+        duration_s = max(self.penalty_s, retry_after_s or 0.0)
+        await self._penalize(keys=[self.penalty_key], args=[self.penalty_factor, round(duration_s * 1000)])
+        log.info("LLM rate limit for %s slowed down by %.1fx for %.0f s after a 429",
+                 self.model, self.penalty_factor, duration_s)
+
+    async def acquire_lease(self) -> str:
+        """Wait for one of the `max_in_flight` leases; return its id (for `release_lease`)."""
+        lease = uuid.uuid4().hex
+        ttl_ms = round(self.lease_ttl_s * 1000)
+        if self._poller is None:
+            self._poller = asyncio.Lock()
+        # One waiter per process polls Redis; the others queue on the lock in order. That keeps the
+        # polling load independent of the number of local callers and serves local callers FIFO.
+        async with self._poller:
+            while not await self._acquire(keys=[self.leases_key], args=[self.max_in_flight, lease, ttl_ms]):
+                await asyncio.sleep(self.poll_s * random.uniform(0.5, 1.5))
+        self._held.add(lease)
+        self._ensure_renewer()
+        return lease
+
+    async def release_lease(self, lease: str) -> None:
+        """Give a lease back at once (an expired one is gone already)."""
+        self._held.discard(lease)
+        # Shielded: a cancelled caller must still give its slot back, or it is lost until expiry.
+        await asyncio.shield(self.redis.zrem(self.leases_key, lease))
+
+    async def in_flight(self) -> int:
+        """Leases held now across all processes (expired ones not counted)."""
+        return int(await self.redis.zcount(self.leases_key, time.time() * 1000, "+inf"))
+
+    def _ensure_renewer(self) -> None:
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_loop())
+
+    async def _renew_loop(self) -> None:
+        ttl_ms = round(self.lease_ttl_s * 1000)
+        while self._held:
+            await asyncio.sleep(self.lease_ttl_s / 3)
+            held = list(self._held)
+            if not held:
+                break
+            try:
+                renewed = await self._renew(keys=[self.leases_key], args=[ttl_ms, *held])
+            except Exception:  # a Redis hiccup must not kill the calls; retry next round
+                log.warning("could not renew LLM in-flight leases; retrying", exc_info=True)
+                continue
+            if int(renewed) < len(held):
+                # Possible after a long stall (e.g. a paused process): the cap may be exceeded briefly.
+                log.warning("%d in-flight lease(s) of %s expired before renewal", len(held) - int(renewed),
+                            self.model)
+
+    async def close(self) -> None:
+        """Stop renewing (leases still held expire on their own); call when the event loop ends."""
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+            self._renewer = None

@@ -1,0 +1,27 @@
+"""The Celery app the workers run: dagster-celery's step task, on the pipeline's broker, with the
+same transport options as the executor that submits the steps.
+
+    celery -A lumikb_pipeline.orchestration.celery_app worker -Q document_processing -c 2 \
+        --max-memory-per-child 1500000 --max-tasks-per-child 200 -n document_processing@%h
+
+One worker (process group) per queue; see docs/operations.md. The definitions and the processing
+code are imported here, in the parent, so every forked worker process starts warm.
+"""
+
+from dagster_celery.make_app import make_app
+from dagster_celery.tasks import create_task
+
+from lumikb_pipeline.config import get_settings
+from lumikb_pipeline.orchestration.celery_config import worker_app_args
+from lumikb_pipeline.orchestration.settings import get_orchestration_settings
+
+app = make_app(worker_app_args(get_settings(), get_orchestration_settings()))
+execute_plan = create_task(app)
+
+
+def _preload() -> None:
+    import lumikb_pipeline.definitions  # noqa: F401
+    import lumikb_pipeline.processing  # noqa: F401
+
+
+_preload()

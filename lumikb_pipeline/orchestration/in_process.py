@@ -1,0 +1,88 @@
+"""Running `document_entities` for some documents inside this process (the demo, tests, debugging).
+
+The same job code as production: the runs are ordinary Dagster runs of the re-extraction job (one per
+batch of consecutive partitions, recorded in the instance, visible later in the UI), executed by
+the in-process executor with the same step dependency rule as the Celery one, instead of Celery.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dagster import DagsterInstance, JobDefinition, execute_job, in_process_executor, reconstructable
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+from lumikb_pipeline.config import Settings
+from lumikb_pipeline.orchestration.batching import PartitionBatch, contiguous_batches
+from lumikb_pipeline.orchestration.names import (
+    DOCUMENTS_PARTITIONS,
+    REEXTRACTION_JOB,
+    TAG_JOB_ID,
+    TAG_MODE,
+    TAG_SCHEMA_VERSION,
+)
+
+
+@dataclass(frozen=True)
+class InProcessRun:
+    """One batch run: its Dagster run id, its documents, and whether every document succeeded."""
+
+    run_id: str
+    doc_ids: tuple[str, ...]
+    success: bool
+
+
+def in_process_job() -> JobDefinition:
+    """The re-extraction job with the in-process executor (module level: `reconstructable` needs it)."""
+    from lumikb_pipeline.definitions import defs
+
+    executor = in_process_executor.configured(
+        {"step_dependency_config": {"require_upstream_step_success": False}}, name="in_process_lumikb"
+    )
+    return defs.resolve_job_def(REEXTRACTION_JOB).with_executor_def(executor)
+
+
+def run_documents_in_process(
+    settings: Settings,
+    doc_ids: Sequence[str],
+    *,
+    instance: DagsterInstance | None = None,
+    mode: str = "replace",
+    job_id: str | None = None,
+    schema_version: int | None = None,
+    batch_size: int | None = None,
+    on_batch: Callable[[InProcessRun], None] | None = None,
+) -> list[InProcessRun]:
+    """Materialize `document_entities` for `doc_ids` here and now, batch by batch.
+
+    Partitions are added when missing. Tags are those of a re-extraction job (`job_id`, `mode`,
+    `schema_version`; None: no job, replace, the KB's current version). Failed documents are in the
+    ledger; a batch with one is `success=False`. `on_batch` is called after each batch.
+    """
+    from lumikb_pipeline.orchestration.instance import open_instance
+
+    instance = instance or open_instance(settings)
+    existing = instance.get_existing_dynamic_partitions(DOCUMENTS_PARTITIONS, list(doc_ids))
+    missing = [doc_id for doc_id in doc_ids if doc_id not in existing]
+    if missing:
+        instance.add_dynamic_partitions(DOCUMENTS_PARTITIONS, missing)
+    order = instance.get_dynamic_partitions(DOCUMENTS_PARTITIONS)
+    batches = contiguous_batches(order, set(doc_ids), batch_size or settings.reextract_batch_size)
+    tags: dict[str, str] = {TAG_MODE: mode}
+    if job_id:
+        tags[TAG_JOB_ID] = job_id
+    if schema_version is not None:
+        tags[TAG_SCHEMA_VERSION] = str(schema_version)
+    results = []
+    for batch in batches:
+        result = _run_batch(instance, batch, tags)
+        results.append(result)
+        if on_batch is not None:
+            on_batch(result)
+    return results
+
+
+def _run_batch(instance: DagsterInstance, batch: PartitionBatch, tags: dict[str, Any]) -> InProcessRun:
+    run_tags = {**tags, ASSET_PARTITION_RANGE_START_TAG: batch.first, ASSET_PARTITION_RANGE_END_TAG: batch.last}
+    with execute_job(reconstructable(in_process_job), instance, tags=run_tags, raise_on_error=False) as result:
+        return InProcessRun(result.run_id, batch.keys, result.success)

@@ -1,0 +1,278 @@
+"""Re-extraction jobs: choosing the documents, recording the `Job`, launching the Dagster work.
+
+`start_reextraction` is the one entry point (the CLI, the schema-version sensor and anything else
+call it). A job is launched as one Dagster backfill of `document_entities` over exactly its
+documents' partitions, on the `reprocessing` queue; Dagster batches it into runs with the asset's
+backfill policy (`LUMIKB_REEXTRACT_BATCH_SIZE` documents per run, consecutive partitions only) and
+shows each document's own outcome. The backfill id is derived from the job id, so launching is
+idempotent: a launch that was interrupted is completed by the job-status sensor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from lumikb_pipeline.catalog import get_kb
+from lumikb_pipeline.config import Settings
+from lumikb_pipeline.db import ledger
+from lumikb_pipeline.db.models import Document, Job, JobMode, JobStatus, JobTrigger, KnowledgeBase, utcnow
+from lumikb_pipeline.db.session import session_scope
+from lumikb_pipeline.errors import NotFoundError, UsageError
+from lumikb_pipeline.orchestration.names import (
+    DOCUMENTS_PARTITIONS,
+    TAG_BACKFILL,
+    TAG_JOB_ID,
+    TAG_KB,
+    TAG_MODE,
+    TAG_SCHEMA_VERSION,
+    TAG_TRIGGER,
+)
+from lumikb_pipeline.orchestration.tags import reextraction_tags
+
+if TYPE_CHECKING:
+    from dagster import DagsterInstance
+
+SelectionKind = Literal["outdated", "all", "ids"]
+TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which documents of a KB a job re-extracts."""
+
+    kind: SelectionKind
+    ids: tuple[str, ...] = ()
+
+    @classmethod
+    def outdated(cls) -> Selection:
+        return cls("outdated")
+
+    @classmethod
+    def all(cls) -> Selection:
+        return cls("all")
+
+    @classmethod
+    def of_ids(cls, ids: Sequence[str]) -> Selection:
+        if not ids:
+            raise UsageError("no document ids given; pass --doc ID (repeatable), or use --outdated or --all")
+        return cls("ids", tuple(dict.fromkeys(ids)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "ids": list(self.ids)} if self.kind == "ids" else {"kind": self.kind}
+
+
+def backfill_id_for(job_id: str) -> str:
+    """The Dagster backfill id of a job (32 hex characters, the most Dagster stores)."""
+    return job_id.replace("-", "")
+
+
+def select_documents(session: Session, kb: KnowledgeBase, selection: Selection) -> list[str]:
+    """The live documents of `kb` that `selection` names, in ingestion order."""
+    if selection.kind == "outdated":
+        return ledger.outdated_document_ids(session, kb)
+    live = (
+        select(Document.id)
+        .where(Document.kb_id == kb.id, Document.deleted_at.is_(None))
+        .order_by(Document.created_at, Document.id)
+    )
+    if selection.kind == "all":
+        return list(session.scalars(live))
+    found = set(session.scalars(live.where(Document.id.in_(selection.ids))))
+    missing = [doc_id for doc_id in selection.ids if doc_id not in found]
+    if missing:
+        raise NotFoundError(
+            f"document(s) {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''} are not live documents of KB "
+            f"{kb.slug}; list them with `lumikb kb list` and check the ids"
+        )
+    return [doc_id for doc_id in session.scalars(live) if doc_id in found]
+
+
+def start_reextraction(
+    settings: Settings,
+    kb_slug: str,
+    selection: Selection,
+    mode: str = "replace",
+    trigger: JobTrigger | str = JobTrigger.CLI,
+    max_cost: float | None = None,
+    *,
+    dedupe_key: str | None = None,
+    instance: DagsterInstance | None = None,
+) -> Job:
+    """Start a re-extraction job of `kb_slug`'s selected documents on the `reprocessing` queue.
+
+    Records the `Job` (target: the KB's current schema version) and its ledger rows, makes sure
+    every document has its partition, and launches one Dagster backfill over exactly those
+    partitions, tagged `lumikb/job_id`, `lumikb/mode`, `lumikb/schema_version`. With `dedupe_key`
+    (unique), a second call with the same key returns the first job and launches nothing.
+    A selection with no documents gives a job that is `succeeded` at once.
+    """
+    if mode not in (JobMode.REPLACE.value, JobMode.MERGE.value):
+        raise UsageError(f"mode {mode!r} is not one of replace, merge")
+    if max_cost is not None and max_cost < 0:
+        raise UsageError(f"--max-cost {max_cost} is negative; give a budget in USD of 0 or more")
+    trigger = JobTrigger(trigger)
+    with session_scope(settings.effective_database_url) as session:
+        if dedupe_key is not None:
+            existing = session.scalar(select(Job).where(Job.dedupe_key == dedupe_key))
+            if existing is not None:
+                return existing
+        kb = get_kb(session, kb_slug)
+        doc_ids = select_documents(session, kb, selection)
+        now = utcnow()
+        job = Job(
+            kb_id=kb.id, target_schema_version=kb.current_schema_version, mode=JobMode(mode),
+            selection=selection.to_json(), trigger=trigger, status=JobStatus.PENDING, dedupe_key=dedupe_key,
+            total_documents=len(doc_ids), max_cost_usd=max_cost, created_at=now, updated_at=now,
+        )
+        session.add(job)
+        try:
+            session.flush()
+        except IntegrityError:
+            session.rollback()
+            existing = session.scalar(select(Job).where(Job.dedupe_key == dedupe_key))
+            if existing is None:
+                raise
+            return existing
+        ledger.ensure_records(session, kb.id, doc_ids, kb.current_schema_version, job.id)
+        if not doc_ids:
+            job.status, job.started_at, job.finished_at = JobStatus.SUCCEEDED, now, now
+        session.flush()
+        session.expunge(job)
+    if doc_ids:
+        launch_job(settings, job, doc_ids, kb_slug=kb_slug, instance=instance)
+    return job
+
+
+def _job_tags(job: Job, kb_slug: str) -> dict[str, str]:
+    return {
+        **reextraction_tags(),
+        TAG_JOB_ID: job.id,
+        TAG_MODE: job.mode.value,
+        TAG_SCHEMA_VERSION: str(job.target_schema_version),
+        TAG_KB: kb_slug,
+        TAG_TRIGGER: job.trigger.value,
+    }
+
+
+def launch_job(
+    settings: Settings,
+    job: Job,
+    doc_ids: Sequence[str],
+    *,
+    kb_slug: str,
+    instance: DagsterInstance | None = None,
+) -> str:
+    """Add the partitions and the backfill of a recorded job (idempotent); returns the backfill id."""
+    from dagster._core.execution.backfill import PartitionBackfill
+
+    from lumikb_pipeline.assets.document_entities import DOCUMENT_ENTITIES
+    from lumikb_pipeline.orchestration.instance import open_instance
+
+    instance = instance or open_instance(settings)
+    backfill_id = backfill_id_for(job.id)
+    if instance.get_backfill(backfill_id) is None:
+        existing = instance.get_existing_dynamic_partitions(DOCUMENTS_PARTITIONS, list(doc_ids))
+        missing = [doc_id for doc_id in doc_ids if doc_id not in existing]
+        if missing:
+            instance.add_dynamic_partitions(DOCUMENTS_PARTITIONS, missing)
+        backfill = PartitionBackfill.from_asset_partitions(
+            backfill_id=backfill_id,
+            asset_graph=_asset_graph(),
+            partition_names=list(doc_ids),
+            asset_selection=[DOCUMENT_ENTITIES],
+            backfill_timestamp=time.time(),
+            tags=_job_tags(job, kb_slug),
+            dynamic_partitions_store=instance,
+            all_partitions=False,
+            title=f"re-extract {kb_slug} to schema v{job.target_schema_version} ({job.mode.value})",
+            description=f"lumikb job {job.id}: {len(doc_ids)} document(s), trigger {job.trigger.value}",
+            run_config=None,
+        )
+        instance.add_backfill(backfill)
+    with session_scope(settings.effective_database_url) as session:
+        row = session.get_one(Job, job.id)
+        row.dagster_backfill_id = backfill_id
+        if row.status == JobStatus.PENDING:
+            row.status = JobStatus.RUNNING
+            row.started_at = row.started_at or utcnow()
+        row.updated_at = utcnow()
+    job.dagster_backfill_id = backfill_id
+    job.status = JobStatus.RUNNING
+    return backfill_id
+
+
+def _asset_graph() -> Any:
+    from lumikb_pipeline.definitions import defs
+
+    return defs.resolve_asset_graph()
+
+
+def job_documents(session: Session, job: Job) -> list[str]:
+    """The documents a job covers: its ledger rows, in ingestion order."""
+    from lumikb_pipeline.db.models import ExtractionRecord
+
+    return list(
+        session.scalars(
+            select(ExtractionRecord.document_id)
+            .join(Document, Document.id == ExtractionRecord.document_id)
+            .where(ExtractionRecord.job_id == job.id, ExtractionRecord.schema_version == job.target_schema_version)
+            .order_by(Document.created_at, Document.id)
+        )
+    )
+
+
+def refresh_job_status(settings: Settings, job_id: str, instance: DagsterInstance) -> Job:
+    """Bring a job's status, run ids and times in line with its Dagster backfill; returns the job.
+
+    A job whose launch was interrupted (recorded, no backfill yet) is launched now.
+    """
+    from dagster import RunsFilter
+    from dagster._core.execution.backfill import BulkActionStatus
+
+    with session_scope(settings.effective_database_url) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise NotFoundError(f"job {job_id} does not exist; `lumikb reextract` prints the ids of the jobs it starts")
+        if job.status in TERMINAL:
+            session.expunge(job)
+            return job
+        kb_slug = session.get_one(KnowledgeBase, job.kb_id).slug
+        doc_ids = job_documents(session, job)
+        backfill_id = job.dagster_backfill_id or backfill_id_for(job.id)
+    backfill = instance.get_backfill(backfill_id)
+    if backfill is None:
+        launch_job(settings, job, doc_ids, kb_slug=kb_slug, instance=instance)
+        return job
+    run_ids = list(instance.get_run_ids(RunsFilter(tags={TAG_BACKFILL: backfill_id})))
+    status = {
+        BulkActionStatus.COMPLETED_SUCCESS: JobStatus.SUCCEEDED,
+        BulkActionStatus.COMPLETED: JobStatus.SUCCEEDED,
+        BulkActionStatus.COMPLETED_FAILED: JobStatus.FAILED,
+        BulkActionStatus.FAILED: JobStatus.FAILED,
+        BulkActionStatus.CANCELED: JobStatus.CANCELLED,
+    }.get(backfill.status, JobStatus.RUNNING)
+    with session_scope(settings.effective_database_url) as session:
+        row = session.get_one(Job, job_id)
+        row.dagster_backfill_id = backfill_id
+        row.dagster_run_ids = sorted(set(row.dagster_run_ids or []) | set(run_ids))
+        if row.status != status:
+            row.status = status
+            row.updated_at = utcnow()
+            if status in TERMINAL:
+                row.finished_at = utcnow()
+                counts = ledger.status_counts(session, job_id)
+                failed = counts.get(ledger.ExtractionStatus.FAILED, 0)
+                if failed:
+                    row.error = (
+                        f"{failed} document(s) failed; see `lumikb progress {job_id}` and the backfill {backfill_id}"
+                    )
+        session.flush()
+        session.expunge(row)
+        return row

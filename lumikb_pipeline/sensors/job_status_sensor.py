@@ -1,0 +1,35 @@
+"""`job_status_sensor`: fires every few seconds while re-extraction jobs are pending or running;
+brings each `Job` row's status, run ids and times in line with its Dagster backfill, and finishes
+launching a job whose launch was interrupted. Launches nothing else."""
+
+
+from dagster import DefaultSensorStatus, SensorEvaluationContext, SensorResult, SkipReason, sensor
+from sqlalchemy import select
+
+from lumikb_pipeline.db.models import Job, JobStatus
+from lumikb_pipeline.orchestration.jobs import refresh_job_status
+from lumikb_pipeline.orchestration.settings import get_orchestration_settings
+from lumikb_pipeline.resources import DatabaseResource
+
+
+@sensor(
+    minimum_interval_seconds=get_orchestration_settings().job_status_sensor_interval_s,
+    default_status=DefaultSensorStatus.RUNNING,
+    description=__doc__,
+)
+def job_status_sensor(context: SensorEvaluationContext, database: DatabaseResource) -> SensorResult:
+    settings = database.app_settings()
+    with database.session() as session:
+        active = list(session.scalars(select(Job.id).where(Job.status.in_([JobStatus.PENDING, JobStatus.RUNNING]))))
+    changes = []
+    for job_id in active:
+        before = None
+        with database.session() as session:
+            row = session.get(Job, job_id)
+            before = row.status if row is not None else None
+        job = refresh_job_status(settings, job_id, context.instance)
+        if job.status != before:
+            changes.append(f"job {job_id}: {before} -> {job.status}")
+            context.log.info(changes[-1])
+    message = "; ".join(changes) if changes else f"{len(active)} active job(s), no change"
+    return SensorResult(skip_reason=SkipReason(message))

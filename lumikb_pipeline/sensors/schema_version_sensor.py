@@ -1,0 +1,52 @@
+"""`schema_version_sensor`: fires when a KB's schema version goes up; starts one re-extraction job
+of exactly that KB's outdated documents (a backfill of `document_entities` on the `reprocessing`
+queue, batched), recorded as a `Job` with trigger `sensor`. Its dedupe key `sensor:<kb>:<version>`
+is unique, so no KB and version ever gets two jobs, across ticks and restarts."""
+
+
+import json
+
+from dagster import DefaultSensorStatus, SensorEvaluationContext, SensorResult, SkipReason, sensor
+from sqlalchemy import select
+
+from lumikb_pipeline.db.models import JobTrigger, KnowledgeBase
+from lumikb_pipeline.orchestration.jobs import Selection, start_reextraction
+from lumikb_pipeline.orchestration.settings import get_orchestration_settings
+from lumikb_pipeline.resources import DatabaseResource
+
+
+def dedupe_key(kb_slug: str, version: int) -> str:
+    """The one job a schema version of a KB may have from this sensor."""
+    return f"sensor:{kb_slug}:{version}"
+
+
+@sensor(
+    minimum_interval_seconds=get_orchestration_settings().schema_sensor_interval_s,
+    default_status=DefaultSensorStatus.RUNNING,
+    description=__doc__,
+)
+def schema_version_sensor(context: SensorEvaluationContext, database: DatabaseResource) -> SensorResult:
+    # Cursor: the schema version last handled per KB id. A KB never seen counts as at version 1
+    # (its first version needs no re-extraction: normal processing extracts new documents).
+    seen: dict[str, int] = json.loads(context.cursor) if context.cursor else {}
+    settings = database.app_settings()
+    with database.session() as session:
+        kbs = session.execute(select(KnowledgeBase.id, KnowledgeBase.slug, KnowledgeBase.current_schema_version)).all()
+    started: list[str] = []
+    for kb_id, slug, version in kbs:
+        if version <= seen.get(str(kb_id), 1):
+            continue
+        job = start_reextraction(
+            settings, slug, Selection.outdated(), mode="replace", trigger=JobTrigger.SENSOR,
+            dedupe_key=dedupe_key(slug, version), instance=context.instance,
+        )
+        context.log.info(
+            f"KB {slug} is at schema version {version}: job {job.id} re-extracts {job.total_documents} outdated "
+            f"document(s) (backfill {job.dagster_backfill_id})"
+        )
+        started.append(f"{slug} v{version}: job {job.id} ({job.total_documents} documents)")
+        seen[str(kb_id)] = version
+    cursor = json.dumps(seen, sort_keys=True)
+    if not started:
+        return SensorResult(skip_reason=SkipReason("no KB's schema version went up"), cursor=cursor)
+    return SensorResult(skip_reason=SkipReason("started " + "; ".join(started)), cursor=cursor)

@@ -1,0 +1,47 @@
+"""Fixtures of the Dagster tests: the whole deployment as real processes (`stack`), and helpers to
+make KBs and documents in it."""
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lumikb_pipeline_tests.dagster.stack import Stack, start_stack, stop_stack
+
+REUSE_VARIABLE = "LUMIKB_TEST_REUSE_STACK"
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A running deployment; this process's environment points at it while the fixture lives.
+
+    `LUMIKB_TEST_REUSE_STACK=<file.json>` reuses one left running by a developer (no teardown).
+    """
+    from lumikb_pipeline.config import get_settings
+    from lumikb_pipeline.db.session import dispose_engines
+    from lumikb_pipeline.orchestration.settings import get_orchestration_settings
+
+    reuse = os.environ.get(REUSE_VARIABLE)
+    if reuse:
+        info = json.loads(Path(reuse).read_text())
+        running = Stack(Path(info["env"]["LUMIKB_HOME"]).parent, info["env"], info["app"], info["dg"], info["llm"],
+                        info["web"], tuple(info["redis"]))  # type: ignore[arg-type]
+    else:
+        running = start_stack(tmp_path_factory.mktemp("stack"))
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(running.env)
+    get_settings.cache_clear()
+    get_orchestration_settings.cache_clear()
+    try:
+        yield running
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        get_settings.cache_clear()
+        get_orchestration_settings.cache_clear()
+        dispose_engines()
+        if not reuse:
+            stop_stack(running)

@@ -1,0 +1,189 @@
+"""Helpers of the Dagster tests: KBs, documents, ledger counts and what the event log says."""
+
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+DEMO = Path(__file__).resolve().parents[2] / "lumikb_pipeline" / "demo"
+SCHEMA_V1 = DEMO / "schema_v1.yaml"
+SCHEMA_V2 = DEMO / "schema_v2.yaml"
+EXTRACT_STEP = "document_entities.extract_document_entities"
+WRITE_STEP = "document_entities.write_document_entities"
+
+
+def unique_slug(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def database_url() -> str:
+    from lumikb_pipeline.config import get_settings
+
+    return get_settings().effective_database_url
+
+
+def create_kb(slug: str, schema: Path = SCHEMA_V1) -> None:
+    from lumikb_pipeline import catalog
+    from lumikb_pipeline.db.session import session_scope
+    from lumikb_pipeline.domain.schema import parse_schema_file
+
+    with session_scope(database_url()) as session:
+        catalog.create_kb(session, slug, parse_schema_file(schema))
+
+
+def set_schema(slug: str, schema: Path) -> int:
+    from lumikb_pipeline import catalog
+    from lumikb_pipeline.db.session import session_scope
+    from lumikb_pipeline.domain.schema import parse_schema_file
+
+    with session_scope(database_url()) as session:
+        version, _changed = catalog.set_schema(session, slug, parse_schema_file(schema))
+    return version
+
+
+def document_text(tag: str, i: int, marker: str = "") -> str:
+    """A small document the heuristic extractor finds two organisations, a person and places in."""
+    return (
+        f"Firm{tag}x{i} Corporation employs Ann{tag}x{i} Berg. Firm{tag}x{i} Corporation is located in "
+        f"Town{i % 13}. {marker}\n"
+    )
+
+
+def write_documents(folder: Path, tag: str, count: int, markers: dict[int, str] | None = None) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"{tag}-{i:04d}.txt"
+        path.write_text(document_text(tag, i, (markers or {}).get(i, "")))
+        paths.append(path)
+    return paths
+
+
+def ingest(slug: str, folder: Path) -> list[str]:
+    """Ingest a folder; the document ids in file order."""
+    from lumikb_pipeline import catalog
+
+    report = catalog.ingest(database_url(), slug, [folder])
+    assert not report.errors, report.errors
+    return list(report.document_ids)
+
+
+def ingest_as_extracted(slug: str, paths: Sequence[Path]) -> list[str]:
+    """Ingest files and record them as already extracted at the KB's current version, in one
+    transaction (so the partitions sensor never sees them as new)."""
+    from lumikb_pipeline import catalog
+    from lumikb_pipeline.db import ledger
+    from lumikb_pipeline.db.session import session_scope
+
+    with session_scope(database_url()) as session:
+        kb = catalog.get_kb(session, slug)
+        ids = [catalog.ingest_file(session, kb, path, 400)[1] for path in paths]
+        ledger.ensure_records(session, kb.id, ids, kb.current_schema_version)
+        for doc_id in ids:
+            assert ledger.claim(session, doc_id, kb.current_schema_version, "test-seed")
+            ledger.mark_succeeded(session, doc_id, kb.current_schema_version, "test-seed", ledger.Outcome())
+    return ids
+
+
+def ledger_counts(slug: str) -> Counter[tuple[int, str]]:
+    """(schema version, status) -> rows, for one KB."""
+    from lumikb_pipeline.db.models import ExtractionRecord, KnowledgeBase
+    from lumikb_pipeline.db.session import session_scope
+
+    with session_scope(database_url()) as session:
+        rows = session.execute(
+            select(ExtractionRecord.schema_version, ExtractionRecord.status, func.count())
+            .join(KnowledgeBase, KnowledgeBase.id == ExtractionRecord.kb_id)
+            .where(KnowledgeBase.slug == slug)
+            .group_by(ExtractionRecord.schema_version, ExtractionRecord.status)
+        ).all()
+    return Counter({(version, status.value): count for version, status, count in rows})
+
+
+def ledger_rows(doc_ids: Iterable[str], version: int) -> dict[str, Any]:
+    from lumikb_pipeline.db import ledger
+    from lumikb_pipeline.db.session import session_scope
+
+    with session_scope(database_url()) as session:
+        rows = ledger.records_for(session, list(doc_ids), version)
+        for row in rows.values():
+            session.expunge(row)
+    return rows
+
+
+def celery_workers(instance: Any, run_id: str) -> Counter[str]:
+    """Which Celery worker (by name, `<queue>@host`) executed how many steps of a run."""
+    from dagster import DagsterEventType
+
+    workers: Counter[str] = Counter()
+    for record in instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT):
+        metadata = record.dagster_event.engine_event_data.metadata
+        if "Celery worker" in metadata:
+            workers[str(metadata["Celery worker"].value)] += 1
+    return workers
+
+
+def submitted_queues(instance: Any, run_id: str) -> Counter[str]:
+    """The queues the run's executor submitted its steps to (from its engine events)."""
+    from dagster import DagsterEventType
+
+    queues: Counter[str] = Counter()
+    for record in instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT):
+        message = record.dagster_event.message or ""
+        if message.startswith("Submitting celery task") and " to queue " in message:
+            queues[message.rsplit(" to queue ", 1)[1].strip('".')] += 1
+    return queues
+
+
+def step_intervals(instance: Any, run_ids: Iterable[str], step_key: str) -> list[tuple[float, float]]:
+    """(start, end) of every execution of a step in some runs, from STEP_START to its end event."""
+    from dagster import DagsterEventType
+
+    intervals = []
+    ends = {DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE, DagsterEventType.STEP_UP_FOR_RETRY}
+    for run_id in run_ids:
+        start: float | None = None
+        for record in instance.all_logs(run_id, of_type={DagsterEventType.STEP_START, *ends}):
+            if record.step_key != step_key:
+                continue
+            if record.dagster_event_type == DagsterEventType.STEP_START:
+                start = record.timestamp
+            elif start is not None:
+                intervals.append((start, record.timestamp))
+                start = None
+    return intervals
+
+
+def max_overlap(intervals: Sequence[tuple[float, float]]) -> int:
+    """The most intervals open at one time."""
+    points = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    current = peak = 0
+    for _, delta in points:
+        current += delta
+        peak = max(peak, current)
+    return peak
+
+
+def materialized_partitions(instance: Any) -> set[str]:
+    from dagster import AssetKey
+
+    return set(instance.get_materialized_partitions(AssetKey("document_entities")))
+
+
+def partition_status(instance: Any) -> tuple[set[str], set[str]]:
+    """(materialized, failed) partitions of `document_entities`, as the UI shows them."""
+    from dagster import AssetKey
+    from dagster._core.definitions.partitions.context import partition_loading_context
+    from dagster._core.storage.partition_status_cache import get_and_update_asset_status_cache_value
+
+    from lumikb_pipeline.assets import documents_partitions
+
+    with partition_loading_context(dynamic_partitions_store=instance):
+        value = get_and_update_asset_status_cache_value(instance, AssetKey("document_entities"), documents_partitions)
+        assert value is not None
+        materialized = set(value.deserialize_materialized_partition_subsets(documents_partitions).get_partition_keys())
+        failed = set(value.deserialize_failed_partition_subsets(documents_partitions).get_partition_keys())
+    return materialized, failed

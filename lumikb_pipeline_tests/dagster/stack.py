@@ -1,0 +1,244 @@
+"""A whole local deployment for the integration tests, as real processes: the processes of
+`lumikb up` (Dagster code server, webserver, daemon, one Celery worker per queue) on a fresh
+PostgreSQL app database and a fresh PostgreSQL Dagster database, Redis, Neo4j, and the fake LLM
+server (with a fault injector). Sensor intervals are shortened; everything else is production's.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import redis
+from sqlalchemy.engine import make_url
+
+from lumikb_pipeline_tests.conftest import create_postgres_database, drop_postgres_database, required_env
+
+T = TypeVar("T")
+
+POOL_LIMITS = {"lumikb_llm": 4, "lumikb_graph_write": 3}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], T], timeout_s: float, interval_s: float = 1.0, what: str = "condition") -> T:
+    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+@dataclass
+class Stack:
+    """A running deployment and what a test needs to drive it."""
+
+    root: Path
+    env: dict[str, str]
+    app_db_url: str
+    dagster_db_url: str
+    llm_url: str
+    webserver_url: str
+    redis_dbs: tuple[str, str]
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    llm_process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def home(self) -> Path:
+        return Path(self.env["LUMIKB_HOME"])
+
+    def instance(self) -> Any:
+        from dagster import DagsterInstance
+
+        return DagsterInstance.from_config(self.env["DAGSTER_HOME"])
+
+    def lumikb(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run the `lumikb` command line with the stack's environment."""
+        return subprocess.run(
+            [sys.executable, "-c", "from lumikb_pipeline.cli import app; app()", *args],
+            env=self.env, capture_output=True, text=True, timeout=timeout,
+        )
+
+    def poison(self, marker: str | None, times: int = -1) -> dict[str, Any]:
+        return dict(httpx.post(f"{self.llm_url}/_poison", json={"marker": marker, "times": times}).json())
+
+    def llm_calls(self) -> list[dict[str, Any]]:
+        return list(httpx.get(f"{self.llm_url}/_calls").json()["calls"])
+
+    def graphql(self, query: str, variables: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        response = httpx.post(f"{self.webserver_url}/graphql", json={"query": query, "variables": variables or {}},
+                              timeout=60)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert "errors" not in body, body["errors"]
+        return dict(body["data"])
+
+    def log(self, name: str) -> str:
+        path = self.home / "logs" / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def stack_env(root: Path, app_db_url: str, dagster_db_url: str, llm_url: str, web_port: int,
+              redis_dbs: tuple[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LUMIKB_", "DAGSTER_", "CELERY_"))}
+    env.update({
+        "LUMIKB_HOME": str(root / "home"),
+        "DAGSTER_HOME": str(root / "home" / "dagster"),
+        "LUMIKB_DATABASE_URL": app_db_url,
+        "LUMIKB_DAGSTER_PG_URL": dagster_db_url,
+        "LUMIKB_REDIS_URL": redis_dbs[0],
+        "CELERY_BROKER_URL": redis_dbs[1],
+        "LUMIKB_NEO4J_URI": required_env("LUMIKB_NEO4J_URI"),
+        "LUMIKB_NEO4J_USER": os.environ.get("LUMIKB_NEO4J_USER", "neo4j"),
+        "LUMIKB_NEO4J_PASSWORD": required_env("LUMIKB_NEO4J_PASSWORD"),
+        "LUMIKB_NEO4J_DATABASE": os.environ.get("LUMIKB_NEO4J_DATABASE", "neo4j"),
+        "LUMIKB_LLM_MODEL": "openai/gpt-4o-mini",
+        "LUMIKB_LLM_API_BASE": f"{llm_url}/v1",
+        "LUMIKB_LLM_API_KEY": "sk-test-stack",
+        "LUMIKB_LLM_RATE_LIMIT": "200/s",
+        "LUMIKB_LLM_MAX_ATTEMPTS": "2",
+        "LUMIKB_REEXTRACT_BATCH_SIZE": "40",
+        # Sensors look often so the tests are quick; the rest is production's configuration.
+        "LUMIKB_PARTITIONS_SENSOR_INTERVAL_S": "3",
+        "LUMIKB_SCHEMA_SENSOR_INTERVAL_S": "3",
+        "LUMIKB_DRIFT_SENSOR_INTERVAL_S": "5",
+        "LUMIKB_JOB_STATUS_SENSOR_INTERVAL_S": "3",
+        "LUMIKB_LLM_POOL_LIMIT": str(POOL_LIMITS["lumikb_llm"]),
+        "LUMIKB_GRAPH_WRITE_POOL_LIMIT": str(POOL_LIMITS["lumikb_graph_write"]),
+        "LUMIKB_MAX_CONCURRENT_RUNS": "8",
+        "LUMIKB_MAX_REPROCESSING_RUNS": "2",
+        "LUMIKB_DOCUMENT_PROCESSING_CONCURRENCY": "2",
+        "LUMIKB_REPROCESSING_CONCURRENCY": "2",
+        "LUMIKB_WEBSERVER_PORT": str(web_port),
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def _dagster_url(sqlalchemy_url: str) -> str:
+    return make_url(sqlalchemy_url).set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+
+
+def _start_llm(env: Mapping[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    out = open(log, "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lumikb_pipeline_tests.dagster.faulty_llm", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=out, env=dict(env), start_new_session=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline().decode().strip()
+    if not line.startswith("listening on "):
+        process.kill()
+        raise AssertionError(f"the fake LLM server did not start: {line!r}; see {log}")
+    return process, line.removeprefix("listening on ")
+
+
+def _worker_ready(stack: Stack, queue: str) -> bool:
+    return "ready." in stack.log(f"worker-{queue}")
+
+
+@dataclass
+class StackHandle:
+    stack: Stack
+
+
+def start_stack(root: Path) -> Stack:
+    """Create the databases, write the instance, start every process and wait until all answer."""
+    from lumikb_pipeline.db import migrate
+    from lumikb_pipeline.orchestration import processes
+    from lumikb_pipeline.orchestration.instance import apply_pool_limits, instance_config, render_instance_yaml
+    from lumikb_pipeline.orchestration.settings import OrchestrationSettings
+
+    base_redis = required_env("LUMIKB_REDIS_URL").rsplit("/", 1)[0]
+    redis_dbs = (f"{base_redis}/12", f"{base_redis}/13")
+    for url in redis_dbs:
+        redis.Redis.from_url(url).flushdb()
+    app_db = create_postgres_database("stack_app")
+    dagster_db = _dagster_url(create_postgres_database("stack_dagster"))
+    migrate.upgrade(app_db)
+
+    root.mkdir(parents=True, exist_ok=True)
+    base_env = stack_env(root, app_db, dagster_db, "http://127.0.0.1:0", free_port(), redis_dbs)
+    llm_process, llm_url = _start_llm(base_env, root / "fake-llm.log")
+    env = stack_env(root, app_db, dagster_db, llm_url, int(base_env["LUMIKB_WEBSERVER_PORT"]), redis_dbs)
+    stack = Stack(root, env, app_db, dagster_db, llm_url, f"http://127.0.0.1:{env['LUMIKB_WEBSERVER_PORT']}",
+                  redis_dbs, llm_process=llm_process)
+
+    # Settings and instance as `lumikb up` makes them, with the test intervals.
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        from lumikb_pipeline.config import load_settings
+
+        settings = load_settings()
+        orchestration = OrchestrationSettings()
+        home = settings.effective_dagster_home
+        home.mkdir(parents=True, exist_ok=True)
+        config = instance_config(orchestration, postgres=True, dequeue_interval_s=1, monitoring_poll_interval_s=5)
+        (home / "dagster.yaml").write_text(render_instance_yaml(config))
+        with stack.instance() as instance:
+            apply_pool_limits(instance, orchestration)
+        code_port = free_port()
+        workspace = processes.write_workspace(settings, port=code_port)
+        specs = processes.service_specs(settings, orchestration, workspace, code_server_port=code_port)
+        stack.processes = processes.start_services(settings, specs, processes.service_env(settings, orchestration, env))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    try:
+        processes.wait_for_port("127.0.0.1", int(env["LUMIKB_WEBSERVER_PORT"]), timeout_s=180,
+                                process=stack.processes["webserver"])
+        for queue in ("document_processing", "reprocessing"):
+            wait_until(lambda q=queue: _worker_ready(stack, q), 180, what=f"the {queue} worker")  # type: ignore[misc]
+        wait_until(lambda: "SensorDaemon" in stack.log("daemon"), 180,
+                   what="the daemon")
+    except BaseException:
+        stop_stack(stack)
+        raise
+    return stack
+
+
+def stop_stack(stack: Stack) -> None:
+    """Stop every process of the stack and drop its databases."""
+    from lumikb_pipeline.orchestration import processes
+
+    saved = dict(os.environ)
+    os.environ.update(stack.env)
+    try:
+        from lumikb_pipeline.config import load_settings
+
+        processes.stop_services(load_settings(), processes.service_names())
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    if stack.llm_process is not None:
+        stack.llm_process.terminate()
+        stack.llm_process.wait(timeout=10)
+    for url in stack.redis_dbs:
+        redis.Redis.from_url(url).flushdb()
+    drop_postgres_database(stack.app_db_url)
+    drop_postgres_database(make_url(stack.dagster_db_url).set(drivername="postgresql+psycopg").render_as_string(
+        hide_password=False))
+
+
+def unique_slug(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+__all__ = ["POOL_LIMITS", "Stack", "start_stack", "stop_stack", "unique_slug", "wait_until", "Iterator"]

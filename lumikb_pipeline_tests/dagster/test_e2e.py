@@ -1,0 +1,421 @@
+"""The deployment end to end, as real processes (`stack`): PostgreSQL-backed Dagster with its daemon,
+webserver and code server, real Celery workers per queue, Redis, Neo4j and the fake LLM server.
+
+The tests run in file order and build on each other's data (one stack for all: starting it costs
+more than most tests). `LUMIKB_TEST_REUSE_STACK=<json>` runs them against a stack left running.
+"""
+
+import math
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dagster import AssetKey, DagsterRunStatus, RunsFilter
+from sqlalchemy import select
+
+from lumikb_pipeline.db.models import Job, JobStatus, JobTrigger
+from lumikb_pipeline.db.session import session_scope
+from lumikb_pipeline_tests.dagster.helpers import (
+    EXTRACT_STEP,
+    SCHEMA_V1,
+    SCHEMA_V2,
+    WRITE_STEP,
+    celery_workers,
+    create_kb,
+    database_url,
+    ingest,
+    ingest_as_extracted,
+    ledger_counts,
+    ledger_rows,
+    materialized_partitions,
+    max_overlap,
+    partition_status,
+    set_schema,
+    step_intervals,
+    submitted_queues,
+    unique_slug,
+    write_documents,
+)
+from lumikb_pipeline_tests.dagster.stack import POOL_LIMITS, Stack, wait_until
+
+pytestmark = pytest.mark.slow
+
+STATE: dict[str, Any] = {}
+
+
+def _say(message: str) -> None:
+    print(f"\n[e2e] {message}", flush=True)
+
+
+def _runs_of_backfill(instance: Any, backfill_id: str) -> list[Any]:
+    return list(instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id})))
+
+
+def _assert_on_queue(instance: Any, run_ids: list[str], queue: str) -> None:
+    for run_id in run_ids:
+        queues = submitted_queues(instance, run_id)
+        workers = celery_workers(instance, run_id)
+        assert set(queues) == {queue}, (run_id, queues)
+        assert workers and all(name.startswith(f"{queue}@") for name in workers), (run_id, workers)
+
+
+def _sensor_job(slug: str, version: int) -> Job | None:
+    """The sensor's job for a KB version, once its backfill is launched."""
+    with session_scope(database_url()) as session:
+        job = session.scalar(select(Job).where(Job.dedupe_key == f"sensor:{slug}:{version}"))
+        if job is None or not job.dagster_backfill_id:
+            return None
+        session.expunge(job)
+        return job
+
+
+# --------------------------------------------------------------------------- 6 (first half)
+
+
+def test_set_cron_is_taken_by_the_running_daemon(stack: Stack) -> None:
+    STATE["daemon_pid"] = stack.processes["daemon"].pid if stack.processes else None
+    bad = stack.lumikb("schedule", "set-cron", "61 * * * *")
+    assert bad.returncode == 2 and "is not a cron expression" in bad.stderr and "e.g. '0 2 * * *'" in bad.stderr
+    shown = stack.lumikb("schedule", "show")
+    assert shown.returncode == 0 and "'0 2 * * *'" in shown.stdout
+    result = stack.lumikb("schedule", "set-cron", "*/1 * * * *")
+    assert result.returncode == 0, result.stderr
+    assert "'*/1 * * * *'" in result.stdout
+    STATE["cron_set_at"] = datetime.now(UTC)
+
+
+# --------------------------------------------------------------------------- 1
+
+
+def test_ingested_documents_become_partitions_extracted_on_document_processing(stack: Stack, tmp_path: Path) -> None:
+    slug = unique_slug("t1")
+    create_kb(slug)
+    write_documents(tmp_path / "docs", slug.replace("-", ""), 200)
+    started = time.monotonic()
+    ids = ingest(slug, tmp_path / "docs")
+    assert len(ids) == 200
+    wait_until(lambda: ledger_counts(slug)[(1, "succeeded")] == 200, 420, 2, "200 documents extracted")
+    elapsed = time.monotonic() - started
+    _say(f"200 documents ingested -> extracted on document_processing in {elapsed:.0f}s")
+
+    instance = stack.instance()
+
+    def finished_runs() -> list[Any]:
+        runs = [
+            run for run in instance.get_runs(RunsFilter(job_name="document_processing_job"))
+            if run.tags.get("dagster/asset_partition_range_start") in ids
+        ]
+        return runs if runs and all(run.is_finished for run in runs) else []
+
+    runs = wait_until(finished_runs, 60, 1, "the runs to finish")
+    assert all(run.status == DagsterRunStatus.SUCCESS for run in runs)
+    assert set(ids) <= set(instance.get_dynamic_partitions("documents"))
+    assert set(ids) <= materialized_partitions(instance)
+    _assert_on_queue(instance, [run.run_id for run in runs], "document_processing")
+    reprocessing_steps = sum(celery_workers(instance, run.run_id)[name] for run in runs
+                             for name in celery_workers(instance, run.run_id) if name.startswith("reprocessing@"))
+    assert reprocessing_steps == 0
+    STATE.update(kb1=slug, kb1_ids=ids, t1_seconds=elapsed, t1_runs=len(runs))
+
+
+# --------------------------------------------------------------------------- 2
+
+
+def test_schema_change_reextracts_exactly_the_outdated_documents_on_reprocessing(stack: Stack) -> None:
+    slug, ids = STATE["kb1"], STATE["kb1_ids"]
+    started = time.monotonic()
+    assert set_schema(slug, SCHEMA_V2) == 2
+    job = wait_until(lambda: _sensor_job(slug, 2), 60, 1, "the sensor's job")
+    assert job.trigger == JobTrigger.SENSOR and job.total_documents == 200 and job.target_schema_version == 2
+    wait_until(lambda: (_sensor_job(slug, 2) or job).status == JobStatus.SUCCEEDED, 480, 3, "the job to succeed")
+    elapsed = time.monotonic() - started
+    assert ledger_counts(slug)[(2, "succeeded")] == 200
+    assert all(row.status.value == "succeeded" and row.job_id == job.id for row in ledger_rows(ids, 2).values())
+
+    instance = stack.instance()
+    backfill = instance.get_backfill(job.dagster_backfill_id)
+    assert backfill is not None and backfill.tags["lumikb/job_id"] == job.id
+    targeted = set(backfill.asset_backfill_data.target_subset.get_partitions_subset(
+        AssetKey("document_entities")).get_partition_keys())
+    assert targeted == set(ids)  # exactly the outdated documents
+    runs = _runs_of_backfill(instance, backfill.backfill_id)
+    originals = [run for run in runs if not run.parent_run_id]
+    assert len(originals) == math.ceil(200 / 40)  # batched (LUMIKB_REEXTRACT_BATCH_SIZE=40), consecutive partitions
+    _assert_on_queue(instance, [run.run_id for run in runs], "reprocessing")
+    _say(f"schema change -> 200 documents re-extracted on reprocessing in {len(originals)} runs, {elapsed:.0f}s")
+
+    # Later ticks start nothing (cursor + unique dedupe key).
+    backfills_before = len(instance.get_backfills())
+    time.sleep(12)
+    with session_scope(database_url()) as session:
+        jobs = session.scalars(select(Job).where(Job.kb_id == job.kb_id)).all()
+    assert len(jobs) == 1
+    assert len(instance.get_backfills()) == backfills_before
+    STATE.update(t2_seconds=elapsed, t2_runs=len(originals))
+
+
+# --------------------------------------------------------------------------- 4
+
+
+def test_a_failing_document_fails_alone_and_a_retry_from_failure_repairs_only_it(stack: Stack, tmp_path: Path) -> None:
+    slug = unique_slug("t4")
+    marker = f"Poisonword{slug.replace('-', '')}"
+    create_kb(slug)
+    write_documents(tmp_path / "docs", slug.replace("-", ""), 6, markers={3: marker})
+    ids = ingest(slug, tmp_path / "docs")
+    wait_until(lambda: ledger_counts(slug)[(1, "succeeded")] == 6, 240, 2, "6 documents extracted")
+    bad, good = ids[3], [doc_id for i, doc_id in enumerate(ids) if i != 3]
+
+    stack.poison(marker, times=-1)  # 500 for every request of that document, every time
+    assert set_schema(slug, SCHEMA_V2) == 2
+    job = wait_until(lambda: _sensor_job(slug, 2), 60, 1, "the sensor's job")
+    instance = stack.instance()
+
+    def all_attempts_failed() -> bool:
+        runs = _runs_of_backfill(instance, job.dagster_backfill_id)
+        return len(runs) == 3 and all(run.status == DagsterRunStatus.FAILURE for run in runs)
+
+    wait_until(all_attempts_failed, 420, 3, "the run and its 2 automatic retries to fail")
+    runs = sorted(_runs_of_backfill(instance, job.dagster_backfill_id), key=lambda r: instance.get_run_record_by_id(
+        r.run_id).create_timestamp)
+    first, retries = runs[0], runs[1:]
+    assert all(run.tags.get("dagster/retry_strategy") == "FROM_FAILURE" or run.parent_run_id for run in retries)
+
+    # The others of the batch were written and materialized by the first run; the bad one failed.
+    rows = ledger_rows(ids, 2)
+    assert all(rows[doc_id].status.value == "succeeded" and rows[doc_id].attempts == 1 for doc_id in good)
+    assert rows[bad].status.value == "failed" and rows[bad].last_error
+    materialized, failed = partition_status(instance)
+    assert bad in failed and not (set(good) & failed)
+    assert set(good) <= materialized
+    observed = [
+        record for record in instance.all_logs(first.run_id)
+        if record.dagster_event and record.dagster_event.event_type_value == "ASSET_OBSERVATION"
+    ]
+    assert [r.dagster_event.asset_observation_data.asset_observation.partition for r in observed] == [bad]
+    failure = [r for r in instance.all_logs(first.run_id) if r.dagster_event_type
+               and r.dagster_event_type.value == "STEP_FAILURE"]
+    assert failure and bad in (failure[0].dagster_event.step_failure_data.user_failure_data.description or "")
+    for retry in retries:  # the automatic retries redid nothing but the bad document
+        assert reused_in(instance, retry.run_id) == set(good)
+        assert materialized_in(instance, retry.run_id) == set(good)
+
+    # Repair: the provider recovers, an admin re-executes the last run from failure (as the UI does).
+    stack.poison(None)
+    calls_before = len(stack.llm_calls())
+    data = stack.graphql(REEXECUTE, {"reexecutionParams": {"parentRunId": runs[-1].run_id, "strategy": "FROM_FAILURE"}})
+    result = data["launchPipelineReexecution"]
+    assert result["__typename"] == "LaunchRunSuccess", result
+    repair_id = result["run"]["runId"]
+    wait_until(lambda: instance.get_run_by_id(repair_id).status == DagsterRunStatus.SUCCESS, 240, 2, "the repair run")
+    assert materialized_in(instance, repair_id) == set(ids)
+    assert reused_in(instance, repair_id) == set(good)  # reported current, not redone
+    rows = ledger_rows(ids, 2)
+    assert all(row.status.value == "succeeded" for row in rows.values())
+    assert all(rows[doc_id].attempts == 1 for doc_id in good)  # the rest was not redone
+    assert len(stack.llm_calls()) - calls_before == 1  # one chunk: the bad document's
+    materialized, failed = partition_status(instance)
+    assert bad in materialized and bad not in failed
+
+
+REEXECUTE = """
+mutation Reexecute($reexecutionParams: ReexecutionParams) {
+  launchPipelineReexecution(reexecutionParams: $reexecutionParams) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message stack }
+    ... on RunConfigValidationInvalid { errors { message } }
+    ... on InvalidStepError { invalidStepKey }
+    ... on InvalidSubsetError { message }
+    ... on UnauthorizedError { message }
+    ... on RunConflict { message }
+    ... on ConflictingExecutionParamsError { message }
+    ... on NoModeProvidedError { message }
+    ... on PresetNotFoundError { message }
+    ... on PipelineNotFoundError { message }
+  }
+}
+"""
+
+
+def reused_in(instance: Any, run_id: str) -> set[str]:
+    """Partitions a run reported current without redoing them (`reused: true`)."""
+    return {
+        record.dagster_event.materialization.partition
+        for record in instance.all_logs(run_id)
+        if record.dagster_event and record.dagster_event.event_type_value == "ASSET_MATERIALIZATION"
+        and record.dagster_event.materialization.metadata["reused"].value
+    }
+
+
+def materialized_in(instance: Any, run_id: str) -> set[str]:
+    return {
+        record.dagster_event.materialization.partition
+        for record in instance.all_logs(run_id)
+        if record.dagster_event and record.dagster_event.event_type_value == "ASSET_MATERIALIZATION"
+    }
+
+
+# --------------------------------------------------------------------------- 7
+
+
+SENSOR_STATE = """
+query Sensor($selector: SensorSelector!) {
+  sensorOrError(sensorSelector: $selector) {
+    __typename
+    ... on Sensor { id sensorState { id status selectorId } }
+  }
+}
+"""
+STOP_SENSOR = """
+mutation Stop($id: String!) {
+  stopSensor(id: $id) { __typename }
+}
+"""
+LAUNCH_BACKFILL = """
+mutation Launch($backfillParams: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $backfillParams) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message stack }
+    ... on UnauthorizedError { message }
+    ... on InvalidStepError { invalidStepKey }
+    ... on InvalidOutputError { stepKey }
+    ... on PartitionSetNotFoundError { message }
+    ... on RunConflict { message }
+    ... on ConflictingExecutionParamsError { message }
+  }
+}
+"""
+
+
+def test_a_backfill_launched_like_the_ui_does_over_non_adjacent_partitions_completes_on_reprocessing(
+    stack: Stack,
+) -> None:
+    slug, ids = STATE["kb1"], STATE["kb1_ids"]
+    selector = {"repositoryLocationName": "lumikb_pipeline", "repositoryName": "__repository__",
+                "sensorName": "schema_version_sensor"}
+    sensor = stack.graphql(SENSOR_STATE, {"selector": selector})["sensorOrError"]
+    assert sensor["__typename"] == "Sensor", sensor
+    stopped = stack.graphql(STOP_SENSOR, {"id": sensor["id"]})
+    assert stopped["stopSensor"]["__typename"] == "StopSensorMutationResult", stopped
+    assert set_schema(slug, SCHEMA_V1) == 3  # every document outdated; the paused sensor starts nothing
+
+    instance = stack.instance()
+    order = [key for key in instance.get_dynamic_partitions("documents") if key in set(ids)]
+    chosen = order[::4][:50]
+    assert len(chosen) == 50
+    started = time.monotonic()
+    launched = stack.graphql(LAUNCH_BACKFILL, {"backfillParams": {
+        "partitionNames": chosen,
+        "assetSelection": [{"path": ["document_entities"]}],
+        "title": "test: 50 non-adjacent documents",
+    }})["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", launched
+    backfill_id = launched["backfillId"]
+
+    def done() -> bool:
+        backfill = instance.get_backfill(backfill_id)
+        return backfill is not None and backfill.status.value.startswith("COMPLETED")
+
+    wait_until(done, 600, 3, "the backfill to complete")
+    elapsed = time.monotonic() - started
+    assert instance.get_backfill(backfill_id).status.value == "COMPLETED_SUCCESS"
+    counts = ledger_counts(slug)
+    assert counts[(3, "succeeded")] == 50
+    rows = ledger_rows(ids, 3)
+    assert set(rows) == set(chosen) and all(row.status.value == "succeeded" for row in rows.values())
+    runs = _runs_of_backfill(instance, backfill_id)
+    _assert_on_queue(instance, [run.run_id for run in runs], "reprocessing")
+    assert set().union(*(materialized_in(instance, run.run_id) for run in runs)) == set(chosen)
+    _say(f"UI backfill over 50 non-adjacent partitions: {len(runs)} runs on reprocessing, {elapsed:.0f}s")
+    STATE.update(t7_seconds=elapsed, t7_runs=len(runs))
+
+
+# --------------------------------------------------------------------------- 3
+
+
+def test_a_new_document_is_extracted_within_60s_while_a_big_reextraction_fills_reprocessing(
+    stack: Stack, tmp_path: Path
+) -> None:
+    big = unique_slug("t3big")
+    create_kb(big)
+    big_ids = ingest_as_extracted(big, write_documents(tmp_path / "big", big.replace("-", ""), 500))
+    set_schema(big, SCHEMA_V2)  # the schema sensor is paused (previous test): the CLI starts the job
+    instance = stack.instance()
+    wait_until(lambda: set(big_ids) <= set(instance.get_dynamic_partitions("documents")), 120, 2, "partitions")
+    result = stack.lumikb("reextract", big, "--outdated")
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.strip().splitlines()[-1]
+    with session_scope(database_url()) as session:
+        job = session.get_one(Job, job_id)
+        assert job.total_documents == 500 and job.trigger == JobTrigger.CLI
+        backfill_id = job.dagster_backfill_id
+    assert backfill_id
+
+    def reprocessing_busy() -> bool:
+        runs = _runs_of_backfill(instance, backfill_id)
+        return sum(run.status == DagsterRunStatus.STARTED for run in runs) >= 2
+
+    wait_until(reprocessing_busy, 180, 1, "re-extraction runs to fill reprocessing")
+    small = unique_slug("t3new")
+    create_kb(small)
+    write_documents(tmp_path / "new", small.replace("-", ""), 1)
+    started = time.monotonic()
+    (new_id,) = ingest(small, tmp_path / "new")
+    wait_until(lambda: ledger_counts(small)[(1, "succeeded")] == 1, 60, 0.5, "the new document within 60 s")
+    latency = time.monotonic() - started
+    remaining = ledger_counts(big)[(2, "pending")] + ledger_counts(big)[(2, "running")]
+    _say(f"new document extracted in {latency:.1f}s while {remaining} of 500 re-extractions were still to do")
+    assert remaining > 0  # the re-extraction was still filling reprocessing
+    run = next(r for r in instance.get_runs(RunsFilter(job_name="document_processing_job"))
+               if r.tags.get("dagster/asset_partition_range_start") == new_id)
+    _assert_on_queue(instance, [run.run_id], "document_processing")
+    STATE.update(t3_latency=latency)
+    # Stop the rest of the re-extraction (as the UI's "cancel backfill" does) to free the stack.
+    stack.graphql("mutation C($id: String!) { cancelPartitionBackfill(backfillId: $id) { __typename } }",
+                  {"id": backfill_id})
+
+
+# --------------------------------------------------------------------------- 5
+
+
+def test_pool_limits_held_in_every_run(stack: Stack) -> None:
+    instance = stack.instance()
+    run_ids = [record.dagster_run.run_id for record in instance.get_run_records()]
+    extract = step_intervals(instance, run_ids, EXTRACT_STEP)
+    write = step_intervals(instance, run_ids, WRITE_STEP)
+    peaks = {"lumikb_llm": max_overlap(extract), "lumikb_graph_write": max_overlap(write)}
+    _say(f"pool peaks over {len(run_ids)} runs ({len(extract)} extract, {len(write)} write steps): {peaks}, "
+         f"limits {POOL_LIMITS}")
+    for pool, limit in POOL_LIMITS.items():
+        assert instance.event_log_storage.get_concurrency_info(pool).slot_count == limit
+        assert peaks[pool] <= limit
+    assert peaks["lumikb_llm"] >= 2  # there was contention, so the limit was really exercised
+
+
+# --------------------------------------------------------------------------- 6 (second half)
+
+
+def test_the_drift_check_ran_every_minute_without_a_daemon_restart(stack: Stack) -> None:
+    instance = stack.instance()
+    set_at: datetime = STATE["cron_set_at"]
+
+    def ticks() -> list[datetime]:
+        runs = instance.get_runs(RunsFilter(job_name="drift_check_job"))
+        return sorted(datetime.fromisoformat(run.tags["lumikb/drift_tick"]) for run in runs
+                      if "lumikb/drift_tick" in run.tags)
+
+    found = wait_until(lambda: len(ticks()) >= 2 and ticks(), 150, 5, "two drift-check ticks")
+    assert all(tick.second == 0 for tick in found)
+    assert all((b - a).total_seconds() % 60 == 0 and b > a for a, b in zip(found, found[1:], strict=False))
+    assert found[0] >= set_at.replace(second=0, microsecond=0)
+    if STATE.get("daemon_pid"):
+        assert stack.processes["daemon"].pid == STATE["daemon_pid"] and stack.processes["daemon"].poll() is None
+    runs = list(instance.get_runs(RunsFilter(job_name="drift_check_job")))
+    wait_until(lambda: any(instance.get_run_by_id(r.run_id).status == DagsterRunStatus.SUCCESS for r in runs), 120,
+               3, "a drift check run to succeed")
+    _say(f"drift check ticks after set-cron: {[t.strftime('%H:%M:%S') for t in found]}")
+    _say(f"summary: {STATE}")

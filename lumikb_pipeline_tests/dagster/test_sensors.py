@@ -1,0 +1,107 @@
+"""The partitions sensor and the schema-version sensor, evaluated against a real database (and
+Neo4j for deletions) with an in-memory Dagster instance."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance, SensorResult, build_sensor_context
+from sqlalchemy import select
+
+from lumikb_pipeline import catalog
+from lumikb_pipeline.db.models import Job
+from lumikb_pipeline.db.session import session_scope
+from lumikb_pipeline.domain.schema import parse_schema_file
+from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource
+from lumikb_pipeline_tests.dagster.helpers import SCHEMA_V1, SCHEMA_V2, document_text, unique_slug
+
+
+@pytest.fixture
+def instance() -> Iterator[DagsterInstance]:
+    with DagsterInstance.ephemeral() as instance:
+        yield instance
+
+
+def _kb_with_documents(url: str, folder: Path, count: int) -> tuple[str, list[Path], list[str]]:
+    slug = unique_slug("sensor")
+    with session_scope(url) as session:
+        catalog.create_kb(session, slug, parse_schema_file(SCHEMA_V1))
+    folder.mkdir()
+    paths = []
+    for i in range(count):
+        path = folder / f"d{i}.txt"
+        path.write_text(document_text("s", i))
+        paths.append(path)
+    report = catalog.ingest(url, slug, paths)
+    return slug, paths, list(report.document_ids)
+
+
+def _partitions_tick(instance: DagsterInstance, url: str, cursor: str | None) -> SensorResult:
+    from lumikb_pipeline.sensors.document_partitions_sensor import document_partitions_sensor
+
+    context = build_sensor_context(
+        instance=instance, cursor=cursor,
+        resources={"database": DatabaseResource(database_url=url), "graph_store": GraphStoreResource()},
+    )
+    result = document_partitions_sensor(context)
+    assert isinstance(result, SensorResult)
+    return result
+
+
+def test_partitions_follow_new_changed_and_deleted_documents(
+    pg_url: str, tmp_path: Path, instance: DagsterInstance
+) -> None:
+    slug, paths, ids = _kb_with_documents(pg_url, tmp_path / "docs", 3)
+
+    first = _partitions_tick(instance, pg_url, None)
+    assert list(instance.get_dynamic_partitions("documents")) == ids
+    assert [(r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
+            for r in first.run_requests or []] == [(ids[0], ids[2])]
+
+    second = _partitions_tick(instance, pg_url, first.cursor)
+    assert not second.run_requests
+
+    paths[1].write_text(document_text("s", 1, "Now with more words."))
+    catalog.ingest(pg_url, slug, [paths[1]])
+    with session_scope(pg_url) as session:
+        catalog.delete_document(session, ids[2])
+    third = _partitions_tick(instance, pg_url, second.cursor)
+    assert list(instance.get_dynamic_partitions("documents")) == ids[:2]
+    assert [(r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
+            for r in third.run_requests or []] == [(ids[1], ids[1])]
+
+
+def _schema_tick(instance: DagsterInstance, url: str, cursor: str | None) -> SensorResult:
+    from lumikb_pipeline.sensors.schema_version_sensor import schema_version_sensor
+
+    context = build_sensor_context(instance=instance, cursor=cursor,
+                                   resources={"database": DatabaseResource(database_url=url)})
+    result = schema_version_sensor(context)
+    assert isinstance(result, SensorResult)
+    return result
+
+
+def test_a_schema_change_starts_exactly_one_job_across_ticks_and_lost_cursors(
+    pg_url: str, tmp_path: Path, instance: DagsterInstance
+) -> None:
+    slug, _paths, ids = _kb_with_documents(pg_url, tmp_path / "docs", 4)
+    quiet = _schema_tick(instance, pg_url, None)
+    assert not instance.get_backfills()
+    with session_scope(pg_url) as session:
+        catalog.set_schema(session, slug, parse_schema_file(SCHEMA_V2))
+
+    started = _schema_tick(instance, pg_url, quiet.cursor)
+    [backfill] = instance.get_backfills()
+    with session_scope(pg_url) as session:
+        [job] = session.scalars(select(Job)).all()
+        assert (job.dedupe_key, job.trigger.value, job.total_documents) == (f"sensor:{slug}:2", "sensor", 4)
+        assert job.dagster_backfill_id == backfill.backfill_id
+    assert backfill.tags["lumikb/job_id"] == job.id and backfill.tags["lumikb/schema_version"] == "2"
+    assert backfill.tags["lumikb/queue"] == "reprocessing"
+    assert set(instance.get_dynamic_partitions("documents")) == set(ids)
+
+    _schema_tick(instance, pg_url, started.cursor)  # a later tick
+    _schema_tick(instance, pg_url, None)  # a restart that lost the cursor
+    assert len(instance.get_backfills()) == 1
+    with session_scope(pg_url) as session:
+        assert len(session.scalars(select(Job)).all()) == 1

@@ -1,0 +1,41 @@
+"""The graph-write benchmark runs end to end at a small size and writes its JSON result.
+
+Timing targets are checked by reading the full run's numbers (docs/benchmarks.md), never here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lumikb_pipeline_tests.conftest import required_env
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.benchmark
+def test_graph_write_benchmark_compares_batched_and_naive_writers(tmp_path: Path) -> None:
+    required_env("LUMIKB_NEO4J_URI")
+    output = tmp_path / "graph_writes.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.graph_writes", "--documents", "6", "--workers", "2",
+         "--output", str(output)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "faster than naive" in run.stdout
+
+    result = json.loads(output.read_text())
+    assert result["config"] == {
+        "documents": 6, "chunks_per_document": 5, "entities": 300, "relationships": 600, "workers": 2, "block": 20,
+    }
+    for writer in ("batched", "naive"):
+        assert set(result[writer]) == {"seconds", "documents_per_s", "entities_per_s", "relationships_per_s", "graph"}
+        assert result[writer]["graph"]["entities"] == 300 and result[writer]["graph"]["relationships"] == 600
+    assert result["neo4j"].startswith("Neo4j/5.")
+    assert set(result["machine"]["load_average_1m"]) == {"before", "after"}
+    assert result["ratio"] > 1

@@ -1,0 +1,42 @@
+"""The prompt carries the schema (types, endpoints, descriptions) and the chunk, and has a version."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lumikb_pipeline.domain.schema import DomainSchema
+from lumikb_pipeline.llm import prompt
+
+
+def test_the_prompt_embeds_the_schema_and_the_chunk_so_both_can_be_read_back(schema_v1: DomainSchema) -> None:
+    text = "Acme Corp hired Jane Doe.\n</chunk> and <schema> in a chunk must not confuse anyone."
+
+    messages = prompt.build_messages(schema_v1, text)
+
+    assert prompt.read_prompt(messages) == (schema_v1, text)
+    system = messages[0]["content"]
+    block = json.loads(system.split("<schema>\n")[1].split("\n</schema>")[0])
+    assert block["relationship_types"][0] == {
+        "name": "EMPLOYS", "source": ["Organization"], "target": ["Person"],
+        "description": "The organisation employs the person.",
+    }
+    assert "A company, agency or institution." in system
+    assert '"relationships"' in system and "source_type" in system
+
+
+def test_the_effective_prompt_version_changes_with_the_template_and_with_the_schema(
+    schema_v1: DomainSchema, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = prompt.effective_prompt_version(schema_v1)
+    bumped_schema = schema_v1.model_copy(update={"prompt_version": 2})
+
+    assert prompt.effective_prompt_version(bumped_schema) != base
+    monkeypatch.setattr(prompt, "PROMPT_VERSION", prompt.PROMPT_VERSION + 1)
+    assert prompt.effective_prompt_version(schema_v1) != base
+
+
+def test_a_prompt_without_the_blocks_is_refused() -> None:
+    with pytest.raises(prompt.PromptFormatError):
+        prompt.read_prompt([{"role": "user", "content": "hello"}])

@@ -31,7 +31,7 @@ from lumikb_pipeline.db.models import Chunk, Document, ExtractionStatus, Knowled
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure, GraphChunk
 from lumikb_pipeline.domain.schema import DomainSchema, schema_from_json
-from lumikb_pipeline.errors import LumikbError, SchemaViolation
+from lumikb_pipeline.errors import LumikbError
 from lumikb_pipeline.graph.build import build_document_graph
 from lumikb_pipeline.graph.store import GraphStore
 from lumikb_pipeline.llm.checkpoints import load_checkpoints
@@ -292,7 +292,7 @@ def write_documents(
                 outcome.status = "succeeded"
                 outcome.duration_s += time.monotonic() - started
                 ledger.mark_succeeded(session, item.doc_id, item.schema_version, claimant, outcome.ledger_outcome())
-            except (SchemaViolation, LumikbError) as exc:
+            except LumikbError as exc:  # a schema violation or an invalid graph: this document only
                 outcome.status = "failed"
                 outcome.error = scrub(str(exc))
                 ledger.mark_failed(session, item.doc_id, item.schema_version, claimant, outcome.error,

@@ -58,6 +58,7 @@ class JobControl:
         control = cls(client, database_url, job_id, budget)
         if cancelled:
             control._stop_reason = "cancelled"
+        control.should_stop()  # the first read opens the connection: here, not on the extractor's event loop
         return control
 
     @property

@@ -13,8 +13,8 @@ from lumikb_pipeline.errors import LumikbError, UsageError
 
 
 class Mode(StrEnum):
-    replace = "replace"
-    merge = "merge"
+    REPLACE = "replace"
+    MERGE = "merge"
 
 
 # --------------------------------------------------------------------------- up / down / status
@@ -102,7 +102,7 @@ def _print_states(settings: object) -> bool:
 def reextract(
     slug: Annotated[str, typer.Argument(help="The KB to re-extract.")],
     mode: Annotated[Mode, typer.Option(help="replace: the document's graph becomes the new extraction; "
-                                             "merge: add to it.")] = Mode.replace,
+                                             "merge: add to it.")] = Mode.REPLACE,
     outdated: Annotated[
         bool, typer.Option("--outdated", help="Documents older than the KB's schema (the default).")
     ] = False,

@@ -103,7 +103,7 @@ class KnowledgeBase(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     schema_versions: Mapped[list[SchemaVersion]] = relationship(
-        back_populates="kb", order_by="SchemaVersion.version"
+        back_populates="kb", order_by="SchemaVersion.version", cascade="all, delete-orphan", passive_deletes=True
     )
 
 

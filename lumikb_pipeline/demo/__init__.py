@@ -140,6 +140,7 @@ def run_demo(settings: Settings, console: Console) -> DemoSummary:
             schema_version=job.target_schema_version, batch_size=6, on_batch=lambda _run: live.update(show()),
         )
         live.update(show())
+    console.print()
 
     console.rule("5. the same job again: every chunk comes from its checkpoint")
     calls_v2, cached_v2 = _ledger_totals(settings, kb_id, version)
@@ -176,13 +177,12 @@ def print_summary(summary: DemoSummary, settings: Settings, console: Console) ->
     table.add_row("checkpoints reused", str(summary.checkpoints_reused))
     table.add_row("time", f"{summary.seconds:.1f} s")
     console.print(table)
-    home = settings.home_dir
-    console.print(
-        "where to look next:\n"
-        f"  lumikb progress {summary.job_id}          the re-extraction job's progress\n"
-        f"  lumikb drift                      outdated documents per KB\n"
-        f"  DAGSTER_HOME={settings.effective_dagster_home} dagster dev -w workspace.yaml\n"
-        f"                                    the runs, partitions and asset checks in the Dagster UI\n"
-        f"  (state lives in {home}; set LUMIKB_HOME to keep it elsewhere)",
-        highlight=False,
+    hints = Table.grid(padding=(0, 2))
+    hints.add_row(f"lumikb progress {summary.job_id}", "the re-extraction job's progress")
+    hints.add_row("lumikb drift", "outdated documents per KB")
+    hints.add_row(
+        f"DAGSTER_HOME={settings.effective_dagster_home} dagster dev -w workspace.yaml",
+        "the runs, partitions and asset checks in the Dagster UI",
     )
+    console.print("where to look next (state lives in LUMIKB_HOME: " f"{settings.home_dir}):", highlight=False)
+    console.print(hints, highlight=False)

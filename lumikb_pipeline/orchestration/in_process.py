@@ -84,5 +84,9 @@ def run_documents_in_process(
 
 def _run_batch(instance: DagsterInstance, batch: PartitionBatch, tags: dict[str, Any]) -> InProcessRun:
     run_tags = {**tags, ASSET_PARTITION_RANGE_START_TAG: batch.first, ASSET_PARTITION_RANGE_END_TAG: batch.last}
-    with execute_job(reconstructable(in_process_job), instance, tags=run_tags, raise_on_error=False) as result:
+    # The runs' events are all in the instance (and the UI); only warnings need to reach the console.
+    run_config = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    with execute_job(
+        reconstructable(in_process_job), instance, run_config=run_config, tags=run_tags, raise_on_error=False
+    ) as result:
         return InProcessRun(result.run_id, batch.keys, result.success)

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from lumikb_pipeline import redis_client
 from lumikb_pipeline.catalog import get_kb
 from lumikb_pipeline.config import Settings
 from lumikb_pipeline.db import ledger
@@ -35,6 +36,7 @@ from lumikb_pipeline.orchestration.names import (
     TAG_TRIGGER,
 )
 from lumikb_pipeline.orchestration.tags import reextraction_tags
+from lumikb_pipeline.progress.tracker import ProgressTracker
 
 if TYPE_CHECKING:
     from dagster import DagsterInstance
@@ -104,6 +106,7 @@ def start_reextraction(
     *,
     dedupe_key: str | None = None,
     instance: DagsterInstance | None = None,
+    launch: bool = True,
 ) -> Job:
     """Start a re-extraction job of `kb_slug`'s selected documents on the `reprocessing` queue.
 
@@ -111,7 +114,8 @@ def start_reextraction(
     every document has its partition, and launches one Dagster backfill over exactly those
     partitions, tagged `lumikb/job_id`, `lumikb/mode`, `lumikb/schema_version`. With `dedupe_key`
     (unique), a second call with the same key returns the first job and launches nothing.
-    A selection with no documents gives a job that is `succeeded` at once.
+    A selection with no documents gives a job that is `succeeded` at once. `launch=False` records
+    the job without launching anything (the demo runs its documents in-process).
     """
     if mode not in (JobMode.REPLACE.value, JobMode.MERGE.value):
         raise UsageError(f"mode {mode!r} is not one of replace, merge")
@@ -140,14 +144,28 @@ def start_reextraction(
             if existing is None:
                 raise
             return existing
-        ledger.ensure_records(session, kb.id, doc_ids, kb.current_schema_version, job.id)
+        # Only `--outdated` leaves documents already done at this version alone: `--all` and `--doc` ask
+        # for a fresh extraction (served from checkpoints where the chunks are unchanged).
+        ledger.ensure_records(
+            session, kb.id, doc_ids, kb.current_schema_version, job.id, redo_succeeded=selection.kind != "outdated"
+        )
         if not doc_ids:
             job.status, job.started_at, job.finished_at = JobStatus.SUCCEEDED, now, now
         session.flush()
         session.expunge(job)
-    if doc_ids:
+    ProgressTracker(redis_client.connect(settings)).start(job.id, len(doc_ids), job.created_at.timestamp())
+    if doc_ids and launch:
         launch_job(settings, job, doc_ids, kb_slug=kb_slug, instance=instance)
+    elif doc_ids:
+        _mark_running(settings, job)
     return job
+
+
+def _mark_running(settings: Settings, job: Job) -> None:
+    with session_scope(settings.effective_database_url) as session:
+        row = session.get_one(Job, job.id)
+        row.status, row.started_at, row.updated_at = JobStatus.RUNNING, utcnow(), utcnow()
+    job.status = JobStatus.RUNNING
 
 
 def _job_tags(job: Job, kb_slug: str) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""`lumikb progress` and `lumikb drift`."""
+"""`lumikb progress`, `lumikb cancel` and `lumikb drift`."""
 
 from __future__ import annotations
 
@@ -79,6 +79,27 @@ def progress(
             live.update(render_progress(current))
             if as_json:
                 typer.echo(json.dumps(current.contract_json()))
+
+
+@app.command("cancel")
+@handle_errors
+def cancel(
+    job_id: Annotated[str, typer.Argument(help="The job id that `lumikb reextract` printed.", metavar="JOB")],
+) -> None:
+    """Stop a job: no new LLM call after this returns; a document in flight is written whole or keeps
+    its previous graph and is marked cancelled."""
+    from lumikb_pipeline.cancellation import cancel_job
+
+    report = cancel_job(ready_settings(), job_id)
+    if report.already_finished:
+        console.print(f"job {job_id} had already ended: {report.status}", highlight=False)
+        return
+    console.print(
+        f"job {job_id}: cancel requested; {report.documents_cancelled} document(s) not started were cancelled, "
+        f"{report.runs_cancelled} queued run(s) cancelled{', backfill stopped' if report.backfill_cancelled else ''}; "
+        f"runs in flight stop at their next LLM call. Status: {report.status}",
+        highlight=False,
+    )
 
 
 @app.command("drift")

@@ -227,6 +227,17 @@ def mark_cancelled(session: Session, doc_id: str, schema_version: int, worker: s
     return _finish(session, doc_id, schema_version, worker, ExtractionStatus.CANCELLED, last_error=reason)
 
 
+def pending_document_ids(session: Session, job_id: str) -> list[str]:
+    """The documents of a job that no worker has started."""
+    return list(
+        session.scalars(
+            select(ExtractionRecord.document_id).where(
+                ExtractionRecord.job_id == job_id, ExtractionRecord.status == ExtractionStatus.PENDING
+            )
+        )
+    )
+
+
 def cancel_pending(session: Session, job_id: str, reason: str = "job cancelled") -> int:
     """Mark every not-yet-started row of a job `cancelled`; returns how many."""
     now = utcnow()

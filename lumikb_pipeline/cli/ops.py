@@ -1,8 +1,11 @@
 """`lumikb up|down|status`, `lumikb reextract` and `lumikb schedule …`: running the pipeline."""
 
+from __future__ import annotations
+
+import json
 import time
 from enum import StrEnum
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -10,6 +13,10 @@ from rich.table import Table
 from lumikb_pipeline.cli.app import app, console, err_console, handle_errors, schedule_app
 from lumikb_pipeline.cli.catalog import ready_settings
 from lumikb_pipeline.errors import LumikbError, UsageError
+
+if TYPE_CHECKING:
+    from lumikb_pipeline.config import Settings
+    from lumikb_pipeline.orchestration.jobs import Selection
 
 
 class Mode(StrEnum):
@@ -112,6 +119,7 @@ def reextract(
                                                                      "many USD.", metavar="USD")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be re-extracted; start nothing.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Wait until the job ends; exit 1 unless it succeeded.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: print the estimate as JSON.")] = False,
 ) -> None:
     """Start a re-extraction job on the `reprocessing` queue and print its id."""
     from lumikb_pipeline.orchestration.jobs import Selection, start_reextraction
@@ -124,7 +132,7 @@ def reextract(
     selection = Selection.of_ids(doc or []) if doc else Selection.all() if all_ else Selection.outdated()
     settings = ready_settings()
     if dry_run:
-        _dry_run(settings, slug, selection)
+        _dry_run(settings, slug, selection, as_json)
         return
     job = start_reextraction(settings, slug, selection, mode=mode.value, trigger="cli", max_cost=max_cost)
     err_console.print(
@@ -137,23 +145,31 @@ def reextract(
         _wait(settings, job.id)
 
 
-def _dry_run(settings: object, slug: str, selection: object) -> None:
-    from sqlalchemy import func, select
-
-    from lumikb_pipeline.catalog import get_kb
-    from lumikb_pipeline.config import Settings
-    from lumikb_pipeline.db.models import Chunk
+def _dry_run(settings: Settings, slug: str, selection: Selection, as_json: bool) -> None:
+    """Print what the job would do: documents, chunks, calls still needed, tokens and cost."""
+    from lumikb_pipeline.catalog import current_schema, get_kb
     from lumikb_pipeline.db.session import session_scope
-    from lumikb_pipeline.orchestration.jobs import Selection, select_documents
+    from lumikb_pipeline.estimate import estimate_reextraction
+    from lumikb_pipeline.orchestration.jobs import select_documents
 
-    assert isinstance(settings, Settings) and isinstance(selection, Selection)
     with session_scope(settings.effective_database_url) as session:
         kb = get_kb(session, slug)
         doc_ids = select_documents(session, kb, selection)
-        chunks = session.scalar(select(func.count()).select_from(Chunk).where(Chunk.document_id.in_(doc_ids))) or 0
+        estimate = estimate_reextraction(
+            session, kb, current_schema(session, kb), kb.current_schema_version, settings.llm_model, doc_ids
+        )
+    if as_json:
+        typer.echo(json.dumps(estimate.to_json()))
+        return
+    cost = "unknown (LiteLLM has no price for this model)" if estimate.estimated_cost_usd is None \
+        else f"${estimate.estimated_cost_usd:.4f}"
     console.print(
-        f"dry run: {len(doc_ids)} document(s), {chunks} chunk(s) of {slug} would be re-extracted to schema version "
-        f"{kb.current_schema_version}; nothing was started", highlight=False,
+        f"dry run, nothing was started: {estimate.documents} document(s) of {slug}, {estimate.chunks} chunk(s) "
+        f"({estimate.cached_chunks} already checkpointed) to schema version {estimate.schema_version} with "
+        f"{estimate.model}\n  LLM calls still needed: {estimate.llm_calls}\n"
+        f"  estimated tokens: {estimate.estimated_prompt_tokens} in, {estimate.estimated_completion_tokens} out\n"
+        f"  estimated cost: {cost}",
+        highlight=False,
     )
 
 

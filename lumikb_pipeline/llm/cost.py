@@ -12,11 +12,21 @@ from typing import Any
 
 import litellm
 
+from lumikb_pipeline.llm.offline import register_offline_model
+
 log = logging.getLogger(__name__)
+
+
+def _ready() -> None:
+    # The offline model's (zero) price exists once it is registered; and LiteLLM's "Provider List"
+    # banner on an unknown model belongs on no user's terminal.
+    register_offline_model()
+    litellm.suppress_debug_info = True
 
 
 def is_priced(model: str) -> bool:
     """True when LiteLLM knows prices for `model` (the offline model counts: its price is zero)."""
+    _ready()
     try:
         litellm.cost_per_token(model=model, prompt_tokens=1, completion_tokens=1)
     except Exception:  # LiteLLM raises several types for "unknown model"
@@ -26,6 +36,7 @@ def is_priced(model: str) -> bool:
 
 def estimate_cost(model: str, prompt_tokens: int, completion_tokens: int) -> float:
     """The price in USD of `prompt_tokens` in and `completion_tokens` out on `model` (0.0 if unpriced)."""
+    _ready()
     try:
         prompt_cost, completion_cost = litellm.cost_per_token(
             model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens

@@ -72,7 +72,7 @@ def _markdown(report: Sequence[KbDrift], threshold: int) -> str:
         "notifies above LUMIKB_DRIFT_THRESHOLD."
     ),
 )
-def kb_schema_drift(context: AssetExecutionContext, database: DatabaseResource) -> MaterializeResult:  # type: ignore[type-arg]
+def kb_schema_drift(context: AssetExecutionContext, database: DatabaseResource) -> MaterializeResult:
     settings = database.app_settings()
     with database.session() as session:
         report = drift_report(session)

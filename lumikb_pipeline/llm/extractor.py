@@ -46,7 +46,7 @@ from lumikb_pipeline.config import RateLimit, Settings, parse_model_rate_limits
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure
 from lumikb_pipeline.domain.schema import DomainSchema
-from lumikb_pipeline.llm import checkpoints
+from lumikb_pipeline.llm import checkpoints, send_gate
 from lumikb_pipeline.llm.cost import response_cost
 from lumikb_pipeline.llm.offline import OFFLINE_MODEL, register_offline_model
 from lumikb_pipeline.llm.parse import ParsedAnswer, UnusableAnswer, answer_format, parse_answer
@@ -276,6 +276,8 @@ class ChunkExtractor:
         self._api_key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
         self._secrets = (self._api_key,) if self._api_key else ()
         self._slow_stop_warned = False
+        # Rate slots given up because a call could not leave on time (see rate_limit); for diagnosis.
+        self.missed_slots = 0
         litellm.suppress_debug_info = True  # its "Give Feedback" banner on every error is noise in job logs
         register_offline_model()
         _protect_logs(self._api_key)
@@ -290,6 +292,8 @@ class ChunkExtractor:
         meanwhile, in this process or in others on the same machine, would leave late and together.
         """
         _run_in_loop_thread(_warm_up(self.model))
+        if _uses_openai_sdk(self.model):
+            send_gate.warm_up_sender()
         _format_kwargs(self.model, None)
         self._lookup(checkpoints.CheckpointKey(0, 0, 0, self.model), ["0" * 64])
 
@@ -448,6 +452,7 @@ class ChunkExtractor:
         finally:
             for task in tasks:
                 task.cancel()
+            self.missed_slots += limiter.missed_slots
             await limiter.close()
             await run.close()
             if client is not self._redis:
@@ -525,9 +530,9 @@ class _Run:
         self.stopped = False
         self.format_kwargs = _format_kwargs(extractor.model, schema)
         self.openai_client = _gated_openai_client(extractor) if _uses_openai_sdk(extractor.model) else None
-        # How early a call enters LiteLLM before its slot: enough for its preparation (5-15 ms, more
-        # on a busy machine), never more than half an interval.
-        self.gate_lead_s = min(0.05, limiter.interval_s / 2)
+        # How early a call enters LiteLLM before its slot: enough for its preparation (5-15 ms, far
+        # more while the event loop is busy with other answers); the sender thread holds it until then.
+        self.gate_lead_s = 0.1
 
     async def close(self) -> None:
         """Close the HTTP client of this run's calls."""
@@ -683,14 +688,14 @@ def _uses_openai_sdk(model: str) -> bool:
 def _gated_openai_client(extractor: ChunkExtractor) -> AsyncOpenAI:
     """An OpenAI SDK client whose requests wait for their rate slot at the last moment (`send_gate`)."""
     settings = extractor.settings
-    limits = httpx2.Limits(max_connections=extractor.concurrency + 8, max_keepalive_connections=extractor.concurrency)
+    transport = GatedTransport(max_connections=extractor.concurrency + 8,
+                               max_keepalive_connections=extractor.concurrency)
     return AsyncOpenAI(
         api_key=extractor._api_key or "none",  # the SDK insists on a key; keyless local servers ignore it
         base_url=settings.llm_api_base or None,
         timeout=settings.llm_timeout_s,
         max_retries=0,  # retries are ours, through the limiter
-        http_client=httpx2.AsyncClient(transport=GatedTransport(httpx2.AsyncHTTPTransport(limits=limits)),
-                                       timeout=settings.llm_timeout_s),
+        http_client=httpx2.AsyncClient(transport=transport, timeout=settings.llm_timeout_s),
     )
 
 

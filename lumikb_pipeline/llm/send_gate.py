@@ -1,21 +1,32 @@
-"""Holding an HTTP request back until its rate slot, *after* LiteLLM has prepared it.
+"""Sending each HTTP request at its rate slot, after LiteLLM has prepared it, from an idle thread.
 
-Between "the caller's rate slot has come" and "the request leaves the process" LiteLLM, the OpenAI
-SDK and httpx spend 5-15 ms of CPU, more when the machine is busy. That time varies from call to
-call, and the variation is what could put rate+1 calls into one second at the provider. So for
-providers reached through the OpenAI SDK, the extractor enters the call a little before its slot
-(`RateLimiter.slot(lead_s=...)`) with a `SendGate` in a context variable, and gives LiteLLM an
-OpenAI client whose httpx transport (`GatedTransport`) waits for the slot at the last moment, right
-before the bytes are written. A request that reaches the gate too late is not sent at all
-(`SlotMissed`); the caller reserves another slot.
+Between "the rate slot has come" and "the request leaves the process" LiteLLM, the OpenAI SDK and
+httpx spend 5-15 ms of CPU, and the event loop that runs the calls is also busy with other calls'
+answers (LiteLLM spends 10-20 ms on each). That time varies from call to call, and the variation
+is what could put rate+1 calls into one second at the provider. So for providers reached through
+the OpenAI SDK:
 
-Both pieces are public APIs: LiteLLM's `client=` parameter and httpx's custom transports.
+1. the extractor enters the call `lead_s` before its slot (`RateLimiter.slot(lead_s=...)`), with a
+   `SendGate` (the slot's time) in a context variable, and gives LiteLLM an OpenAI client whose
+   transport is a `GatedTransport`;
+2. when the prepared request reaches the transport, it is handed to the process's *sender
+   thread*, an event loop that does nothing else: it sleeps until the slot, checks it is not late,
+   and sends. Its wake-ups are not delayed by the busy loop (only by the GIL, at most one switch
+   interval, 5 ms);
+3. a request that reaches the sender after its slot (plus tolerance) is not sent (`SlotMissed`);
+   the caller reserves another slot.
+
+The answer is read completely in the sender thread and handed back as a new response (calls are
+never streamed). Both hooks are public APIs: LiteLLM's `client=` parameter and httpx transports.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import os
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 # The OpenAI SDK that LiteLLM drives is built on httpx2 (the successor of httpx, same API); its
@@ -25,7 +36,7 @@ import httpx2 as httpx
 
 @dataclass
 class SendGate:
-    """One call's slot: `due` on the event loop's clock, and whether the request went out."""
+    """One call's slot: `due` on `time.monotonic()` (the clock of every asyncio loop here)."""
 
     due: float
     tolerance_s: float
@@ -37,30 +48,109 @@ current_gate: contextvars.ContextVar[SendGate | None] = contextvars.ContextVar("
 
 
 class SlotMissed(httpx.TransportError):
-    """The request reached its gate after the slot (plus tolerance); it was not sent."""
+    """The request reached its slot too late (or was a second request for one slot); not sent."""
+
+
+class _Sender:
+    """The process's sender thread: an event loop with one HTTP transport per connection limit."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.transports: dict[tuple[int, int], httpx.AsyncHTTPTransport] = {}
+        self.lock = threading.Lock()
+        threading.Thread(target=self.loop.run_forever, name="lumikb-llm-sender", daemon=True).start()
+
+    def transport(self, limits: tuple[int, int]) -> httpx.AsyncHTTPTransport:
+        """The transport for these connection limits, made now if needed (it builds an SSL context:
+        tens of ms of CPU, which must not happen between a slot and its request)."""
+        with self.lock:
+            transport = self.transports.get(limits)
+            if transport is None:
+                transport = self.transports[limits] = httpx.AsyncHTTPTransport(
+                    limits=httpx.Limits(max_connections=limits[0], max_keepalive_connections=limits[1])
+                )
+            return transport
+
+    async def send(self, request: httpx.Request, gate: SendGate | None,
+                   limits: tuple[int, int]) -> httpx.Response | None:
+        """Send `request` at its gate's slot; None when the slot has passed. Runs in the sender loop."""
+        if gate is not None:
+            await asyncio.sleep(max(0.0, gate.due - self.loop.time()))
+            if self.loop.time() - gate.due > gate.tolerance_s:
+                return None
+            gate.sent = True  # from here on the request counts as a call, whatever happens to it
+        response = await self.transport(limits).handle_async_request(request)
+        try:
+            content = await response.aread()
+        finally:
+            await response.aclose()
+        return httpx.Response(response.status_code, headers=response.headers, content=content,
+                              extensions={k: v for k, v in response.extensions.items() if k == "http_version"})
+
+
+_sender_lock = threading.Lock()
+_sender: tuple[int, _Sender] | None = None
+
+
+def _process_sender() -> _Sender:
+    global _sender
+    with _sender_lock:
+        # A forked child inherits the variable but not the thread.
+        if _sender is None or _sender[0] != os.getpid():
+            _sender = (os.getpid(), _Sender())
+        return _sender[1]
 
 
 class GatedTransport(httpx.AsyncBaseTransport):
-    """An httpx transport that waits for the current `SendGate`'s slot before sending."""
+    """An httpx transport that sends each request from the sender thread at its `SendGate`'s slot."""
 
-    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
-        self.inner = inner
+    def __init__(self, max_connections: int, max_keepalive_connections: int) -> None:
+        self.limits = (max_connections, max_keepalive_connections)
+        _process_sender().transport(self.limits)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        """Wait until the gate's slot, refuse if it has passed, then send through `inner`."""
+        """Hand the request to the sender thread and wait for its answer."""
         gate = current_gate.get()
-        if gate is not None:
-            if gate.sent:
-                # A second request in the same call (a redirect, say) would be a second call.
-                raise SlotMissed("one rate slot allows one request")
-            loop = asyncio.get_running_loop()
-            await asyncio.sleep(max(0.0, gate.due - loop.time()))
-            if loop.time() - gate.due > gate.tolerance_s:
-                gate.missed = True
-                raise SlotMissed("the request reached its rate slot too late and was not sent")
-            gate.sent = True
-        return await self.inner.handle_async_request(request)
+        if gate is not None and gate.sent:
+            # A second request in the same call (a redirect, say) would be a second call in one slot.
+            raise SlotMissed("one rate slot allows one request")
+        await request.aread()  # the body must be bytes before it crosses to the other loop
+        sender = _process_sender()
+        future: Future[httpx.Response | None] = asyncio.run_coroutine_threadsafe(
+            sender.send(request, gate, self.limits), sender.loop
+        )
+        response = await asyncio.wrap_future(future)
+        if response is None:
+            assert gate is not None
+            gate.missed = True
+            raise SlotMissed("the request reached its rate slot too late and was not sent")
+        response.request = request
+        return response
 
-    async def aclose(self) -> None:
-        """Close the wrapped transport."""
-        await self.inner.aclose()
+
+async def _answer_no_content(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    writer.close()
+
+
+async def _warm_up_sender() -> None:
+    server = await asyncio.start_server(_answer_no_content, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(retries=0)) as client:
+            await client.post(f"http://127.0.0.1:{port}/warm-up", content=b"{}")
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def warm_up_sender() -> None:
+    """Send one request to a throwaway server on this machine from the sender thread.
+
+    The first request of a process runs code paths for the first time (the HTTP stack's lazy
+    set-up): done during a real call, that delays the call past its slot.
+    """
+    sender = _process_sender()
+    asyncio.run_coroutine_threadsafe(_warm_up_sender(), sender.loop).result(timeout=30)

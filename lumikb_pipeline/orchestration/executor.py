@@ -13,8 +13,8 @@ Redis), resolved when a run starts, so the definitions load without touching Red
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, cast
 
 from dagster import Executor, ExecutorDefinition, InitExecutorContext, executor, multiple_process_executor_requirements
 from dagster._core.execution.plan.plan import ExecutionPlan
@@ -33,7 +33,7 @@ class _PlanWithDependencyConfig(ExecutionPlan):
 
     _dependency_config: StepDependencyConfig = RUN_WHEN_INPUTS_EXIST
 
-    def start(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def start(self, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("step_dependency_config", RUN_WHEN_INPUTS_EXIST)
         return super().start(*args, **kwargs)
 
@@ -70,7 +70,7 @@ def lumikb_celery_executor(init_context: InitExecutorContext) -> Executor:
         backend=config.get("backend") if config.get("backend") not in (None, "rpc://") else url,
         config_source=config.get("config_source"),
         include=config.get("include"),
-        retries=RetryMode.from_config(config["retries"]),
+        retries=RetryMode.from_config(cast(Mapping[str, Mapping[Any, Any]], config["retries"])),
     )
 
 

@@ -8,13 +8,16 @@ into `DAGSTER_HOME` when none is there.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from lumikb_pipeline.config import Settings
 from lumikb_pipeline.orchestration.names import POOL_GRAPH_WRITE, POOL_LLM, TAG_BACKFILL
 from lumikb_pipeline.orchestration.settings import OrchestrationSettings
+
+if TYPE_CHECKING:
+    from dagster import DagsterInstance
 
 INSTANCE_FILE = "dagster.yaml"
 
@@ -94,7 +97,7 @@ def ensure_instance_config(settings: Settings, orchestration: OrchestrationSetti
     return home
 
 
-def open_instance(settings: Settings, orchestration: OrchestrationSettings | None = None):  # type: ignore[no-untyped-def]
+def open_instance(settings: Settings, orchestration: OrchestrationSettings | None = None) -> DagsterInstance:
     """The Dagster instance of this installation (its `dagster.yaml` written first if missing)."""
     from dagster import DagsterInstance
 

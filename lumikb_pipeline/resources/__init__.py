@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from lumikb_pipeline.llm.extractor import ChunkExtractor
 
 
-class DatabaseResource(ConfigurableResource):  # type: ignore[type-arg]
+class DatabaseResource(ConfigurableResource):
     """The app database (KBs, documents, ledger, jobs, run-time settings)."""
 
     database_url: str | None = None
@@ -45,7 +45,7 @@ class DatabaseResource(ConfigurableResource):  # type: ignore[type-arg]
             yield session
 
 
-class GraphStoreResource(ConfigurableResource):  # type: ignore[type-arg]
+class GraphStoreResource(ConfigurableResource):
     """The entity graph (Neo4j when `LUMIKB_NEO4J_URI` is set, else the embedded store)."""
 
     neo4j_uri: str | None = None
@@ -65,7 +65,7 @@ class GraphStoreResource(ConfigurableResource):  # type: ignore[type-arg]
             store.close()
 
 
-class LLMResource(ConfigurableResource):  # type: ignore[type-arg]
+class LLMResource(ConfigurableResource):
     """The chunk extractor: the configured model (`LUMIKB_LLM_MODEL`), the global rate limit and the
     chunk checkpoints. The model is deliberately not overridable here: the write stage finds the
     checkpoints by the configured model."""
@@ -77,7 +77,7 @@ class LLMResource(ConfigurableResource):  # type: ignore[type-arg]
         return ChunkExtractor(settings or get_settings())
 
 
-class RedisResource(ConfigurableResource):  # type: ignore[type-arg]
+class RedisResource(ConfigurableResource):
     """The pipeline's Redis (progress, rate limiting, cancel flags)."""
 
     redis_url: str | None = None

@@ -73,7 +73,7 @@ def test_schedule_is_stored_in_app_settings(sqlite_url: str) -> None:
 
 def _tick(sqlite_url: str, cursor: str | None) -> SensorResult:
     from lumikb_pipeline.resources import DatabaseResource
-    from lumikb_pipeline.sensors.drift_check_sensor import drift_check_sensor
+    from lumikb_pipeline.sensors.drift_check import drift_check_sensor
 
     with DagsterInstance.ephemeral() as instance:
         context = build_sensor_context(instance=instance, cursor=cursor,

@@ -49,7 +49,7 @@ def env(pg_url: str, redis_url: str, fake_llm: str, tmp_path: Path, monkeypatch:
     monkeypatch.setenv("LUMIKB_LLM_API_BASE", f"{fake_llm}/v1")
     monkeypatch.setenv("LUMIKB_LLM_API_KEY", "sk-test")
     monkeypatch.setenv("LUMIKB_LLM_MAX_ATTEMPTS", "2")
-    monkeypatch.setenv("LUMIKB_LLM_RATE_LIMIT", "100/s")
+    monkeypatch.setenv("LUMIKB_LLM_RATE_LIMIT", "25/s")
     get_settings.cache_clear()
     yield tmp_path
     get_settings.cache_clear()

@@ -37,7 +37,7 @@ def _kb_with_documents(url: str, folder: Path, count: int) -> tuple[str, list[Pa
 
 
 def _partitions_tick(instance: DagsterInstance, url: str, cursor: str | None) -> SensorResult:
-    from lumikb_pipeline.sensors.document_partitions_sensor import document_partitions_sensor
+    from lumikb_pipeline.sensors.document_partitions import document_partitions_sensor
 
     context = build_sensor_context(
         instance=instance, cursor=cursor,
@@ -72,7 +72,7 @@ def test_partitions_follow_new_changed_and_deleted_documents(
 
 
 def _schema_tick(instance: DagsterInstance, url: str, cursor: str | None) -> SensorResult:
-    from lumikb_pipeline.sensors.schema_version_sensor import schema_version_sensor
+    from lumikb_pipeline.sensors.schema_version import schema_version_sensor
 
     context = build_sensor_context(instance=instance, cursor=cursor,
                                    resources={"database": DatabaseResource(database_url=url)})

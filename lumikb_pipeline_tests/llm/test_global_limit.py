@@ -56,6 +56,7 @@ def _extract_in_process(
         "cancelled": sum(f.reason == "cancelled" for f in failures),
         "failed": [f.reason for f in failures if f.reason != "cancelled"],
         "llm_calls": sum(r.llm_calls for r in results),
+        "missed_slots": extractor.missed_slots,
     })
 
 

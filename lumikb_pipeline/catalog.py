@@ -65,7 +65,9 @@ def create_kb(session: Session, slug: str, schema: DomainSchema, name: str | Non
     kb = KnowledgeBase(slug=slug, name=name or slug, current_schema_version=1)
     session.add(kb)
     session.flush()
-    session.add(SchemaVersion(kb_id=kb.id, version=1, definition=schema.to_json(), prompt_version=schema.prompt_version))
+    session.add(
+        SchemaVersion(kb_id=kb.id, version=1, definition=schema.to_json(), prompt_version=schema.prompt_version)
+    )
     session.flush()
     return kb
 
@@ -122,7 +124,8 @@ def read_document_text(path: Path) -> str:
     if size == 0:
         raise UsageError("is empty; add text to it or leave it out")
     if size > MAX_FILE_BYTES:
-        raise UsageError(f"is {size // (1024 * 1024)} MiB, above the {MAX_FILE_BYTES // (1024 * 1024)} MiB limit; split it")
+        mib = 1024 * 1024
+        raise UsageError(f"is {size // mib} MiB, above the {MAX_FILE_BYTES // mib} MiB limit; split it")
     data = path.read_bytes()
     if b"\x00" in data[:8192]:
         raise UsageError("is a binary file; ingest only text or Markdown files")

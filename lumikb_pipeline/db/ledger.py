@@ -109,26 +109,24 @@ def claim(
     worker: str,
     job_id: str | None = None,
     lease: timedelta = DEFAULT_LEASE,
-    reclaim_succeeded: bool = False,
 ) -> bool:
     """Atomically mark one document `running` for this worker; False when someone else holds it
-    (or it already succeeded at this revision and `reclaim_succeeded` is False)."""
+    (or it already succeeded at this revision)."""
     now = utcnow()
     revision = session.scalar(select(Document.revision).where(Document.id == doc_id))
     if revision is None:
         return False
-    condition = _claimable()
-    if reclaim_succeeded:
-        condition = or_(condition, ExtractionRecord.status == ExtractionStatus.SUCCEEDED)
-    else:
-        # A succeeded row of an older revision (the document changed since) is claimable again.
-        condition = or_(
-            condition,
-            and_(
-                ExtractionRecord.status == ExtractionStatus.SUCCEEDED,
-                ExtractionRecord.document_revision < revision,
-            ),
-        )
+    # The same claimant may take its own running row again: a retried run (same claimant) after a
+    # worker died mid-document must not wait for the lease to expire.
+    condition = or_(
+        _claimable(),
+        and_(ExtractionRecord.status == ExtractionStatus.RUNNING, ExtractionRecord.claimed_by == worker),
+    )
+    # A succeeded row of an older revision (the document changed since) is claimable again.
+    condition = or_(
+        condition,
+        and_(ExtractionRecord.status == ExtractionStatus.SUCCEEDED, ExtractionRecord.document_revision < revision),
+    )
     values: dict[str, object] = {
         "status": ExtractionStatus.RUNNING, "claimed_by": worker, "lease_expires_at": now + lease,
         "started_at": now, "finished_at": None, "updated_at": now, "document_revision": revision,

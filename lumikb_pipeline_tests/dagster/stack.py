@@ -23,7 +23,7 @@ from lumikb_pipeline_tests.conftest import create_postgres_database, drop_postgr
 
 T = TypeVar("T")
 
-POOL_LIMITS = {"lumikb_llm": 4, "lumikb_graph_write": 3}
+POOL_LIMITS = {"lumikb_llm": 6, "lumikb_graph_write": 5}
 
 
 def free_port() -> int:
@@ -123,8 +123,8 @@ def stack_env(root: Path, app_db_url: str, dagster_db_url: str, llm_url: str, we
         "LUMIKB_JOB_STATUS_SENSOR_INTERVAL_S": "3",
         "LUMIKB_LLM_POOL_LIMIT": str(POOL_LIMITS["lumikb_llm"]),
         "LUMIKB_GRAPH_WRITE_POOL_LIMIT": str(POOL_LIMITS["lumikb_graph_write"]),
-        "LUMIKB_MAX_CONCURRENT_RUNS": "8",
-        "LUMIKB_MAX_REPROCESSING_RUNS": "2",
+        "LUMIKB_MAX_CONCURRENT_RUNS": "10",
+        "LUMIKB_MAX_REPROCESSING_RUNS": "4",
         "LUMIKB_DOCUMENT_PROCESSING_CONCURRENCY": "2",
         "LUMIKB_REPROCESSING_CONCURRENCY": "2",
         "LUMIKB_WEBSERVER_PORT": str(web_port),

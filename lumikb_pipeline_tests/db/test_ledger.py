@@ -48,6 +48,14 @@ def test_a_document_is_claimed_once_and_then_finished_by_its_claimant(db_url: st
         assert ledger.claim(session, doc, 1, "worker-c", job_id)
 
 
+def test_a_retried_run_takes_back_its_own_running_row_at_once(db_url: str) -> None:
+    _, [doc], job_id = _seed(db_url, 1)
+    with session_scope(db_url) as session:
+        assert ledger.claim(session, doc, 1, "run-1", job_id)
+        assert not ledger.claim(session, doc, 1, "run-2", job_id)
+        assert ledger.claim(session, doc, 1, "run-1", job_id)  # the worker died; the retry of run-1 resumes
+
+
 def test_a_failed_document_can_be_claimed_again_and_counts_its_attempts(db_url: str) -> None:
     _, [doc], job_id = _seed(db_url, 1)
     with session_scope(db_url) as session:

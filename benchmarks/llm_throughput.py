@@ -84,7 +84,8 @@ def _worker(settings_values: dict[str, Any], kb_id: int, design: str, indexes: l
     done = [r for r in results if isinstance(r, ChunkExtraction)]
     cancelled = [r for r in results if not isinstance(r, ChunkExtraction) and r.reason == "cancelled"]
     out.put({"started": started, "finished": finished, "succeeded": len(done), "cancelled": len(cancelled),
-             "failed": len(results) - len(done) - len(cancelled), "llm_calls": sum(r.llm_calls for r in results)})
+             "failed": len(results) - len(done) - len(cancelled), "llm_calls": sum(r.llm_calls for r in results),
+             "missed_slots": extractor.missed_slots})
 
 
 def _control(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -141,6 +142,7 @@ def run_design(design: str, *, server_url: str, settings_values: dict[str, Any],
         "calls_per_s": round((len(arrivals) - 1) / span, 3) if span else 0.0,
         "chunks_per_s": round(succeeded / (finished - started), 3),
         "busiest_1s_window": _max_in_window(arrivals),
+        "missed_slots": sum(s["missed_slots"] for s in summaries),
         "time_budget_s": budget_s,
     }
 

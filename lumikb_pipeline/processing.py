@@ -282,6 +282,11 @@ def write_documents(
                     session, item.kb_id, item.schema_version,
                     effective_prompt_version(item.schema), extractor_model(settings), item.chunks,
                 )
+                if len(extractions) != len(item.chunks):
+                    raise LumikbError(
+                        f"{len(item.chunks) - len(extractions)} of the document's chunks have no checkpoint at "
+                        f"schema version {item.schema_version}; re-run the document to extract them"
+                    )
                 graph = build_document_graph(
                     item.kb_slug, item.doc_id, item.schema_version,
                     [GraphChunk(id=c.id, ordinal=item.ordinals[c.id]) for c in item.chunks],

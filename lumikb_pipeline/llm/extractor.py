@@ -23,6 +23,7 @@ How one call to `extract` runs:
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import random
@@ -675,6 +676,10 @@ async def _warm_up(model: str) -> None:
         })
     except Exception:  # only an optimisation: the real calls will report real problems
         log.debug("LiteLLM warm-up for %s failed", model, exc_info=True)
+    # LiteLLM brings ~400,000 long-lived objects; a full garbage collection walks them all and
+    # stops every thread for 0.1-0.5 s, long enough to push calls past their slots. Frozen, they are
+    # skipped by every later collection (they would never be freed anyway).
+    gc.freeze()
 
 
 def _uses_openai_sdk(model: str) -> bool:

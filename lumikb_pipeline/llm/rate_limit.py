@@ -13,6 +13,11 @@ Two limits hold together, per model:
   scored by expiry. Holders renew their leases in the background; a crashed worker stops renewing
   and its slots come back when the leases expire (`lease_ttl_s`).
 
+What counts is when calls reach the provider, so slots are spaced 3% wider than 1/rate
+(`DEFAULT_HEADROOM`), a call that cannot leave within a third of that slack of its slot gives the
+slot up, and callers that can hold the request back at the last moment (`send_gate`) reserve slots
+at least `lead_s` ahead and enter their call that early.
+
 A caller takes an in-flight lease *before* reserving a rate slot, never after: a reserved slot that
 then waited for a lease would be used late and bunch up with the next ones, breaking the limit.
 The lease therefore also covers the (bounded) wait for the slot; the default in-flight cap leaves
@@ -27,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 import uuid
@@ -48,14 +54,14 @@ DEFAULT_NAMESPACE = "lumikb:llm"
 # of 0.3 calls/s at 10/s.
 DEFAULT_HEADROOM = 0.03
 
-# KEYS[1] = TAT, KEYS[2] = penalty; ARGV[1] = emission interval in microseconds.
-# Returns {slot, now} in microseconds of Redis' clock.
+# KEYS[1] = TAT, KEYS[2] = penalty; ARGV[1] = emission interval, ARGV[2] = earliest slot from now,
+# both in microseconds. Returns {slot, now} in microseconds of Redis' clock.
 _RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1]) * tonumber(redis.call('GET', KEYS[2]) or '1')
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
+if tat < now + tonumber(ARGV[2]) then tat = now + tonumber(ARGV[2]) end
 local next_tat = tat + interval
 redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now) / 1000) + 1000)
 return {tat, now}
@@ -154,10 +160,12 @@ class RateLimiter:
         self.penalty_s = penalty_s
         self.poll_s = poll_s
         self.interval_s = 1.0 / (rate.per_second * (1.0 - headroom))
-        # How late a caller may wake for its slot and still use it: a third of the slack the headroom
-        # leaves per second (10 ms at the default), so the rest absorbs the variation after waking.
-        slack_s = headroom / (1.0 - headroom)
-        self.late_tolerance_s = max(0.002, min(self.interval_s / 4, slack_s / 3))
+        # How late a call may leave and still use its slot: a third of the slack that the headroom
+        # leaves in a one-second window (the `per_window` slots of a window span 1 s + slack; 10 ms
+        # at the default), so the rest absorbs the variation after it leaves.
+        per_window = max(1, math.floor(rate.per_second))
+        slack_s = per_window * self.interval_s - 1.0
+        self.late_tolerance_s = max(0.002, slack_s / 3)
         self.missed_slots = 0
         # The model sits in a hash tag, so both keys of a script land on one Redis Cluster slot.
         prefix = f"{namespace}:{{{model}}}"
@@ -202,7 +210,9 @@ class RateLimiter:
         """
         loop = asyncio.get_running_loop()
         while True:
-            wait = await self.reserve()
+            # A slot at least `lead_s` ahead, even when the limiter is idle: the call needs that
+            # time to be prepared before its slot.
+            wait = await self.reserve(earliest_s=lead_s)
             due = loop.time() + wait
             await asyncio.sleep(max(0.0, wait - lead_s))
             late = loop.time() - due  # waking within the lead is on time: the gate does the rest
@@ -211,11 +221,12 @@ class RateLimiter:
             self.missed_slots += 1
             log.debug("woke %.0f ms late for the rate slot of %s; reserving another", late * 1000, self.model)
 
-    async def reserve(self) -> float:
-        """Reserve the next rate slot; return how many seconds to wait until it."""
+    async def reserve(self, earliest_s: float = 0.0) -> float:
+        """Reserve the next rate slot, `earliest_s` from now at the soonest; return the seconds until it."""
         interval_us = max(1, round(self.interval_s * 1_000_000))
         sent = time.time()
-        slot, now = cast(list[int], await self._reserve(keys=[self.tat_key, self.penalty_key], args=[interval_us]))
+        slot, now = cast(list[int], await self._reserve(keys=[self.tat_key, self.penalty_key],
+                                                        args=[interval_us, round(earliest_s * 1_000_000)]))
         received = time.time()
         offset = self._clock.update(int(now) / 1_000_000, sent, received)
         # The slot on this machine's clock. Counting `slot - now` from when the reply was read (or

@@ -291,6 +291,7 @@ mutation Launch($backfillParams: LaunchBackfillParams!) {
 """
 
 
+@pytest.mark.unreliable  # failed in the last full run: some of its 50 runs failed (docs/testing.md)
 @pytest.mark.timeout(1500)  # 50 non-adjacent partitions are 50 runs: Dagster runs ranges only
 def test_a_backfill_launched_like_the_ui_does_over_non_adjacent_partitions_completes_on_reprocessing(
     stack: Stack,

@@ -260,7 +260,10 @@ def write_documents(
     a cancel that arrives before its write keeps its previous graph and marks it `cancelled`."""
     stop = _stop_check(settings, job_id, should_stop)
     to_write = [o for o in extracted if o.status == "extracted"]
-    work = _load_work(settings, [o.doc_id for o in to_write], None) if to_write else {}
+    work: dict[str, _DocumentWork] = {}
+    for version in {o.schema_version for o in to_write}:
+        # Each document at the version stage 1 extracted it at (which may not be the KB's current one).
+        work.update(_load_work(settings, [o.doc_id for o in to_write if o.schema_version == version], version))
     results: list[DocumentOutcome] = []
     for outcome in extracted:
         if outcome.status != "extracted":
@@ -268,8 +271,6 @@ def write_documents(
             continue
         started = time.monotonic()
         item = work[outcome.doc_id]
-        item = _DocumentWork(item.doc_id, item.kb_id, item.kb_slug, outcome.schema_version,
-                             _schema_at(settings, item.kb_id, outcome.schema_version), item.chunks, item.ordinals)
         with session_scope(settings.effective_database_url) as session:
             if stop.cancelled:
                 outcome.status = "cancelled"
@@ -280,7 +281,7 @@ def write_documents(
             try:
                 extractions = load_checkpoints(
                     session, item.kb_id, item.schema_version,
-                    effective_prompt_version(item.schema), extractor_model(settings), item.chunks,
+                    effective_prompt_version(item.schema), settings.llm_model, item.chunks,
                 )
                 if len(extractions) != len(item.chunks):
                     raise LumikbError(
@@ -303,30 +304,11 @@ def write_documents(
                 ledger.mark_failed(session, item.doc_id, item.schema_version, claimant, outcome.error,
                                    outcome.ledger_outcome())
         results.append(outcome)
-    _report(settings, job_id, [o for o in results if o.doc_id in {w.doc_id for w in to_write}])
+    written = {o.doc_id for o in to_write}
+    _report(settings, job_id, [o for o in results if o.doc_id in written])
     return results
 
 
-def _schema_at(settings: Settings, kb_id: int, version: int) -> DomainSchema:
-    with session_scope(settings.effective_database_url) as session:
-        definition = session.scalar(
-            select(SchemaVersion.definition).where(SchemaVersion.kb_id == kb_id, SchemaVersion.version == version)
-        )
-    if definition is None:
-        raise LumikbError(f"schema version {version} of KB {kb_id} does not exist")
-    return schema_from_json(definition)
-
-
-def extractor_model(settings: Settings) -> str:
-    """The model whose checkpoints count: the configured one."""
-    return settings.llm_model
-
-
-def unfinished(outcomes: Sequence[DocumentOutcome]) -> list[DocumentOutcome]:
-    """Outcomes that did not succeed (failed or cancelled), for the step's final verdict."""
-    return [o for o in outcomes if o.status in ("failed", "cancelled")]
-
-
 __all__ = [
-    "DocumentOutcome", "ExtractionStatus", "extract_documents", "write_documents", "target_version", "unfinished",
+    "DocumentOutcome", "ExtractionStatus", "extract_documents", "write_documents", "target_version",
 ]

@@ -135,13 +135,19 @@ def make_documents(kb_id: str, documents: int) -> list[DocumentGraph]:
 # --- running -----------------------------------------------------------------------------------
 
 
+_KB_NODES = {  # each label's nodes of one KB, found through its uniqueness constraint's index
+    "Entity": "(n:Entity {kb_id: $kb_id} WHERE n.type IS NOT NULL AND n.key IS NOT NULL)",
+    "Chunk": "(n:Chunk {kb_id: $kb_id} WHERE n.id IS NOT NULL)",
+    "Document": "(n:Document {kb_id: $kb_id} WHERE n.id IS NOT NULL)",
+}
+
+
 def _delete_kb(store: Neo4jGraphStore, kb_id: str) -> None:
     with store._driver.session(database=store.database) as session:
-        for label in ("Entity", "Chunk", "Document"):
+        for pattern in _KB_NODES.values():
             # Batched deletes: one transaction per 2,000 nodes keeps memory bounded.
             session.run(
-                f"MATCH (n:{label} {{kb_id: $kb_id}}) CALL (n) {{ DETACH DELETE n }} IN TRANSACTIONS OF 2000 ROWS",
-                kb_id=kb_id,
+                f"MATCH {pattern} CALL (n) {{ DETACH DELETE n }} IN TRANSACTIONS OF 2000 ROWS", kb_id=kb_id
             ).consume()
 
 

@@ -25,13 +25,14 @@ CONSTRAINTS: tuple[str, ...] = (
     "FOR (e:Entity) REQUIRE (e.kb_id, e.type, e.key) IS UNIQUE",
 )
 
-# Per-KB scans (counts, invariant checks) look nodes up by kb_id alone. (The composite indexes could
-# serve them too, given `IS NOT NULL` on their other properties, saving one index update per node
-# written; see docs/benchmarks.md.)
-INDEXES: tuple[str, ...] = (
-    "CREATE INDEX lumikb_document_kb IF NOT EXISTS FOR (d:Document) ON (d.kb_id)",
-    "CREATE INDEX lumikb_chunk_kb IF NOT EXISTS FOR (c:Chunk) ON (c.kb_id)",
-    "CREATE INDEX lumikb_entity_kb IF NOT EXISTS FOR (e:Entity) ON (e.kb_id)",
+# Per-KB scans (counts, invariant checks) use the uniqueness constraints' composite indexes: an
+# equality on `kb_id` plus `IS NOT NULL` on the other key properties is an index seek (see the
+# counts below). Separate kb_id indexes would cost one more index update per node written; earlier
+# versions created them, so they are dropped.
+DROPPED_INDEXES: tuple[str, ...] = (
+    "DROP INDEX lumikb_document_kb IF EXISTS",
+    "DROP INDEX lumikb_chunk_kb IF EXISTS",
+    "DROP INDEX lumikb_entity_kb IF EXISTS",
 )
 
 AWAIT_INDEXES = "CALL db.awaitIndexes($timeout_s)"
@@ -233,13 +234,19 @@ APPLY_PLAN = (
 
 # --- counts ------------------------------------------------------------------------------------
 
+# Per-KB scans name the other key properties of the label's uniqueness constraint with `IS NOT NULL`
+# (always true): that makes `kb_id = $kb_id` a seek on the constraint's composite index instead of a
+# scan of every node with the label.
+
 COUNTS = """
 RETURN
-  COUNT { MATCH (d:Document {kb_id: $kb_id}) } AS documents,
-  COUNT { MATCH (c:Chunk {kb_id: $kb_id}) } AS chunks,
-  COUNT { MATCH (e:Entity {kb_id: $kb_id}) } AS entities,
-  COUNT { MATCH (:Entity {kb_id: $kb_id})-[r]->(:Entity) } AS relationships,
-  COUNT { MATCH (:Chunk {kb_id: $kb_id})-[m:MENTIONS]->(:Entity) } AS mentions
+  COUNT { MATCH (d:Document {kb_id: $kb_id} WHERE d.id IS NOT NULL) } AS documents,
+  COUNT { MATCH (c:Chunk {kb_id: $kb_id} WHERE c.id IS NOT NULL) } AS chunks,
+  COUNT { MATCH (e:Entity {kb_id: $kb_id} WHERE e.type IS NOT NULL AND e.key IS NOT NULL) } AS entities,
+  COUNT {
+    MATCH (a:Entity {kb_id: $kb_id} WHERE a.type IS NOT NULL AND a.key IS NOT NULL)-[r]->(:Entity)
+  } AS relationships,
+  COUNT { MATCH (c:Chunk {kb_id: $kb_id} WHERE c.id IS NOT NULL)-[m:MENTIONS]->(:Entity) } AS mentions
 """
 
 DOCUMENT_COUNTS = """
@@ -261,7 +268,7 @@ RETURN
 # --- invariants (each returns `count` and up to $limit `examples`) -------------------------------
 
 DUPLICATE_ENTITIES = """
-MATCH (e:Entity {kb_id: $kb_id})
+MATCH (e:Entity {kb_id: $kb_id} WHERE e.type IS NOT NULL AND e.key IS NOT NULL)
 WITH e.type AS type, e.key AS key, count(*) AS n
 WHERE n > 1
 WITH collect(type + ':' + key + ' x' + toString(n)) AS found
@@ -269,7 +276,7 @@ RETURN size(found) AS count, found[..$limit] AS examples
 """
 
 DUPLICATE_RELATIONSHIPS = """
-MATCH (a:Entity {kb_id: $kb_id})-[r]->(b:Entity)
+MATCH (a:Entity {kb_id: $kb_id} WHERE a.type IS NOT NULL AND a.key IS NOT NULL)-[r]->(b:Entity)
 WITH a, b, type(r) AS type, count(r) AS n
 WHERE n > 1
 WITH collect(a.type + ':' + a.key + ' -[' + type + ']-> ' + b.type + ':' + b.key + ' x' + toString(n))
@@ -278,7 +285,7 @@ RETURN size(found) AS count, found[..$limit] AS examples
 """
 
 ENTITIES_WITHOUT_PROVENANCE = """
-MATCH (e:Entity {kb_id: $kb_id})
+MATCH (e:Entity {kb_id: $kb_id} WHERE e.type IS NOT NULL AND e.key IS NOT NULL)
 WHERE NOT EXISTS { MATCH (:Chunk {kb_id: $kb_id})-[:MENTIONS]->(e) }
 WITH collect(e.type + ':' + e.key) AS found
 RETURN size(found) AS count, found[..$limit] AS examples
@@ -286,7 +293,7 @@ RETURN size(found) AS count, found[..$limit] AS examples
 
 # Without provenance: no chunk ids at all, or a chunk id that names no chunk of the KB (stale).
 RELATIONSHIPS_WITHOUT_PROVENANCE = """
-MATCH (a:Entity {kb_id: $kb_id})-[r]->(b:Entity)
+MATCH (a:Entity {kb_id: $kb_id} WHERE a.type IS NOT NULL AND a.key IS NOT NULL)-[r]->(b:Entity)
 WHERE coalesce(size(r.chunk_ids), 0) = 0
    OR any(cid IN r.chunk_ids WHERE NOT EXISTS { MATCH (:Chunk {kb_id: $kb_id, id: cid}) })
 WITH collect(a.type + ':' + a.key + ' -[' + type(r) + ']-> ' + b.type + ':' + b.key) AS found
@@ -295,19 +302,19 @@ RETURN size(found) AS count, found[..$limit] AS examples
 
 EDGES_ACROSS_KBS = """
 CALL () {
-  MATCH (d:Document {kb_id: $kb_id})-[:HAS_CHUNK]-(c)
+  MATCH (d:Document {kb_id: $kb_id} WHERE d.id IS NOT NULL)-[:HAS_CHUNK]-(c)
   WHERE c.kb_id <> $kb_id
   RETURN 'HAS_CHUNK ' + d.id + ' -> ' + coalesce(c.kb_id, '?') + '/' + coalesce(c.id, '?') AS edge
   UNION ALL
-  MATCH (c:Chunk {kb_id: $kb_id})-[:MENTIONS]-(e)
+  MATCH (c:Chunk {kb_id: $kb_id} WHERE c.id IS NOT NULL)-[:MENTIONS]-(e)
   WHERE e.kb_id <> $kb_id
   RETURN 'MENTIONS ' + c.id + ' -> ' + coalesce(e.kb_id, '?') + '/' + coalesce(e.key, '?') AS edge
   UNION ALL
-  MATCH (e:Entity {kb_id: $kb_id})<-[:MENTIONS]-(c)
+  MATCH (e:Entity {kb_id: $kb_id} WHERE e.type IS NOT NULL AND e.key IS NOT NULL)<-[:MENTIONS]-(c)
   WHERE c.kb_id <> $kb_id
   RETURN 'MENTIONS ' + coalesce(c.kb_id, '?') + '/' + coalesce(c.id, '?') + ' -> ' + e.key AS edge
   UNION ALL
-  MATCH (a:Entity {kb_id: $kb_id})-[r]-(b:Entity)
+  MATCH (a:Entity {kb_id: $kb_id} WHERE a.type IS NOT NULL AND a.key IS NOT NULL)-[r]-(b:Entity)
   WHERE b.kb_id <> $kb_id OR r.kb_id <> $kb_id
   RETURN type(r) + ' ' + a.key + ' - ' + coalesce(b.kb_id, '?') + '/' + b.key AS edge
 }

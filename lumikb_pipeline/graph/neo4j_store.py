@@ -103,7 +103,8 @@ class Neo4jGraphStore:
     # --- schema ---
 
     def ensure_schema(self) -> None:
-        """Create the uniqueness constraints and kb_id indexes if missing, then wait for them online.
+        """Create the uniqueness constraints if missing (dropping indexes of earlier versions), then wait
+        for them to come online.
 
         Runs once per process and database; several processes racing to create the same constraint
         is harmless (`IF NOT EXISTS`, and an "equivalent already exists" answer is accepted).
@@ -111,7 +112,7 @@ class Neo4jGraphStore:
         ready_key = (self._uri, self.database)
         if ready_key in _schema_ready:
             return
-        for statement in (*q.CONSTRAINTS, *q.INDEXES):
+        for statement in (*q.CONSTRAINTS, *q.DROPPED_INDEXES):
             try:
                 self._driver.execute_query(statement, database_=self.database)
             except ClientError as exc:

@@ -57,6 +57,7 @@ def _extract_in_process(
         "failed": [f.reason for f in failures if f.reason != "cancelled"],
         "llm_calls": sum(r.llm_calls for r in results),
         "missed_slots": extractor.missed_slots,
+        "max_send_late_ms": round(extractor.max_send_late_s * 1000, 1),
     })
 
 
@@ -97,7 +98,6 @@ def _settings_values(fake_llm: FakeServer, pg_url: str, redis_url: str, **extra:
     }
 
 
-@pytest.mark.unreliable  # 9.49/s against 9.5 on the quiet machine in the last full run (docs/testing.md)
 def test_three_processes_with_40_callers_each_hold_10_per_second_and_use_it(
     fake_llm: FakeServer, pg_url: str, redis_url: str
 ) -> None:
@@ -105,14 +105,15 @@ def test_three_processes_with_40_callers_each_hold_10_per_second_and_use_it(
     kb_id = create_kb(pg_url)
     duration = 20.0
 
-    started, summaries = run_processes(
+    _, summaries = run_processes(
         _settings_values(fake_llm, pg_url, redis_url), kb_id, processes=3, n_chunks=400, concurrency=40,
         duration_s=duration,
     )
 
     arrivals = sorted(c["arrived"] for c in fake_llm.calls())
-    # The rate over the run: from the first call to the deadline, after which no call starts.
-    rate = len(arrivals) / (started + duration - arrivals[0])
+    # The rate over the run: the calls after the first, over the time from the first arrival to the
+    # last (a call whose slot was reserved before the deadline may arrive up to the send lead after it).
+    rate = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
     busiest = max_calls_in_window(arrivals)
     print(f"\n{len(arrivals)} calls, {rate:.2f}/s over {duration:.0f} s, busiest 1 s window: {busiest}; {summaries}")
     assert busiest <= 10, f"a one-second window at the server held {busiest} calls"

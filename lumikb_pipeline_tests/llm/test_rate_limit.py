@@ -224,4 +224,4 @@ def test_the_limit_of_a_model_comes_from_its_rate(redis_url: str) -> None:
 
     assert lim.rate == RateLimit(600.0, 60.0)
     assert lim.interval_s == pytest.approx(1 / (10 * 0.97))
-    assert lim.late_tolerance_s == pytest.approx((10 * lim.interval_s - 1) / 3)
+    assert lim.late_tolerance_s == pytest.approx((10 * lim.interval_s - 1) / 2)

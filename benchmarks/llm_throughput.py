@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from lumikb_pipeline.config import parse_rate_limit
     from lumikb_pipeline.db.models import Base, KnowledgeBase
     from lumikb_pipeline.db.session import get_engine, session_scope
+    from lumikb_pipeline.llm.fake_server import raise_priority
 
     limit = parse_rate_limit(args.rate).per_second
     server = subprocess.Popen(
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
          "--latency-mean", str(args.latency_mean), "--latency-jitter", str(args.latency_jitter)],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+    raise_priority(server.pid)  # rates are measured at the server, from its arrival times
     try:
         assert server.stdout is not None
         server_url = server.stdout.readline().strip().removeprefix("listening on ")

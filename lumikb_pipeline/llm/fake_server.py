@@ -28,6 +28,7 @@ import asyncio
 import hashlib
 import json
 import math
+import os
 import random
 import socket
 import sys
@@ -230,6 +231,21 @@ def _error(status: int, message: str, code: str, headers: dict[str, str] | None 
     return web.json_response(
         {"error": {"message": message, "type": code, "param": None, "code": code}}, status=status, headers=headers
     )
+
+
+def raise_priority(pid: int) -> None:
+    """Let a fake server process run before the machine's other work when the CPUs are busy (when
+    allowed: root may raise priorities).
+
+    The fake server plays a provider, whose clock does not share our machine: tests and benchmarks
+    that count calls per second at the server need its arrival times close to when requests really
+    arrive. At normal priority, on 2 busy cores, its handler saw 1 % of the requests 20 ms or more
+    after they were sent (9 ms at most when raised).
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, -10)
+    except PermissionError:
+        pass  # not root: the server keeps normal priority, and its arrival times are less exact
 
 
 def _warm_up() -> None:

@@ -18,6 +18,7 @@ from lumikb_pipeline.config import Settings
 from lumikb_pipeline.db.models import KnowledgeBase
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.schema import DomainSchema, parse_schema_text
+from lumikb_pipeline.llm.fake_server import raise_priority
 
 SCHEMA_V1 = """
 entity_types:
@@ -80,19 +81,6 @@ class FakeServer:
         return dict(self._request("POST", "/_config", changes))
 
 
-def raise_priority(pid: int) -> None:
-    """Let the fake server run before our own workers when the CPUs are busy (when allowed to).
-
-    It plays a provider, whose clock does not share our machine: tests that count calls per second
-    at the server need its arrival times close to when requests really arrive. At normal priority, on
-    2 busy cores, its handler saw 1 % of the requests 20 ms or more after they were sent.
-    """
-    try:
-        os.setpriority(os.PRIO_PROCESS, pid, -10)
-    except PermissionError:
-        pass  # not root: the server keeps normal priority, and its arrival times are less exact
-
-
 def start_fake_server(*args: str) -> FakeServer:
     """Start the fake server on a free port; wait until it answers."""
     process = subprocess.Popen(
@@ -105,7 +93,7 @@ def start_fake_server(*args: str) -> FakeServer:
         process.kill()
         pytest.fail(f"the fake LLM server did not start: {line!r}")
     server = FakeServer(url=line.removeprefix("listening on "), process=process)
-    raise_priority(process.pid)
+    raise_priority(process.pid)  # its arrival times are what limit tests check
     deadline = time.monotonic() + 15
     while True:
         try:

@@ -105,3 +105,47 @@ def test_a_schema_change_starts_exactly_one_job_across_ticks_and_lost_cursors(
     assert len(instance.get_backfills()) == 1
     with session_scope(pg_url) as session:
         assert len(session.scalars(select(Job)).all()) == 1
+
+
+def _store_sensor_status(instance: DagsterInstance, status: str) -> None:
+    """Store the schema sensor's status as the webserver does when it is stopped or started."""
+    from dagster._core.remote_origin import GrpcServerCodeLocationOrigin, RemoteInstigatorOrigin, RemoteRepositoryOrigin
+    from dagster._core.scheduler.instigation import InstigatorState, InstigatorStatus, InstigatorType
+
+    location = GrpcServerCodeLocationOrigin(host="127.0.0.1", port=4266, location_name="lumikb_pipeline")
+    origin = RemoteInstigatorOrigin(RemoteRepositoryOrigin(location, "__repository__"), "schema_version_sensor")
+    state = InstigatorState(origin, InstigatorType.SENSOR, InstigatorStatus(status))
+    stored = [s for s in instance.all_instigator_state() if s.name == "schema_version_sensor"]
+    (instance.update_instigator_state if stored else instance.add_instigator_state)(state)
+
+
+def test_a_tick_in_flight_when_the_sensor_is_stopped_starts_nothing_and_the_restarted_sensor_catches_up(
+    pg_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "dagster").mkdir()
+    with DagsterInstance.local_temp(str(tmp_path / "dagster")) as instance:  # one that stores sensor states
+        _stopped_sensor_case(pg_url, tmp_path, instance)
+
+
+def _stopped_sensor_case(pg_url: str, tmp_path: Path, instance: DagsterInstance) -> None:
+    # An admin stops the sensor and then changes a schema, while a tick that began before the stop
+    # is still running: the daemon does not re-check the status of a tick in flight.
+    slug, _paths, _ids = _kb_with_documents(pg_url, tmp_path / "docs", 2)
+    quiet = _schema_tick(instance, pg_url, None)
+    _store_sensor_status(instance, "STOPPED")
+    with session_scope(pg_url) as session:
+        catalog.set_schema(session, slug, parse_schema_file(SCHEMA_V2))
+
+    in_flight = _schema_tick(instance, pg_url, quiet.cursor)
+    assert not instance.get_backfills()
+    with session_scope(pg_url) as session:
+        assert not session.scalars(select(Job)).all()
+    assert in_flight.cursor == quiet.cursor  # the version is not marked handled
+    assert "stopped" in str(in_flight.skip_reason)
+
+    _store_sensor_status(instance, "RUNNING")  # started again: the change is picked up
+    _schema_tick(instance, pg_url, in_flight.cursor)
+    assert len(instance.get_backfills()) == 1
+    with session_scope(pg_url) as session:
+        [job] = session.scalars(select(Job)).all()
+        assert job.dedupe_key == f"sensor:{slug}:2"

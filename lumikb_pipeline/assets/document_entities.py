@@ -15,9 +15,11 @@ One run covers a range of partitions (a batch). Each document's outcome is its o
 """
 
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
 from dagster import (
@@ -25,6 +27,7 @@ from dagster import (
     AssetMaterialization,
     AssetObservation,
     BackfillPolicy,
+    DagsterRunStatus,
     Failure,
     MetadataValue,
     Nothing,
@@ -78,6 +81,52 @@ class RunScope:
         )
 
 
+class RunEndWatch:
+    """A stop flag for a step: it turns on once the step's run is being cancelled or has ended.
+
+    dagster-celery answers a run's cancel (UI "Terminate", a cancelled backfill) by revoking its
+    Celery tasks, which does not stop a step already running; the run then ends, and run monitoring
+    gives its pool slots to other steps 30 s later (`free_slots_after_run_end_seconds`). A step
+    that went on would run beside the steps that took its slot, above the pool limit, and spend LLM
+    calls nobody wants. With this flag the step starts no more LLM calls and writes no more
+    documents (they end `cancelled`, as with `lumikb cancel`). A thread reads the run's status
+    every `interval_s`: the extractor asks the flag before every call, on its event loop.
+    """
+
+    STOPPING = (DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED, DagsterRunStatus.FAILURE,
+                DagsterRunStatus.SUCCESS)
+
+    def __init__(self, context: OpExecutionContext, interval_s: float = 1.0) -> None:
+        self._instance = context.instance
+        self._run_id = context.run_id
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name=f"run-end-watch-{self._run_id[:8]}", daemon=True)
+
+    def __enter__(self) -> "RunEndWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._closed.set()
+        self._thread.join(timeout=5)
+
+    def __call__(self) -> bool:
+        return self._stop.is_set()
+
+    def _poll(self) -> None:
+        while not self._closed.wait(self._interval_s):
+            try:
+                run = self._instance.get_run_by_id(self._run_id)
+            except Exception:  # noqa: BLE001 - a storage hiccup: look again next time
+                continue
+            if run is None or run.status in self.STOPPING:
+                self._stop.set()
+                return
+
+
 def _failures(outcomes: Sequence["DocumentOutcome"]) -> list["DocumentOutcome"]:
     return [o for o in outcomes if o.status == "failed"]
 
@@ -121,11 +170,13 @@ def extract_document_entities(
     scope = RunScope.of(context)
     settings = database.app_settings()
     started = time.monotonic()
-    # The job's stop conditions (cancel, budget) are checked by the processing code from `job_id`.
-    outcomes = extract_documents(
-        settings, llm.extractor(settings), scope.doc_ids, claimant=scope.claimant, job_id=scope.job_id,
-        schema_version=scope.schema_version,
-    )
+    # The job's stop conditions (cancel, budget) are checked by the processing code from `job_id`;
+    # the run's own end (a cancelled run) by the watch.
+    with RunEndWatch(context) as run_ended:
+        outcomes = extract_documents(
+            settings, llm.extractor(settings), scope.doc_ids, claimant=scope.claimant, job_id=scope.job_id,
+            schema_version=scope.schema_version, should_stop=run_ended,
+        )
     counts = {status: sum(1 for o in outcomes if o.status == status) for status in {o.status for o in outcomes}}
     context.log.info(
         f"extracted {len(scope.doc_ids)} document(s) in {time.monotonic() - started:.1f}s: {counts}"
@@ -250,12 +301,13 @@ def write_document_entities(
         )
         return
     results: list[DocumentOutcome] = []
-    with graph_store.open() as store:
+    with graph_store.open() as store, RunEndWatch(context) as run_ended:
         # One document at a time, so each materialization is recorded as soon as it is true.
         # (Not the op's output: that would materialize every partition of the run, failed ones too.)
         for outcome in ready:
             (result,) = write_documents(
-                settings, store, [outcome], claimant=scope.claimant, job_id=scope.job_id, mode=scope.mode
+                settings, store, [outcome], claimant=scope.claimant, job_id=scope.job_id, mode=scope.mode,
+                should_stop=run_ended,
             )
             results.append(result)
             if result.status == "succeeded":

@@ -1,13 +1,17 @@
-"""The fake LLM server with one more fault for the tests: answer 500 to requests whose text holds a
-marker (a document's own word), a given number of times or forever.
+"""The fake LLM server with two more behaviours for the tests: answer 500 to requests whose text
+holds a marker (a document's own word), a given number of times or forever; and hold every request
+until released (so the steps that call it are all in progress at once).
 
     python -m lumikb_pipeline_tests.dagster.faulty_llm --port 0
     POST /_poison {"marker": "Zanzibar", "times": 2}     # -1: forever; {"marker": null} clears it
+    POST /_hold {"hold": true}                           # false releases the held requests
+    GET /_hold -> {"hold": true, "waiting": 24}          # requests being held now
 
 Everything else is `lumikb_pipeline.llm.fake_server` as is.
 """
 
 import argparse
+import asyncio
 import json
 import socket
 import sys
@@ -34,6 +38,30 @@ class Poison:
 def build_app(config: FakeConfig) -> web.Application:
     poison = Poison()
     fake = FakeLLM(config)
+    released = asyncio.Event()
+    released.set()
+    held = {"waiting": 0}
+
+    @web.middleware
+    async def holding(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.endswith("/chat/completions") and not released.is_set():
+            held["waiting"] += 1
+            try:
+                await released.wait()
+            finally:
+                held["waiting"] -= 1
+        return await handler(request)
+
+    async def set_hold(request: web.Request) -> web.Response:
+        data = await request.json()
+        if data.get("hold"):
+            released.clear()
+        else:
+            released.set()
+        return await get_hold(request)
+
+    async def get_hold(_request: web.Request) -> web.Response:
+        return web.json_response({"hold": not released.is_set(), "waiting": held["waiting"]})
 
     @web.middleware
     async def poisoned(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -59,6 +87,9 @@ def build_app(config: FakeConfig) -> web.Application:
 
     app = fake.app()
     app.middlewares.append(poisoned)
+    app.middlewares.append(holding)
+    app.router.add_post("/_hold", set_hold)
+    app.router.add_get("/_hold", get_hold)
     app.router.add_post("/_poison", set_poison)
     app.router.add_get("/_poison", get_poison)
     return app

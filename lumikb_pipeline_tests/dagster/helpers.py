@@ -71,6 +71,17 @@ def ingest(slug: str, folder: Path) -> list[str]:
     return list(report.document_ids)
 
 
+def ingest_at_once(slug: str, paths: Sequence[Path]) -> list[str]:
+    """Ingest files in one transaction, so the partitions sensor sees them all in one tick (and
+    requests all their runs together)."""
+    from lumikb_pipeline import catalog
+    from lumikb_pipeline.db.session import session_scope
+
+    with session_scope(database_url()) as session:
+        kb = catalog.get_kb(session, slug)
+        return [catalog.ingest_file(session, kb, path, 400)[1] for path in paths]
+
+
 def ingest_as_extracted(slug: str, paths: Sequence[Path]) -> list[str]:
     """Ingest files and record them as already extracted at the KB's current version, in one
     transaction (so the partitions sensor never sees them as new)."""
@@ -155,6 +166,40 @@ def step_intervals(instance: Any, run_ids: Iterable[str], step_key: str) -> list
                 intervals.append((start, record.timestamp))
                 start = None
     return intervals
+
+
+def steps_in_progress(instance: Any, run_ids: Iterable[str], step_key: str) -> int:
+    """How many executions of a step in some runs have started and not ended."""
+    from dagster import DagsterEventType
+
+    ends = {DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE, DagsterEventType.STEP_UP_FOR_RETRY}
+    running = 0
+    for run_id in run_ids:
+        records = [r for r in instance.all_logs(run_id, of_type={DagsterEventType.STEP_START, *ends})
+                   if r.step_key == step_key]
+        running += bool(records) and records[-1].dagster_event_type == DagsterEventType.STEP_START
+    return running
+
+
+def failed_runs_report(instance: Any, runs: Iterable[Any], limit: int = 5) -> str:
+    """What went wrong in the runs that did not succeed: each one's step failures, run failure and
+    engine errors from its event log (for assertion messages)."""
+    from dagster import DagsterEventType, DagsterRunStatus
+
+    kinds = {DagsterEventType.STEP_FAILURE, DagsterEventType.RUN_FAILURE, DagsterEventType.ENGINE_EVENT}
+    lines = []
+    bad = [run for run in runs if run.status != DagsterRunStatus.SUCCESS]
+    for run in bad[:limit]:
+        lines.append(f"run {run.run_id} {run.status.value} (parent {run.parent_run_id}):")
+        for record in instance.all_logs(run.run_id, of_type=kinds):
+            event = record.dagster_event
+            data = event.event_specific_data
+            error = getattr(data, "error", None)
+            if event.event_type == DagsterEventType.ENGINE_EVENT and error is None:
+                continue
+            text = error.to_string() if error is not None else (event.message or "")
+            lines.append(f"  {event.event_type_value} {record.step_key or ''}: {text[:1500]}")
+    return "\n".join(lines) + (f"\n... and {len(bad) - limit} more" if len(bad) > limit else "")
 
 
 def max_overlap(intervals: Sequence[tuple[float, float]]) -> int:

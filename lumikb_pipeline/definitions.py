@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dagster import Definitions
 
-from lumikb_pipeline.assets import document_entities, graph_invariants, kb_schema_drift
+from lumikb_pipeline.assets import document_entities, graph_invariants, kb_schema_drift, knowledge_graph
 from lumikb_pipeline.jobs import document_processing_job, drift_check_job, graph_invariants_job, reextraction_job
 from lumikb_pipeline.orchestration.executor import celery_executor_for
 from lumikb_pipeline.orchestration.names import QUEUE_REPROCESSING
@@ -19,7 +19,7 @@ from lumikb_pipeline.sensors import (
 )
 
 defs = Definitions(
-    assets=[document_entities, kb_schema_drift],
+    assets=[document_entities, knowledge_graph, kb_schema_drift],
     asset_checks=[graph_invariants],
     jobs=[document_processing_job, reextraction_job, drift_check_job, graph_invariants_job],
     sensors=[document_partitions_sensor, schema_version_sensor, drift_check_sensor, job_status_sensor],

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dagster import AssetSelection, define_asset_job
 
-from lumikb_pipeline.assets import document_entities, kb_schema_drift
+from lumikb_pipeline.assets import KNOWLEDGE_GRAPH, document_entities, kb_schema_drift
 from lumikb_pipeline.orchestration.executor import celery_executor_for
 from lumikb_pipeline.orchestration.names import (
     DOCUMENT_PROCESSING_JOB,
@@ -42,7 +42,7 @@ reextraction_job = define_asset_job(
 
 drift_check_job = define_asset_job(
     DRIFT_CHECK_JOB,
-    selection=AssetSelection.assets(kb_schema_drift) | AssetSelection.checks_for_assets(document_entities),
+    selection=AssetSelection.assets(kb_schema_drift) | AssetSelection.checks_for_assets(KNOWLEDGE_GRAPH),
     executor_def=celery_executor_for(QUEUE_REPROCESSING),
     tags=reprocessing_tags(),
     description="The schema-drift check and the graph invariant checks, on the `reprocessing` queue.",
@@ -50,7 +50,7 @@ drift_check_job = define_asset_job(
 
 graph_invariants_job = define_asset_job(
     GRAPH_INVARIANTS_JOB,
-    selection=AssetSelection.checks_for_assets(document_entities),
+    selection=AssetSelection.checks_for_assets(KNOWLEDGE_GRAPH),
     executor_def=celery_executor_for(QUEUE_REPROCESSING),
     tags=reprocessing_tags(),
     description="The graph invariant checks alone, on the `reprocessing` queue.",

@@ -64,16 +64,23 @@ def test_document_entities_is_two_ops_each_in_its_pool() -> None:
     assert document_entities.backfill_policy.max_partitions_per_run == get_settings().reextract_batch_size
 
 
-def test_invariant_checks_target_document_entities_and_stay_out_of_extraction_runs() -> None:
+def test_invariant_checks_target_the_knowledge_graph_and_stay_out_of_extraction_runs() -> None:
     from lumikb_pipeline.definitions import defs
 
-    checks = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
-    assert checks == {"no_duplicate_entities_or_relationships", "provenance_present", "nothing_across_kbs"}
+    asset_graph = defs.resolve_asset_graph()
+    checks = asset_graph.asset_check_keys
+    assert {key.name for key in checks} == {
+        "no_duplicate_entities_or_relationships", "provenance_present", "nothing_across_kbs"}
+    assert {key.asset_key for key in checks} == {AssetKey("knowledge_graph")}
+    # Dagster runs an asset's checks in every run of a backfill of that asset (UI or ours): so no
+    # invariant check may be a check of document_entities.
+    assert not asset_graph.get_check_keys_for_assets({AssetKey("document_entities")})
     for name in ("document_processing_job", "reextraction_job"):
-        assert not defs.resolve_job_def(name).asset_layer.asset_graph.asset_check_keys & set(
-            defs.resolve_asset_graph().asset_check_keys
-        ) or name == "__ASSET_JOB"
-    assert AssetKey("kb_schema_drift") in defs.resolve_asset_graph().get_all_asset_keys()
+        assert not defs.resolve_job_def(name).asset_layer.asset_graph.asset_check_keys & checks
+    for name in ("drift_check_job", "graph_invariants_job"):
+        job_checks = defs.resolve_job_def(name).asset_layer.asset_graph.asset_check_keys
+        assert job_checks == checks, name
+    assert AssetKey("kb_schema_drift") in asset_graph.get_all_asset_keys()
 
 
 def test_each_sensor_says_when_it_fires_and_what_it_launches() -> None:
@@ -86,3 +93,30 @@ def test_each_sensor_says_when_it_fires_and_what_it_launches() -> None:
     for sensor in sensors.values():
         assert sensor.description and "fires" in sensor.description, sensor.name
         assert sensor.default_status.value == "RUNNING"
+
+
+def test_the_invariant_checks_run_on_their_own_and_pass_on_an_empty_graph(lumikb_env: object) -> None:
+    from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
+
+    from lumikb_pipeline.assets import KNOWLEDGE_GRAPH, document_entities, graph_invariants, knowledge_graph
+    from lumikb_pipeline.config import get_settings
+    from lumikb_pipeline.db.migrate import ensure_database
+    from lumikb_pipeline.definitions import defs
+    from lumikb_pipeline_tests.dagster.helpers import create_kb
+
+    ensure_database(get_settings().effective_database_url)
+    create_kb("checked")
+    checks_only = define_asset_job(
+        "checks_only", selection=AssetSelection.checks_for_assets(KNOWLEDGE_GRAPH), executor_def=in_process_executor
+    )
+    local = Definitions(assets=[document_entities, knowledge_graph], asset_checks=[graph_invariants],
+                        jobs=[checks_only], resources=defs.resources)
+
+    result = local.resolve_job_def("checks_only").execute_in_process()
+
+    evaluations = result.get_asset_check_evaluations()
+    assert {e.check_name for e in evaluations} == {
+        "no_duplicate_entities_or_relationships", "provenance_present", "nothing_across_kbs"}
+    assert all(e.passed and e.asset_key == KNOWLEDGE_GRAPH for e in evaluations)
+    assert all(e.metadata["kbs_checked"].value == 1 for e in evaluations)
+    assert not result.asset_materializations_for_node("document_entities")

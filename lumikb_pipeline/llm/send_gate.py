@@ -60,7 +60,7 @@ class _Sender:
 
     def __init__(self) -> None:
         # A sender that wakes for its slot waits for the GIL until the thread holding it lets go:
-        # up to the switch interval (5 ms by default), a third of the lateness a slot tolerates (18 ms).
+        # up to the switch interval (5 ms by default), over a quarter of the lateness a slot tolerates (18 ms).
         # 1 ms keeps that wait small in every process that sends gated requests.
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self.loop = asyncio.new_event_loop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,7 +37,6 @@ def wait_for_idle_cpus(max_busy: float = 0.25, settled_s: float = 3.0, timeout_s
     process that is not scheduled reserves no slot, and those seconds measure the previous test, not
     the limiter. When the machine does not settle in time the test runs anyway.
     """
-    import time
 
     def sample() -> tuple[int, int]:
         with open("/proc/stat", encoding="ascii") as stat:

@@ -32,10 +32,10 @@ def wait_for_idle_cpus(max_busy: float = 0.25, settled_s: float = 3.0, timeout_s
     """Wait until this machine's CPUs have been at most `max_busy` busy for `settled_s` (Linux
     `/proc/stat`), at most `timeout_s`; return the seconds waited.
 
-    Tests that measure calls per second at the server run right after heavy ones (Neo4j keeps
-    working for a while after the graph tests; the end-to-end stack's processes shut down): a
-    process that is not scheduled reserves no slot, and those seconds measure the previous test, not
-    the limiter. When the machine does not settle in time the test runs anyway.
+    A precaution for tests that measure calls per second at the server and run right after heavy
+    ones (Neo4j keeps working for a while after the graph tests): a process that is not scheduled
+    reserves no slot, and those seconds would measure the previous test, not the limiter. When the
+    machine does not settle in time the test runs anyway.
     """
 
     def sample() -> tuple[int, int]:

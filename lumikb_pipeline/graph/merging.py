@@ -3,7 +3,12 @@
 The same rules serve both levels: `build_document_graph` merges the chunks of one document, and the
 stores merge the documents of one KB. Each rule is a function of the *set* of inputs (never of their
 order or of how often a write ran), which is what makes writes idempotent and order-independent.
-They run in Python for both stores so that Neo4j's and SQLite's string orderings never matter.
+
+The embedded store applies these functions; the Neo4j store applies the same rules in Cypher, on
+the server (`neo4j_queries.WRITE_DOCUMENT`). So every rule is one that Cypher computes identically:
+texts are ordered as Neo4j orders strings (by UTF-16 code unit, `text_order`), lengths are counted
+in code points (Cypher's `size` and `left`, Python's `len` and slicing), and a blank description is
+stored as "" so that "non-blank" means "not empty" on both sides.
 """
 
 from __future__ import annotations
@@ -17,15 +22,27 @@ MAX_MERGED_DESCRIPTION = 16_384
 DESCRIPTION_SEPARATOR = "\n"
 
 
+def text_order(text: str) -> bytes:
+    """Sort key that orders texts as Neo4j (and Java) do: by UTF-16 code unit. It differs from
+    Python's code point order only between characters above U+FFFF and those in U+E000-U+FFFF."""
+    return text.encode("utf-16-be", "surrogatepass")
+
+
+def provenance_text(description: str) -> str:
+    """A description as one provenance record stores it: blank (whitespace only) becomes ""."""
+    return description if description.strip() else ""
+
+
 def merge_descriptions(descriptions: Iterable[str]) -> str:
-    """Sorted unique non-blank descriptions joined by a newline, cut at `MAX_MERGED_DESCRIPTION`."""
-    unique = sorted({d for d in descriptions if d.strip()})
+    """Unique non-blank descriptions in `text_order`, joined by a newline, cut at
+    `MAX_MERGED_DESCRIPTION` characters."""
+    unique = sorted({d for d in descriptions if d.strip()}, key=text_order)
     return DESCRIPTION_SEPARATOR.join(unique)[:MAX_MERGED_DESCRIPTION]
 
 
 def choose_name(names: Counter[str]) -> str:
     """The displayed name: the one given most often (counted per provenance record); ties go to the
-    smallest by (casefolded, exact) text so that the choice never depends on write order."""
+    smallest text in `text_order`, so that the choice never depends on write order."""
     if not names:
         return ""
-    return min(names, key=lambda name: (-names[name], name.casefold(), name))
+    return min(names, key=lambda name: (-names[name], text_order(name)))

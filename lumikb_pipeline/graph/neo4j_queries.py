@@ -5,11 +5,9 @@ Rules that hold for every query here:
   ever formatted into a query string.
 - Relationship types are dynamic (`[r:$(row[0])]`, Neo4j 5.26+), so they are parameters too; the
   store has already checked each against the KB's schema and `^[A-Z][A-Z0-9_]{0,63}$`.
-- A write is two queries in the document's transaction: lock-and-read, then apply, each kind of
-  change an `UNWIND` batch.
-- Every lookup of an Entity, Chunk or Document by its properties names its `kb_id`; the apply step
-  addresses entities by the element ids that the same transaction's kb-scoped MERGE returned. So
-  nothing crosses KBs.
+- A write is one query in the document's transaction, each kind of change an `UNWIND` batch.
+- Every lookup of an Entity, Chunk or Document by its properties names its `kb_id`; everything else
+  is reached from nodes found that way. So nothing crosses KBs.
 """
 
 from __future__ import annotations
@@ -37,200 +35,290 @@ DROPPED_INDEXES: tuple[str, ...] = (
 
 AWAIT_INDEXES = "CALL db.awaitIndexes($timeout_s)"
 
-# --- steps 1 and 2: lock and read, in one query -------------------------------------------------
+# --- writing a document: one query ------------------------------------------------------------
 
-# Step 1, under the document's write lock (taken first, by MERGE or MATCH + SET, so two writes of
-# the same document are serialised before either reads anything): the document's footprint, that
-# is its chunks, the entities they mention, the relationships that list one of its chunks (reached
-# from the entities its chunks mention: a relationship's endpoints are always entities of the same
-# contribution), and which of the new chunk ids belong to another document.
+# The whole write of one document is one query in the document's transaction: the store sends the
+# new contribution and Neo4j computes and applies the changes, merging provenance with the rules of
+# `graph.merging` expressed in Cypher (the embedded store applies the same rules in Python through
+# `graph.plan`; `test_graph_store_differential.py` checks the two against each other). So a
+# document costs one round trip and one commit, and no stored provenance travels to the client.
 #
-# Step 2: lock every touched entity, the footprint's and the new graph's (`$refs`), *in one global
-# order* (ORDER BY type, key), so that concurrent writers take entity locks in the same order, which
-# avoids most deadlocks (the driver retries the rest). MERGE creates missing entities now so that a
-# concurrent writer of the same new entity waits on the uniqueness constraint instead of computing
-# its name and description without ours. `SET e.kb_id = $kb_id` writes nothing new but takes the
-# node's exclusive lock, held until commit: the provenance read here cannot change under us. The
-# relationships are read after every lock is held (the entity subquery aggregates, so it completes
-# before the next starts). Each entity's element id is returned so that step 3 finds it by id
-# instead of by index seek (the ids come from this KB's MERGE and serve only this transaction).
+# Parameters (positional rows: packing maps costs the driver a string per key per row):
+#   $chunks          [chunk id, ordinal, [indexes into $entities of the entities it mentions]]
+#   $entities        [type, key, name, [description] or [] when blank]
+#   $relationships   [type, source index, target index, description ("" when blank),
+#                     chunk ids (unique, in `text_order`)]
+#   $merge           merge mode (else replace); $remove: delete the document at the end
+#   $max_description `merging.MAX_MERGED_DESCRIPTION`
 #
-# `$refs` rows are [type, key]; `$rels` rows are [type, source type, source key, target type,
-# target key] (lists, not maps: this is the largest parameter and lists pack faster).
-_LOCK_AND_READ = """
-WITH d, COLLECT { MATCH (d)-[:HAS_CHUNK]->(c:Chunk) RETURN c.id } AS chunk_ids
-WITH d, chunk_ids,
-  COLLECT { MATCH (d)-[:HAS_CHUNK]->(c:Chunk) RETURN [c.id, c.ordinal] } AS chunks,
-  COLLECT {
-    MATCH (d)-[:HAS_CHUNK]->(:Chunk)-[:MENTIONS]->(e:Entity)
-    RETURN DISTINCT [e.type, e.key]
-  } AS refs,
-  COLLECT {
-    MATCH (d)-[:HAS_CHUNK]->(:Chunk)-[:MENTIONS]->(a:Entity)
-    WITH DISTINCT a
-    MATCH (a)-[r]->(b:Entity)
-    WHERE any(cid IN r.chunk_ids WHERE cid IN chunk_ids)
-    RETURN [type(r), a.type, a.key, b.type, b.key]
-  } AS rel_keys,
-  COLLECT {
-    UNWIND $chunk_ids AS cid
-    MATCH (c:Chunk {kb_id: $kb_id, id: cid})
-    WHERE c.doc_id <> $doc_id
-    RETURN [c.id, c.doc_id]
-  } AS foreign_chunks
-CALL (refs) {
-  UNWIND refs + $refs AS ref
-  WITH DISTINCT ref
-  ORDER BY ref[0], ref[1]
-  MERGE (e:Entity {kb_id: $kb_id, type: ref[0], key: ref[1]})
-  ON CREATE SET e.name = '', e.description = ''
-  SET e.kb_id = $kb_id
-  RETURN collect([ref[0], ref[1], elementId(e), e.name, e.description,
-                  COLLECT { MATCH (c:Chunk)-[m:MENTIONS]->(e) RETURN [c.id, m.names, m.descriptions] }]) AS entities
+# Steps, in order:
+# 1. The document's write lock (taken by the prefix, MERGE or MATCH + SET), so two writes of one
+#    document are serialised before either reads anything. No row comes out when a new chunk id
+#    belongs to another document of the KB (the store then reports which, and rolls back).
+# 2. The footprint, read under that lock: the document's chunks, the entities they mention, the
+#    relationships that list one of its chunks (reached from those entities: a relationship's
+#    endpoints are entities of the same contribution). Relationships are read as references; their
+#    properties are read only after step 3 holds their endpoints' locks.
+# 3. Lock every touched entity, old and new, *in one global order* (ORDER BY type, key), so that
+#    concurrent writers take entity locks in the same order, which avoids most deadlocks (the driver
+#    retries the rest). MERGE creates missing entities now, so a concurrent writer of the same new
+#    entity waits on the uniqueness constraint. `SET e.kb_id = $kb_id` writes nothing new but takes
+#    the node's exclusive lock, held until commit: no other writer changes the provenance of a
+#    touched entity under us. An entity is *created* when MERGE made it (it has no name yet) and
+#    *fresh* when no chunk mentions it: its name and description are then this document's, set
+#    here, and need no recomputation.
+# 4. Chunks: a new chunk gets HAS_CHUNK and its MENTIONS with CREATE; an existing one is updated
+#    with MERGE and, in replace mode, loses the MENTIONS the new graph no longer has (in merge mode
+#    names and descriptions are unioned).
+# 5. Relationships: one with a created endpoint cannot exist yet and is CREATEd; the others are
+#    MERGEd and their provenance records recomputed: other documents' records, plus ours (replace)
+#    or ours old and new (merge).
+# 6. Replace mode: relationships of the footprint that the new graph does not list keep only other
+#    documents' records, or are deleted when none is left; chunks no longer there are deleted with
+#    their MENTIONS.
+# 7. Touched entities that are not fresh get their name and description recomputed from every
+#    MENTIONS edge, or are deleted when none is left.
+#
+# Provenance records: a MENTIONS edge carries `names` and `descriptions` (sorted lists); a
+# relationship carries parallel lists `source_chunk_ids[i]`, `source_descriptions[i]` (sorted by
+# chunk id, then description), from which `chunk_ids` and `description` are derived. Cypher sorts
+# strings by UTF-16 code unit, which is `merging.text_order`; `size` and `left` count code points
+# like Python. Descriptions are joined with a bounded `reduce` (Cypher has no string join).
+
+_JOINED_DESCRIPTIONS = """left(reduce(joined = '', x IN {items} |
+      CASE WHEN joined = '' THEN x WHEN size(joined) >= $max_description THEN joined
+      ELSE joined + '\\n' + x END), $max_description)"""
+
+_FOOTPRINT = """
+WITH d, [row IN $chunks | row[0]] AS new_chunk_ids,
+     COLLECT { MATCH (d)-[:HAS_CHUNK]->(c:Chunk) RETURN c } AS old_chunks
+WHERE NOT EXISTS {
+  UNWIND new_chunk_ids AS cid
+  MATCH (c:Chunk {kb_id: $kb_id, id: cid})
+  WHERE c.doc_id <> $doc_id
 }
-CALL (rel_keys) {
-  UNWIND rel_keys + $rels AS row
-  WITH DISTINCT row
-  MATCH (a:Entity {kb_id: $kb_id, type: row[1], key: row[2]})
-        -[r:$(row[0])]->
-        (b:Entity {kb_id: $kb_id, type: row[3], key: row[4]})
-  RETURN collect(row + [r.description, r.chunk_ids, r.source_chunk_ids, r.source_descriptions]) AS relationships
-}
-RETURN chunks, refs, rel_keys, foreign_chunks, entities, relationships
+WITH d, new_chunk_ids, old_chunks, [c IN old_chunks | c.id] AS old_chunk_ids,
+     COLLECT { UNWIND old_chunks AS c MATCH (c)-[:MENTIONS]->(e:Entity) RETURN DISTINCT e } AS old_entities
+WITH *, old_chunk_ids + new_chunk_ids AS doc_chunk_ids,
+     COLLECT {
+       UNWIND old_entities AS a
+       MATCH (a)-[r]->(:Entity)
+       WHERE any(cid IN r.chunk_ids WHERE cid IN old_chunk_ids)
+       RETURN r
+     } AS old_relationships
 """
 
-LOCK_AND_READ_FOR_WRITE = (
+# `locked` rows: [index into $entities or -1 for footprint-only entities, entity, created, fresh];
+# `entities[i]` and `created[i]` are aligned with $entities.
+_LOCK_ENTITIES = """
+CALL (old_entities) {
+  UNWIND [e IN old_entities | [e.type, e.key, -1]]
+         + [i IN range(0, size($entities) - 1) | [$entities[i][0], $entities[i][1], i]] AS ref
+  WITH ref[0] AS type, ref[1] AS key, max(ref[2]) AS i
+  ORDER BY type, key
+  MERGE (e:Entity {kb_id: $kb_id, type: type, key: key})
+  WITH i, e, e.name IS NULL AS created
+  SET e.kb_id = $kb_id
+  WITH i, e, created, i >= 0 AND (created OR NOT EXISTS { (e)<-[:MENTIONS]-() }) AS fresh
+  CALL (i, e, fresh) {
+    WITH i, e WHERE fresh
+    SET e.name = $entities[i][2], e.description = left(coalesce($entities[i][3][0], ''), $max_description)
+  }
+  RETURN collect([i, e, created, fresh]) AS locked
+}
+WITH *, [x IN locked WHERE NOT x[3] | x[1]] AS recompute,
+     COLLECT { UNWIND locked AS x WITH x WHERE x[0] >= 0 RETURN x ORDER BY x[0] } AS written
+WITH *, [x IN written | x[1]] AS entities, [x IN written | x[2]] AS created
+"""
+
+_WRITE_CHUNKS = """
+CALL (d, entities) {
+  UNWIND $chunks AS row
+  MERGE (c:Chunk {kb_id: $kb_id, id: row[0]})
+  WITH row, c, c.doc_id IS NULL AS chunk_created
+  SET c.doc_id = $doc_id, c.ordinal = row[1]
+  WITH row, c, chunk_created
+  CALL (d, c, chunk_created, row, entities) {
+    WITH * WHERE chunk_created
+    CREATE (d)-[:HAS_CHUNK]->(c)
+    WITH c, row
+    UNWIND row[2] AS i
+    WITH c, entities[i] AS e, $entities[i] AS entity
+    CREATE (c)-[:MENTIONS {names: [entity[2]], descriptions: entity[3]}]->(e)
+  }
+  CALL (d, c, chunk_created, row, entities) {
+    WITH * WHERE NOT chunk_created
+    MERGE (d)-[:HAS_CHUNK]->(c)
+    WITH c, row
+    CALL (c, row, entities) {
+      MATCH (c)-[m:MENTIONS]->(e)
+      WHERE NOT $merge AND NOT e IN [i IN row[2] | entities[i]]
+      DELETE m
+      RETURN count(m) AS removed
+    }
+    CALL (c, row, entities) {
+      UNWIND row[2] AS i
+      WITH entities[i] AS e, $entities[i] AS entity
+      MERGE (c)-[m:MENTIONS]->(e)
+      SET m.names = CASE WHEN $merge AND m.names IS NOT NULL
+                    THEN COLLECT { UNWIND m.names + [entity[2]] AS n WITH DISTINCT n RETURN n ORDER BY n }
+                    ELSE [entity[2]] END,
+          m.descriptions = CASE WHEN $merge AND m.descriptions IS NOT NULL
+                    THEN COLLECT { UNWIND m.descriptions + entity[3] AS x WITH DISTINCT x RETURN x ORDER BY x }
+                    ELSE entity[3] END
+    }
+    RETURN removed
+  }
+  RETURN sum(removed) AS stale_mentions_removed
+}
+"""
+
+# The relationship type is dynamic (`$(row[0])`) and was checked against the schema; `type` is also
+# a property so that property-only consumers (exports, GraphRAG retrievers) see it.
+_WRITE_RELATIONSHIPS = """
+CALL (entities, created) {
+  UNWIND $relationships AS row
+  WITH row WHERE created[row[1]] OR created[row[2]]
+  WITH row, entities[row[1]] AS a, entities[row[2]] AS b
+  CREATE (a)-[r:$(row[0])]->(b)
+  SET r.type = row[0], r.kb_id = $kb_id, r.description = left(row[3], $max_description),
+      r.chunk_ids = row[4], r.source_chunk_ids = row[4], r.source_descriptions = [cid IN row[4] | row[3]]
+  RETURN count(r) AS relationships_added
+}
+CALL (entities, created, doc_chunk_ids) {
+  UNWIND $relationships AS row
+  WITH row WHERE NOT (created[row[1]] OR created[row[2]])
+  WITH row, entities[row[1]] AS a, entities[row[2]] AS b
+  MERGE (a)-[r:$(row[0])]->(b)
+  WITH row, r, r.source_chunk_ids IS NULL AS relationship_created,
+       [i IN range(0, size(coalesce(r.source_chunk_ids, [])) - 1)
+        | [r.source_chunk_ids[i], r.source_descriptions[i]]] AS stored
+  WITH r, relationship_created,
+       [s IN stored WHERE $merge OR NOT s[0] IN doc_chunk_ids] + [cid IN row[4] | [cid, row[3]]] AS sources
+  CALL (r, sources) {
+    WITH r, CASE WHEN size(sources) = 1 THEN sources
+            ELSE COLLECT { UNWIND sources AS s WITH DISTINCT s RETURN s ORDER BY s[0], s[1] } END AS merged
+    WITH r, merged,
+         CASE WHEN size(merged) = 1 THEN [s IN merged WHERE s[1] <> '' | s[1]]
+         ELSE COLLECT { UNWIND merged AS s WITH DISTINCT s[1] AS x WHERE x <> '' RETURN x ORDER BY x } END
+         AS descriptions
+    SET r.type = type(r), r.kb_id = $kb_id,
+        r.chunk_ids = CASE WHEN size(merged) = 1 THEN [merged[0][0]]
+                      ELSE COLLECT { UNWIND merged AS s WITH DISTINCT s[0] AS cid RETURN cid ORDER BY cid } END,
+        r.description = """ + _JOINED_DESCRIPTIONS.format(items="descriptions") + """,
+        r.source_chunk_ids = [s IN merged | s[0]],
+        r.source_descriptions = [s IN merged | s[1]]
+  }
+  RETURN collect(r) AS rewritten, sum(CASE WHEN relationship_created THEN 1 ELSE 0 END) AS relationships_merged
+}
+"""
+
+_DROP_OLD_PROVENANCE = """
+CALL (old_relationships, rewritten, doc_chunk_ids) {
+  UNWIND old_relationships AS r
+  WITH r WHERE NOT $merge AND NOT r IN rewritten
+  WITH r, [i IN range(0, size(r.source_chunk_ids) - 1) WHERE NOT r.source_chunk_ids[i] IN doc_chunk_ids
+           | [r.source_chunk_ids[i], r.source_descriptions[i]]] AS sources
+  CALL (r, sources) {
+    WITH r, sources WHERE size(sources) = 0
+    DELETE r
+  }
+  CALL (r, sources) {
+    WITH r, sources WHERE size(sources) > 0
+    WITH r, sources,
+         COLLECT { UNWIND sources AS s WITH DISTINCT s[1] AS x WHERE x <> '' RETURN x ORDER BY x } AS descriptions
+    SET r.chunk_ids = COLLECT { UNWIND sources AS s WITH DISTINCT s[0] AS cid RETURN cid ORDER BY cid },
+        r.description = """ + _JOINED_DESCRIPTIONS.format(items="descriptions") + """,
+        r.source_chunk_ids = [s IN sources | s[0]],
+        r.source_descriptions = [s IN sources | s[1]]
+  }
+  RETURN sum(CASE WHEN size(sources) = 0 THEN 1 ELSE 0 END) AS relationships_deleted
+}
+CALL (old_chunks, new_chunk_ids) {
+  UNWIND old_chunks AS c
+  WITH c WHERE NOT $merge AND NOT c.id IN new_chunk_ids
+  WITH c, COUNT { (c)-[:MENTIONS]->() } AS mentions
+  DETACH DELETE c
+  RETURN count(*) AS chunks_removed, sum(mentions) AS chunk_mentions_removed
+}
+"""
+
+# With one MENTIONS edge the name is its smallest name (the lists are sorted) and the description
+# its descriptions joined; with several, the name given in most records (ties: smallest text).
+_RECOMPUTE_ENTITIES = """
+CALL (recompute) {
+  UNWIND recompute AS e
+  WITH e, COLLECT { MATCH (:Chunk)-[m:MENTIONS]->(e) RETURN m } AS mentions
+  CALL (e, mentions) {
+    WITH e WHERE size(mentions) = 0
+    DETACH DELETE e
+  }
+  CALL (e, mentions) {
+    WITH e, mentions WHERE size(mentions) = 1
+    SET e.name = mentions[0].names[0],
+        e.description = """ + _JOINED_DESCRIPTIONS.format(items="mentions[0].descriptions") + """
+  }
+  CALL (e, mentions) {
+    WITH e, mentions WHERE size(mentions) > 1
+    CALL (mentions) {
+      UNWIND mentions AS m
+      UNWIND m.names AS n
+      WITH n, count(*) AS k
+      ORDER BY k DESC, n
+      LIMIT 1
+      RETURN n AS name
+    }
+    WITH e, name,
+         COLLECT { UNWIND mentions AS m UNWIND m.descriptions AS x WITH DISTINCT x RETURN x ORDER BY x }
+         AS descriptions
+    SET e.name = name,
+        e.description = """ + _JOINED_DESCRIPTIONS.format(items="descriptions") + """
+  }
+  RETURN sum(CASE WHEN size(mentions) = 0 THEN 1 ELSE 0 END) AS entities_deleted
+}
+CALL (d) {
+  WITH d WHERE $remove
+  DETACH DELETE d
+}
+RETURN chunks_removed,
+       stale_mentions_removed + chunk_mentions_removed AS mentions_removed,
+       size([x IN written WHERE x[3]]) AS entities_created,
+       entities_deleted,
+       relationships_added + relationships_merged AS relationships_created,
+       relationships_deleted
+"""
+
+_WRITE_BODY = (
+    _FOOTPRINT + _LOCK_ENTITIES + _WRITE_CHUNKS + _WRITE_RELATIONSHIPS + _DROP_OLD_PROVENANCE + _RECOMPUTE_ENTITIES
+)
+
+WRITE_DOCUMENT = (
     """
 MERGE (d:Document {kb_id: $kb_id, id: $doc_id})
 SET d.schema_version = $schema_version
 """
-    + _LOCK_AND_READ
+    + _WRITE_BODY
 )
 
 # For removal: a document that does not exist yields no row (nothing to remove). Setting kb_id to its
 # own value is a no-op that takes the node's write lock.
-LOCK_AND_READ_FOR_REMOVAL = (
+REMOVE_DOCUMENT = (
     """
 MATCH (d:Document {kb_id: $kb_id, id: $doc_id})
 SET d.kb_id = $kb_id
 """
-    + _LOCK_AND_READ
+    + _WRITE_BODY
 )
 
-# --- step 3: apply the plan, in one query ------------------------------------------------------
-
-# Each part is a unit subquery over one parameter list (an empty list makes it a no-op). Entities
-# are addressed by the element ids step 2 returned. The large batches (entities, mentions,
-# relationships) are positional rows, documented above each part: packing maps costs the Python
-# driver a string per key per row, and these batches are most of a write's payload.
-# Order: what later parts MATCH is created first; chunks and entities are deleted last because
-# DETACH DELETE would otherwise drop edges still being rewritten.
-
-_UPSERT_CHUNKS = """
-CALL () {
-  MATCH (d:Document {kb_id: $kb_id, id: $doc_id})
-  UNWIND $chunks_upsert AS row
-  MERGE (c:Chunk {kb_id: $kb_id, id: row.id})
-  SET c.doc_id = $doc_id, c.ordinal = row.ordinal
-  MERGE (d)-[:HAS_CHUNK]->(c)
-}
+# Run only after WRITE_DOCUMENT returned no row, to name the offending chunks in the error.
+FOREIGN_CHUNKS = """
+UNWIND $chunk_ids AS cid
+MATCH (c:Chunk {kb_id: $kb_id, id: cid})
+WHERE c.doc_id <> $doc_id
+RETURN c.id AS chunk_id, c.doc_id AS doc_id
+ORDER BY chunk_id
+LIMIT 3
 """
-
-# row: [entity element id, name, description]
-_UPDATE_ENTITIES = """
-CALL () {
-  UNWIND $entities_upsert AS row
-  MATCH (e:Entity) WHERE elementId(e) = row[0]
-  SET e.name = row[1], e.description = row[2]
-}
-"""
-
-_DELETE_MENTIONS = """
-CALL () {
-  UNWIND $mentions_delete AS row
-  MATCH (e:Entity) WHERE elementId(e) = row.entity
-  MATCH (:Chunk {kb_id: $kb_id, id: row.chunk_id})-[m:MENTIONS]->(e)
-  DELETE m
-}
-"""
-
-# Grouped by chunk, one chunk lookup per chunk: {chunk_id, mentions: [[entity element id, names,
-# descriptions], ...]}
-_UPSERT_MENTIONS = """
-CALL () {
-  UNWIND $mentions_upsert AS chunk_rows
-  MATCH (c:Chunk {kb_id: $kb_id, id: chunk_rows.chunk_id})
-  UNWIND chunk_rows.mentions AS row
-  MATCH (e:Entity) WHERE elementId(e) = row[0]
-  MERGE (c)-[m:MENTIONS]->(e)
-  SET m.names = row[1], m.descriptions = row[2]
-}
-"""
-
-_DELETE_RELATIONSHIPS = """
-CALL () {
-  UNWIND $relationships_delete AS row
-  MATCH (a:Entity) WHERE elementId(a) = row.source
-  MATCH (b:Entity) WHERE elementId(b) = row.target
-  MATCH (a)-[r:$(row.type)]->(b)
-  DELETE r
-}
-"""
-
-# The Neo4j relationship type is the schema's type; `type` is also a property so that property-only
-# consumers (exports, GraphRAG retrievers) see it. `source_chunk_ids[i]` and `source_descriptions[i]`
-# are one provenance record; `chunk_ids` and `description` are derived from them.
-# row: [type, source element id, target element id, description, chunk_ids, source_chunk_ids,
-#       source_descriptions]
-_UPSERT_RELATIONSHIPS = """
-CALL () {
-  UNWIND $relationships_upsert AS row
-  MATCH (a:Entity) WHERE elementId(a) = row[1]
-  MATCH (b:Entity) WHERE elementId(b) = row[2]
-  MERGE (a)-[r:$(row[0])]->(b)
-  SET r.type = row[0], r.kb_id = $kb_id, r.description = row[3], r.chunk_ids = row[4],
-      r.source_chunk_ids = row[5], r.source_descriptions = row[6]
-}
-"""
-
-_DELETE_CHUNKS = """
-CALL () {
-  UNWIND $chunks_delete AS cid
-  MATCH (c:Chunk {kb_id: $kb_id, id: cid})
-  DETACH DELETE c
-}
-"""
-
-# DETACH: by the invariants an entity without MENTIONS has no relationship left either; detaching
-# keeps a broken graph from blocking the delete.
-_DELETE_ENTITIES = """
-CALL () {
-  UNWIND $entities_delete AS eid
-  MATCH (e:Entity) WHERE elementId(e) = eid
-  DETACH DELETE e
-}
-"""
-
-_DELETE_DOCUMENT = """
-CALL () {
-  MATCH (d:Document {kb_id: $kb_id, id: $doc_id})
-  WHERE $delete_document
-  DETACH DELETE d
-}
-"""
-
-APPLY_PLAN = (
-    _UPSERT_CHUNKS
-    + _UPDATE_ENTITIES
-    + _DELETE_MENTIONS
-    + _UPSERT_MENTIONS
-    + _DELETE_RELATIONSHIPS
-    + _UPSERT_RELATIONSHIPS
-    + _DELETE_CHUNKS
-    + _DELETE_ENTITIES
-    + _DELETE_DOCUMENT
-    + "RETURN 1 AS applied\n"
-)
 
 # --- counts ------------------------------------------------------------------------------------
 

@@ -19,18 +19,7 @@ from neo4j.exceptions import ClientError
 from lumikb_pipeline.domain.results import DocumentGraph
 from lumikb_pipeline.domain.schema import DomainSchema
 from lumikb_pipeline.graph import neo4j_queries as q
-from lumikb_pipeline.graph.plan import (
-    Footprint,
-    Mention,
-    Ref,
-    RelKey,
-    StoredEntity,
-    StoredRelationship,
-    StoredState,
-    WritePlan,
-    plan_write,
-    rel_key,
-)
+from lumikb_pipeline.graph.merging import MAX_MERGED_DESCRIPTION, provenance_text, text_order
 from lumikb_pipeline.graph.store import (
     INVARIANT_EXAMPLES,
     DocumentCounts,
@@ -88,8 +77,38 @@ def close_shared_drivers() -> None:
 atexit.register(close_shared_drivers)
 
 
-def _rel_key(row: Any) -> RelKey:
-    return (row[0], row[1], row[2], row[3], row[4])
+def _write_parameters(graph: DocumentGraph, mode: WriteMode) -> dict[str, Any]:
+    """The parameters of `WRITE_DOCUMENT` (row shapes documented there) for a validated graph."""
+    index: dict[tuple[str, str], int] = {}
+    entities: list[list[Any]] = []
+    mentioned: dict[str, list[int]] = {chunk.id: [] for chunk in graph.chunks}
+    for i, entity in enumerate(graph.entities):
+        index[(entity.type, entity.key)] = i
+        descriptions = [entity.description] if entity.description.strip() else []
+        entities.append([entity.type, entity.key, entity.name, descriptions])
+        for chunk_id in set(entity.chunk_ids):
+            mentioned[chunk_id].append(i)
+    relationships = [
+        [
+            rel.type,
+            index[(rel.source.type, rel.source.key)],
+            index[(rel.target.type, rel.target.key)],
+            provenance_text(rel.description),
+            sorted(set(rel.chunk_ids), key=text_order),
+        ]
+        for rel in graph.relationships
+    ]
+    return {
+        "kb_id": graph.kb_id,
+        "doc_id": graph.doc_id,
+        "schema_version": graph.schema_version,
+        "chunks": [[chunk.id, chunk.ordinal, mentioned[chunk.id]] for chunk in graph.chunks],
+        "entities": entities,
+        "relationships": relationships,
+        "merge": mode == "merge",
+        "remove": False,
+        "max_description": MAX_MERGED_DESCRIPTION,
+    }
 
 
 class Neo4jGraphStore:
@@ -128,110 +147,48 @@ class Neo4jGraphStore:
         # Every check runs before the transaction opens: a rejected document writes nothing.
         validate_document_graph(graph, schema, mode)
         self.ensure_schema()
+        params = _write_parameters(graph, mode)
         with self._driver.session(database=self.database) as session:
-            return session.execute_write(self._write, graph.kb_id, graph.doc_id, graph, mode)
+            return session.execute_write(self._write, q.WRITE_DOCUMENT, params, graph)
 
     def remove_document(self, kb_id: str, doc_id: str) -> WriteSummary:
         """Remove a document, its chunks and exactly the provenance only it gave (idempotent)."""
         self.ensure_schema()
+        params = {
+            "kb_id": kb_id, "doc_id": doc_id, "chunks": [], "entities": [], "relationships": [],
+            "merge": False, "remove": True, "max_description": MAX_MERGED_DESCRIPTION,
+        }
         with self._driver.session(database=self.database) as session:
-            return session.execute_write(self._write, kb_id, doc_id, None, "replace")
+            return session.execute_write(self._write, q.REMOVE_DOCUMENT, params, None)
 
+    @staticmethod
     def _write(
-        self,
-        tx: ManagedTransaction,
-        kb_id: str,
-        doc_id: str,
-        graph: DocumentGraph | None,
-        mode: WriteMode,
+        tx: ManagedTransaction, query: str, params: dict[str, Any], graph: DocumentGraph | None
     ) -> WriteSummary:
-        locked = self._lock_and_read(tx, kb_id, doc_id, graph)
-        if locked is None:  # removal of a document that is not there
-            return WriteSummary(kb_id=kb_id, doc_id=doc_id, mode=mode)
-        footprint, state, element_ids = locked
-        plan = plan_write(kb_id, doc_id, graph, mode, footprint, state)
-        self._apply(tx, kb_id, doc_id, plan, element_ids)
-        return plan.summary
-
-    def _lock_and_read(
-        self, tx: ManagedTransaction, kb_id: str, doc_id: str, graph: DocumentGraph | None
-    ) -> tuple[Footprint, StoredState, dict[Ref, str]] | None:
-        """Steps 1 and 2 in one round trip: lock the document, read its footprint, lock and read every
-        touched entity and relationship. Also returns each touched entity's element id, valid for the
-        rest of this transaction. None when removing a document that does not exist."""
-        params: dict[str, Any] = {"kb_id": kb_id, "doc_id": doc_id}
-        if graph is None:
-            result = tx.run(q.LOCK_AND_READ_FOR_REMOVAL, params, chunk_ids=[], refs=[], rels=[])
-        else:
-            result = tx.run(
-                q.LOCK_AND_READ_FOR_WRITE,
-                params,
-                schema_version=graph.schema_version,
-                chunk_ids=[c.id for c in graph.chunks],
-                refs=[[e.type, e.key] for e in graph.entities],
-                rels=[list(rel_key(r)) for r in graph.relationships],
-            )
-        record = result.single()
+        """The transaction function (the driver may run it again after a transient error)."""
+        kb_id, doc_id = params["kb_id"], params["doc_id"]
+        mode: WriteMode = "merge" if params["merge"] else "replace"
+        record = tx.run(query, params).single()
         if record is None:
-            return None
-        if record["foreign_chunks"]:
-            raise foreign_chunks_error(kb_id, doc_id, record["foreign_chunks"])
-        footprint = Footprint(
-            exists=True,
-            chunks={cid: ordinal for cid, ordinal in record["chunks"]},
-            refs={(t, k) for t, k in record["refs"]},
-            rel_keys={_rel_key(row) for row in record["rel_keys"]},
-        )
-        state = StoredState()
-        element_ids: dict[Ref, str] = {}
-        for entity_type, key, element_id, name, description, mentions in record["entities"]:
-            ref = (entity_type, key)
-            element_ids[ref] = element_id
-            state.entities[ref] = StoredEntity(name=name, description=description)
-            state.mentions[ref] = [
-                Mention(chunk_id=cid, ref=ref, names=tuple(names or ()), descriptions=tuple(descs or ()))
-                for cid, names, descs in mentions
-            ]
-        for row in record["relationships"]:
-            description, chunk_ids, source_chunk_ids, source_descriptions = row[5:]
-            state.relationships[_rel_key(row)] = StoredRelationship(
-                description=description or "",
-                chunk_ids=tuple(chunk_ids or ()),
-                sources=tuple(zip(source_chunk_ids or (), source_descriptions or (), strict=True)),
-            )
-        return footprint, state, element_ids
-
-    def _apply(
-        self, tx: ManagedTransaction, kb_id: str, doc_id: str, plan: WritePlan, element_ids: dict[Ref, str]
-    ) -> None:
-        """All changes of the plan in one query (one round trip), each kind as one UNWIND batch."""
-        # Row shapes are documented beside each part of `APPLY_PLAN`.
-        mentions_by_chunk: dict[str, list[list[Any]]] = {}
-        for m in plan.mentions_upsert:
-            mentions_by_chunk.setdefault(m.chunk_id, []).append(
-                [element_ids[m.ref], list(m.names), list(m.descriptions)]
-            )
-        tx.run(
-            q.APPLY_PLAN,
-            kb_id=kb_id,
-            doc_id=doc_id,
-            chunks_upsert=[{"id": cid, "ordinal": ordinal} for cid, ordinal in plan.chunks_upsert],
-            entities_upsert=[[element_ids[ref], e.name, e.description] for ref, e in plan.entities_upsert],
-            mentions_delete=[{"chunk_id": cid, "entity": element_ids[ref]} for cid, ref in plan.mentions_delete],
-            mentions_upsert=[{"chunk_id": cid, "mentions": rows} for cid, rows in mentions_by_chunk.items()],
-            relationships_delete=[
-                {"type": key[0], "source": element_ids[key[1:3]], "target": element_ids[key[3:5]]}
-                for key in plan.relationships_delete
-            ],
-            relationships_upsert=[
-                [key[0], element_ids[key[1:3]], element_ids[key[3:5]], rel.description, list(rel.chunk_ids),
-                 [cid for cid, _ in rel.sources], [desc for _, desc in rel.sources]]
-                for key, rel in plan.relationships_upsert
-            ],
-            chunks_delete=plan.chunks_delete,
-            entities_delete=[element_ids[ref] for ref in plan.entities_delete],
-            delete_document=plan.delete_document,
-        ).consume()
+            if graph is None:  # removal of a document that is not there
+                return WriteSummary(kb_id=kb_id, doc_id=doc_id, mode=mode)
+            foreign = tx.run(
+                q.FOREIGN_CHUNKS, kb_id=kb_id, doc_id=doc_id, chunk_ids=[c.id for c in graph.chunks]
+            ).values()
+            raise foreign_chunks_error(kb_id, doc_id, [(chunk_id, owner) for chunk_id, owner in foreign])
+        changes = record.data()
+        if graph is None:
+            contribution: dict[str, int] = {}
+        elif mode == "merge":  # the contribution is the old one plus the new: count it
+            contribution = dict(tx.run(q.DOCUMENT_COUNTS, kb_id=kb_id, doc_id=doc_id).single() or {})
+        else:
+            contribution = {
+                "chunks": len(graph.chunks),
+                "entities": len(graph.entities),
+                "relationships": len(graph.relationships),
+                "mentions": sum(len(set(e.chunk_ids)) for e in graph.entities),
+            }
+        return WriteSummary(kb_id=kb_id, doc_id=doc_id, mode=mode, **contribution, **changes)
 
     # --- reads ---
 

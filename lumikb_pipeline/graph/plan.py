@@ -22,7 +22,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from lumikb_pipeline.domain.results import DocumentGraph, GraphRelationship
-from lumikb_pipeline.graph.merging import choose_name, merge_descriptions
+from lumikb_pipeline.graph.merging import choose_name, merge_descriptions, provenance_text, text_order
 from lumikb_pipeline.graph.store import WriteMode, WriteSummary
 
 # Plain tuples rather than `EntityRef` models: they are hashed and sorted thousands of times per
@@ -136,7 +136,8 @@ def _new_contribution(graph: DocumentGraph | None) -> _Contribution:
         for chunk_id in entity.chunk_ids:
             contribution.mentions[(chunk_id, ref)] = ({entity.name}, set(descriptions))
     for rel in graph.relationships:
-        contribution.sources[rel_key(rel)].update((chunk_id, rel.description) for chunk_id in rel.chunk_ids)
+        description = provenance_text(rel.description)
+        contribution.sources[rel_key(rel)].update((chunk_id, description) for chunk_id in rel.chunk_ids)
     return contribution
 
 
@@ -184,8 +185,8 @@ def plan_write(
     )
 
     final_mentions = {
-        edge: Mention(chunk_id=edge[0], ref=edge[1], names=tuple(sorted(names)),
-                      descriptions=tuple(sorted(descriptions)))
+        edge: Mention(chunk_id=edge[0], ref=edge[1], names=tuple(sorted(names, key=text_order)),
+                      descriptions=tuple(sorted(descriptions, key=text_order)))
         for edge, (names, descriptions) in final.mentions.items()
     }
     mentions_upsert = sorted(
@@ -229,8 +230,8 @@ def plan_write(
             continue
         rel = StoredRelationship(
             description=merge_descriptions(d for _, d in sources),
-            chunk_ids=tuple(sorted({cid for cid, _ in sources})),
-            sources=tuple(sorted(sources)),
+            chunk_ids=tuple(sorted({cid for cid, _ in sources}, key=text_order)),
+            sources=tuple(sorted(sources, key=lambda s: (text_order(s[0]), text_order(s[1])))),
         )
         if state.relationships.get(key) != rel:
             relationships_upsert.append((key, rel))

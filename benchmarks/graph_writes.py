@@ -51,7 +51,7 @@ CHUNKS_PER_DOCUMENT = 5
 ORGANIZATIONS_PER_CHUNK = 5
 PEOPLE_PER_CHUNK = 5
 RELATIONSHIPS_PER_CHUNK = 20  # of the 25 (organization, person) pairs of a chunk
-WARM_UP_DOCUMENTS = 10  # per writer, into KBs of their own, not timed
+WARM_UP_DOCUMENTS = 30  # per writer, into KBs of their own, not timed
 
 SCHEMA = DomainSchema(
     entity_types=(EntityType(name="Organization"), EntityType(name="Person")),

@@ -94,7 +94,7 @@ def _write_parameters(graph: DocumentGraph, mode: WriteMode) -> dict[str, Any]:
             index[(rel.source.type, rel.source.key)],
             index[(rel.target.type, rel.target.key)],
             provenance_text(rel.description),
-            sorted(set(rel.chunk_ids), key=text_order),
+            rel.chunk_ids if len(rel.chunk_ids) == 1 else sorted(set(rel.chunk_ids), key=text_order),
         ]
         for rel in graph.relationships
     ]

@@ -30,13 +30,14 @@ def _allowed(names: list[str]) -> str:
 
 def _text_problem(value: str, limit: int) -> str | None:
     """Why `value` cannot be stored, or None."""
+    if value.isascii() and len(value) <= limit:  # the common case, decided in two C calls
+        return None
     if len(value) > limit:
         return f"is {len(value)} characters long; at most {limit} are accepted"
-    if not value.isascii():  # only non-ASCII text can hold a lone surrogate
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return "is not valid Unicode text (it holds a lone surrogate); fix the text at its source"
+    try:  # only non-ASCII text can hold a lone surrogate
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode text (it holds a lone surrogate); fix the text at its source"
     return None
 
 
@@ -44,6 +45,8 @@ def _provenance_problem(provenance: list[str], chunk_ids: set[str]) -> str | Non
     """Why a chunk-id list is not valid provenance within the document, or None."""
     if not provenance:
         return "lists no chunk it came from"
+    if chunk_ids.issuperset(provenance):
+        return None
     unknown = sorted(set(provenance) - chunk_ids)
     if unknown:
         return (
@@ -61,34 +64,35 @@ def check_types(graph: DocumentGraph, schema: DomainSchema) -> None:
     rel_types = {r.name: r for r in schema.relationship_types}
     entity_types, relationship_types = sorted(entity_type_names), sorted(rel_types)
     nothing = "; nothing of this document was written"
-    for entity in graph.entities:
-        if entity.type not in entity_type_names:
+    # Each distinct type (and endpoint combination) is checked once: a document repeats a few types.
+    for entity_type in {entity.type for entity in graph.entities}:
+        if entity_type not in entity_type_names:
             raise SchemaViolation(
-                f"{where}: entity type {entity.type!r} is not in the schema; "
+                f"{where}: entity type {entity_type!r} is not in the schema; "
                 f"allowed entity types: {_allowed(entity_types)}{nothing}"
             )
-        if not ENTITY_TYPE_PATTERN.match(entity.type):
+        if not ENTITY_TYPE_PATTERN.match(entity_type):
             # A schema built in code (not parsed from a file) could hold a malformed name.
             raise SchemaViolation(
-                f"{where}: entity type {entity.type!r} does not match {ENTITY_TYPE_PATTERN.pattern}{nothing}"
+                f"{where}: entity type {entity_type!r} does not match {ENTITY_TYPE_PATTERN.pattern}{nothing}"
             )
-    for rel in graph.relationships:
-        rel_type = rel_types.get(rel.type)
+    for name, source_type, target_type in {(r.type, r.source.type, r.target.type) for r in graph.relationships}:
+        rel_type = rel_types.get(name)
         if rel_type is None:
             raise SchemaViolation(
-                f"{where}: relationship type {rel.type!r} is not in the schema; "
+                f"{where}: relationship type {name!r} is not in the schema; "
                 f"allowed relationship types: {_allowed(relationship_types)}{nothing}"
             )
-        if not RELATIONSHIP_TYPE_PATTERN.match(rel.type):
+        if not RELATIONSHIP_TYPE_PATTERN.match(name):
             # The type becomes a Neo4j relationship type, so this pattern is a safety check too.
             raise SchemaViolation(
-                f"{where}: relationship type {rel.type!r} does not match "
+                f"{where}: relationship type {name!r} does not match "
                 f"{RELATIONSHIP_TYPE_PATTERN.pattern}{nothing}"
             )
-        if rel.source.type not in rel_type.source or rel.target.type not in rel_type.target:
+        if source_type not in rel_type.source or target_type not in rel_type.target:
             raise SchemaViolation(
-                f"{where}: relationship type {rel.type!r} from {rel.source.type!r} to {rel.target.type!r} "
-                f"is not allowed; {rel.type} goes from [{_allowed(list(rel_type.source))}] "
+                f"{where}: relationship type {name!r} from {source_type!r} to {target_type!r} "
+                f"is not allowed; {name} goes from [{_allowed(list(rel_type.source))}] "
                 f"to [{_allowed(list(rel_type.target))}]{nothing}"
             )
 

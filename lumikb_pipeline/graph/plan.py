@@ -1,7 +1,8 @@
-"""What a write must change, computed from what is stored: the semantics of both graph stores.
+"""What a write must change, computed from what is stored: the write semantics, in Python.
 
-A store writes a document in three steps inside one transaction (Neo4j runs the first two as one
-query, so a write is two round trips plus the commit):
+The embedded store writes a document in three steps inside one transaction (the Neo4j store runs
+the same semantics as one Cypher query, `neo4j_queries.WRITE_DOCUMENT`; a differential test holds
+the two equal):
 1. lock the document and read its *footprint* (its chunks, the entities they mention, the
    relationships that list one of them);
 2. lock the touched entities, in one global order, and read their provenance from *every* document

@@ -1,10 +1,10 @@
 """The embedded graph store: one SQLite file (`graph.sqlite3` under LUMIKB_HOME), zero setup.
 
-It honours the same contract as the Neo4j store by running the write semantics of `graph.plan` (which
-the Neo4j store runs in Cypher) over tables that mirror the graph model. Several processes may use the file at once: SQLite's WAL journal lets
-readers run beside the writer, and each write takes the database's write lock up front
-(`BEGIN IMMEDIATE`), so writes are serialised whole and can never deadlock; a writer waits for the
-lock (busy timeout) instead of failing.
+It honours the same contract as the Neo4j store by running the write semantics of `graph.plan`
+(which the Neo4j store runs in Cypher) over tables that mirror the graph model. Several processes
+may use the file at once: SQLite's WAL journal lets readers run beside the writer, and each write
+takes the database's write lock up front (`BEGIN IMMEDIATE`), so writes are serialised whole and can
+never deadlock; a writer waits for the lock (busy timeout) instead of failing.
 """
 
 from __future__ import annotations

@@ -35,11 +35,13 @@ class CancelReport:
 def cancel_job(settings: Settings, job_id: str, instance: Any | None = None) -> CancelReport:
     """Cancel a job; idempotent. An unknown job is a NotFoundError (exit code 2)."""
     with session_scope(settings.effective_database_url) as session:
-        job = session.get(Job, job_id, with_for_update=True)
+        job = ledger.find_job(session, job_id, for_update=True)
         if job is None:
             raise NotFoundError(
-                f"job {job_id!r} does not exist; `lumikb reextract` prints the ids of the jobs it starts"
+                f"job {job_id!r} does not exist; `lumikb reextract` prints the ids of the jobs it starts (a backfill "
+                "launched in the Dagster UI is found by its backfill id too)"
             )
+        job_id = job.id
         if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED):
             return CancelReport(job_id, True, 0, 0, False, job.status.value)
         job.cancel_requested_at = job.cancel_requested_at or utcnow()

@@ -17,7 +17,7 @@ One run covers a range of partitions (a batch). Each document's outcome is its o
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal
@@ -41,7 +41,14 @@ from dagster import (
 
 from lumikb_pipeline.assets.partitions import documents_partitions
 from lumikb_pipeline.config import Settings, get_settings
-from lumikb_pipeline.orchestration.names import POOL_GRAPH_WRITE, POOL_LLM, TAG_JOB_ID, TAG_MODE, TAG_SCHEMA_VERSION
+from lumikb_pipeline.orchestration.names import (
+    POOL_GRAPH_WRITE,
+    POOL_LLM,
+    TAG_BACKFILL,
+    TAG_JOB_ID,
+    TAG_MODE,
+    TAG_SCHEMA_VERSION,
+)
 from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource, LLMResource
 
 if TYPE_CHECKING:
@@ -60,25 +67,45 @@ class RunScope:
 
     doc_ids: tuple[str, ...]
     claimant: str
-    job_id: str | None
+    jobs: Mapping[str, str]  # document id -> the job it belongs to (documents of no job are absent)
     schema_version: int | None
     mode: Literal["replace", "merge"]
 
     @classmethod
-    def of(cls, context: OpExecutionContext) -> "RunScope":
+    def of(cls, context: OpExecutionContext, settings: Settings) -> "RunScope":
+        """The run's scope. A run of a lumikb job carries the job's id in its tags; a run of a backfill
+        launched in the Dagster UI belongs to that backfill's jobs, recorded here if the job-status
+        sensor has not done it yet (`ui_backfill_jobs`)."""
+        from lumikb_pipeline.orchestration.jobs import ui_backfill_jobs
+
         tags = context.run.tags
         version = tags.get(TAG_SCHEMA_VERSION)
         mode = tags.get(TAG_MODE, "replace")
         if mode not in ("replace", "merge"):
             raise Failure(f"run tag {TAG_MODE}={mode!r} is not 'replace' or 'merge'", allow_retries=False)
+        doc_ids = tuple(context.partition_keys)
+        if tags.get(TAG_JOB_ID):
+            jobs = dict.fromkeys(doc_ids, tags[TAG_JOB_ID])
+        elif tags.get(TAG_BACKFILL):
+            backfill_jobs = ui_backfill_jobs(settings, context.instance, tags[TAG_BACKFILL])
+            jobs = {doc_id: backfill_jobs[doc_id] for doc_id in doc_ids if doc_id in backfill_jobs}
+        else:
+            jobs = {}
         return cls(
-            doc_ids=tuple(context.partition_keys),
+            doc_ids=doc_ids,
             # Stable across retries of the same run, so a retried step can take over its own claims.
             claimant=f"dagster-run:{context.run.root_run_id or context.run_id}",
-            job_id=tags.get(TAG_JOB_ID) or None,
+            jobs=jobs,
             schema_version=int(version) if version else None,
             mode="merge" if mode == "merge" else "replace",
         )
+
+    def by_job(self) -> dict[str | None, list[str]]:
+        """The run's documents grouped by their job (None: no job), in run order."""
+        groups: dict[str | None, list[str]] = {}
+        for doc_id in self.doc_ids:
+            groups.setdefault(self.jobs.get(doc_id), []).append(doc_id)
+        return groups
 
 
 class RunEndWatch:
@@ -167,16 +194,19 @@ def extract_document_entities(
 ) -> Iterator[object]:
     from lumikb_pipeline.processing import extract_documents
 
-    scope = RunScope.of(context)
     settings = database.app_settings()
+    scope = RunScope.of(context, settings)
     started = time.monotonic()
     # The job's stop conditions (cancel, budget) are checked by the processing code from `job_id`;
-    # the run's own end (a cancelled run) by the watch.
+    # the run's own end (a cancelled run) by the watch. A run's documents normally share one job (a
+    # UI backfill over several KBs has one job per KB).
+    outcomes: list[DocumentOutcome] = []
     with RunEndWatch(context) as run_ended:
-        outcomes = extract_documents(
-            settings, llm.extractor(settings), scope.doc_ids, claimant=scope.claimant, job_id=scope.job_id,
-            schema_version=scope.schema_version, should_stop=run_ended,
-        )
+        for job_id, doc_ids in scope.by_job().items():
+            outcomes += extract_documents(
+                settings, llm.extractor(settings), doc_ids, claimant=scope.claimant, job_id=job_id,
+                schema_version=scope.schema_version, should_stop=run_ended,
+            )
     counts = {status: sum(1 for o in outcomes if o.status == status) for status in {o.status for o in outcomes}}
     context.log.info(
         f"extracted {len(scope.doc_ids)} document(s) in {time.monotonic() - started:.1f}s: {counts}"
@@ -190,7 +220,7 @@ def extract_document_entities(
 
 
 def _writable(
-    settings: Settings, outcomes: Sequence["DocumentOutcome"], claimant: str, job_id: str | None
+    settings: Settings, outcomes: Sequence["DocumentOutcome"], claimant: str, jobs: Mapping[str, str]
 ) -> list["DocumentOutcome"]:
     """The extracted outcomes this step may write: their ledger row is held by this run's claimant,
     or can be taken back (a retry of this step alone after its first attempt failed on them).
@@ -214,7 +244,7 @@ def _writable(
                 if row is None:
                     continue
                 held = row.status == ExtractionStatus.RUNNING and row.claimed_by == claimant
-                if held or ledger.claim(session, outcome.doc_id, version, claimant, job_id):
+                if held or ledger.claim(session, outcome.doc_id, version, claimant, jobs.get(outcome.doc_id)):
                     ready.append(outcome)
     return ready
 
@@ -232,8 +262,8 @@ def _materialization(outcome: "DocumentOutcome", scope: RunScope) -> AssetMateri
         "mode": scope.mode,
         "reused": False,
     }
-    if scope.job_id:
-        metadata["job_id"] = scope.job_id
+    if job_id := scope.jobs.get(outcome.doc_id):
+        metadata["job_id"] = job_id
     return AssetMaterialization(asset_key=DOCUMENT_ENTITIES, partition=outcome.doc_id, metadata=metadata)  # type: ignore[arg-type]
 
 
@@ -290,11 +320,11 @@ def write_document_entities(
 ) -> Iterator[object]:
     from lumikb_pipeline.processing import write_documents
 
-    scope = RunScope.of(context)
     settings = database.app_settings()
+    scope = RunScope.of(context, settings)
     current = _already_current(settings, outcomes, scope)
     yield from current
-    ready = _writable(settings, outcomes, scope.claimant, scope.job_id)
+    ready = _writable(settings, outcomes, scope.claimant, scope.jobs)
     if not ready:
         context.log.info(
             f"nothing to write: {len(current)} document(s) already current, none extracted by this run"
@@ -306,7 +336,8 @@ def write_document_entities(
         # (Not the op's output: that would materialize every partition of the run, failed ones too.)
         for outcome in ready:
             (result,) = write_documents(
-                settings, store, [outcome], claimant=scope.claimant, job_id=scope.job_id, mode=scope.mode,
+                settings, store, [outcome], claimant=scope.claimant, job_id=scope.jobs.get(outcome.doc_id),
+                mode=scope.mode,
                 should_stop=run_ended,
             )
             results.append(result)

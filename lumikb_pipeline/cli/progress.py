@@ -21,6 +21,9 @@ from lumikb_pipeline.progress import JobProgress, job_progress
 FINISHED = {"succeeded", "failed", "cancelled"}
 
 
+JOB_HELP = "The job id that `lumikb reextract` printed, or the id of a backfill launched in the Dagster UI."
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "unknown"
@@ -52,7 +55,7 @@ def render_progress(progress: JobProgress) -> Table:
 @app.command("progress")
 @handle_errors
 def progress(
-    job_id: Annotated[str, typer.Argument(help="The job id that `lumikb reextract` printed.", metavar="JOB")],
+    job_id: Annotated[str, typer.Argument(help=JOB_HELP, metavar="JOB")],
     watch: Annotated[bool, typer.Option("--watch", help="A live progress bar until the job ends.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the progress as one JSON object.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.", min=0.2)] = 1.0,
@@ -84,7 +87,7 @@ def progress(
 @app.command("cancel")
 @handle_errors
 def cancel(
-    job_id: Annotated[str, typer.Argument(help="The job id that `lumikb reextract` printed.", metavar="JOB")],
+    job_id: Annotated[str, typer.Argument(help=JOB_HELP, metavar="JOB")],
 ) -> None:
     """Stop a job: no new LLM call after this returns; a document in flight is written whole or keeps
     its previous graph and is marked cancelled."""
@@ -92,10 +95,10 @@ def cancel(
 
     report = cancel_job(ready_settings(), job_id)
     if report.already_finished:
-        console.print(f"job {job_id} had already ended: {report.status}", highlight=False)
+        console.print(f"job {report.job_id} had already ended: {report.status}", highlight=False)
         return
     console.print(
-        f"job {job_id}: cancel requested; {report.documents_cancelled} document(s) not started were cancelled, "
+        f"job {report.job_id}: cancel requested; {report.documents_cancelled} document(s) not started were cancelled, "
         f"{report.runs_cancelled} queued run(s) cancelled{', backfill stopped' if report.backfill_cancelled else ''}; "
         f"runs in flight stop at their next LLM call. Status: {report.status}",
         highlight=False,

@@ -26,6 +26,7 @@ from lumikb_pipeline.db.models import (
     KnowledgeBase,
     utcnow,
 )
+from lumikb_pipeline.errors import UsageError
 
 DEFAULT_LEASE = timedelta(minutes=30)
 CLAIMABLE = (ExtractionStatus.PENDING, ExtractionStatus.FAILED, ExtractionStatus.CANCELLED)
@@ -278,6 +279,21 @@ def outdated_document_ids(session: Session, kb: KnowledgeBase) -> list[str]:
         .order_by(Document.created_at, Document.id)
     )
     return list(session.scalars(query))
+
+
+def find_job(session: Session, reference: str, *, for_update: bool = False) -> Job | None:
+    """The job `reference` names: a job id, or the id of the Dagster backfill behind one job (what
+    the Dagster UI shows for a backfill launched there). None when nothing matches; a backfill
+    behind several jobs (its documents span KBs, one job each) is a `UsageError` listing them."""
+    job = session.get(Job, reference, with_for_update=for_update)
+    if job is not None:
+        return job
+    job_ids = list(session.scalars(select(Job.id).where(Job.dagster_backfill_id == reference).order_by(Job.id)))
+    if len(job_ids) > 1:
+        raise UsageError(
+            f"backfill {reference} is behind {len(job_ids)} jobs, one per KB: {', '.join(job_ids)}; name one of them"
+        )
+    return session.get(Job, job_ids[0], with_for_update=for_update) if job_ids else None
 
 
 def finish_job_if_done(session: Session, job_id: str) -> JobStatus | None:

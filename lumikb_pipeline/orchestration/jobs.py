@@ -107,6 +107,7 @@ def start_reextraction(
     dedupe_key: str | None = None,
     instance: DagsterInstance | None = None,
     launch: bool = True,
+    backfill_id: str | None = None,
 ) -> Job:
     """Start a re-extraction job of `kb_slug`'s selected documents on the `reprocessing` queue.
 
@@ -115,7 +116,8 @@ def start_reextraction(
     partitions, tagged `lumikb/job_id`, `lumikb/mode`, `lumikb/schema_version`. With `dedupe_key`
     (unique), a second call with the same key returns the first job and launches nothing.
     A selection with no documents gives a job that is `succeeded` at once. `launch=False` records
-    the job without launching anything (the demo runs its documents in-process).
+    the job without launching anything (the demo runs its documents in-process). `backfill_id` records
+    the job of a backfill that already exists (one launched in the Dagster UI) and launches nothing.
     """
     if mode not in (JobMode.REPLACE.value, JobMode.MERGE.value):
         raise UsageError(f"mode {mode!r} is not one of replace, merge")
@@ -134,6 +136,7 @@ def start_reextraction(
             kb_id=kb.id, target_schema_version=kb.current_schema_version, mode=JobMode(mode),
             selection=selection.to_json(), trigger=trigger, status=JobStatus.PENDING, dedupe_key=dedupe_key,
             total_documents=len(doc_ids), max_cost_usd=max_cost, created_at=now, updated_at=now,
+            dagster_backfill_id=backfill_id,
         )
         session.add(job)
         try:
@@ -154,7 +157,7 @@ def start_reextraction(
         session.flush()
         session.expunge(job)
     ProgressTracker(redis_client.connect(settings)).start(job.id, len(doc_ids), job.created_at.timestamp())
-    if doc_ids and launch:
+    if doc_ids and launch and backfill_id is None:
         launch_job(settings, job, doc_ids, kb_slug=kb_slug, instance=instance)
     elif doc_ids:
         _mark_running(settings, job)
@@ -224,6 +227,63 @@ def launch_job(
     job.dagster_backfill_id = backfill_id
     job.status = JobStatus.RUNNING
     return backfill_id
+
+
+def backfill_documents(backfill: Any) -> list[str]:
+    """The `document_entities` partitions (document ids) a Dagster backfill targets; [] for a backfill
+    of anything else."""
+    from lumikb_pipeline.assets.document_entities import DOCUMENT_ENTITIES
+
+    data = backfill.asset_backfill_data
+    subset = data.target_subset.partitions_subsets_by_asset_key.get(DOCUMENT_ENTITIES) if data else None
+    return sorted(subset.get_partition_keys()) if subset is not None else []
+
+
+def ui_backfill_jobs(settings: Settings, instance: DagsterInstance, backfill_id: str) -> dict[str, str]:
+    """The jobs of a backfill of `document_entities` launched outside lumikb (the Dagster UI), as
+    {document id: job id}; recorded on first call (idempotent), one job per KB of its documents
+    (trigger `ui-backfill`, target the KB's current schema version, mode from the backfill's
+    `lumikb/mode` tag, default replace). Documents that are not live documents are left out.
+    """
+    with session_scope(settings.effective_database_url) as session:
+        jobs = {job.kb_id: job.id for job in session.scalars(select(Job).where(Job.dagster_backfill_id == backfill_id))}
+    backfill = instance.get_backfill(backfill_id)
+    if backfill is None or backfill.tags.get(TAG_JOB_ID):
+        return {}
+    doc_ids = backfill_documents(backfill)
+    with session_scope(settings.effective_database_url) as session:
+        rows = session.execute(
+            select(Document.id, KnowledgeBase.id, KnowledgeBase.slug)
+            .join(KnowledgeBase, KnowledgeBase.id == Document.kb_id)
+            .where(Document.id.in_(doc_ids), Document.deleted_at.is_(None))
+        ).tuples()
+        by_kb: dict[tuple[int, str], list[str]] = {}
+        for doc_id, kb_id, slug in rows:
+            by_kb.setdefault((kb_id, slug), []).append(doc_id)
+    kb_of = {doc_id: kb_id for (kb_id, _), docs in by_kb.items() for doc_id in docs}
+    for (kb_id, slug), docs in by_kb.items():
+        if kb_id not in jobs:
+            jobs[kb_id] = start_reextraction(
+                settings, slug, Selection.of_ids(docs), backfill.tags.get(TAG_MODE, JobMode.REPLACE.value),
+                JobTrigger.UI_BACKFILL, dedupe_key=f"ui-backfill:{backfill_id}:{slug}", backfill_id=backfill_id,
+            ).id
+    return {doc_id: jobs[kb_id] for doc_id, kb_id in kb_of.items()}
+
+
+def record_ui_backfills(settings: Settings, instance: DagsterInstance) -> list[str]:
+    """Record the jobs of every requested backfill of `document_entities` that lumikb did not launch
+    and has no job yet; returns those backfills' ids."""
+    from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
+
+    recorded = []
+    for backfill in instance.get_backfills(filters=BulkActionsFilter(statuses=[BulkActionStatus.REQUESTED])):
+        if backfill.tags.get(TAG_JOB_ID) or not backfill_documents(backfill):
+            continue
+        with session_scope(settings.effective_database_url) as session:
+            known = session.scalar(select(Job.id).where(Job.dagster_backfill_id == backfill.backfill_id).limit(1))
+        if known is None and ui_backfill_jobs(settings, instance, backfill.backfill_id):
+            recorded.append(backfill.backfill_id)
+    return recorded
 
 
 def _asset_graph() -> Any:

@@ -15,6 +15,7 @@ import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from lumikb_pipeline.db import ledger
 from lumikb_pipeline.db.models import ExtractionRecord, ExtractionStatus, Job, JobStatus
 from lumikb_pipeline.errors import NotFoundError
 from lumikb_pipeline.progress.eta import RATE_WINDOW_S, eta_seconds, rate_per_second
@@ -73,11 +74,11 @@ def rebuild_from_ledger(session: Session, tracker: ProgressTracker, job: Job) ->
 
 def job_progress(session: Session, client: redis.Redis, job_id: str, now: float | None = None) -> JobProgress:
     """A job's progress from Redis, rebuilt from the ledger first if Redis has lost it."""
-    job = session.get(Job, job_id)
+    job = ledger.find_job(session, job_id)
     if job is None:
         raise NotFoundError(
-            f"job {job_id!r} does not exist; `lumikb reextract` prints job ids, and finished jobs are kept in the "
-            "app database"
+            f"job {job_id!r} does not exist; `lumikb reextract` prints job ids (a backfill launched in the Dagster UI "
+            "is found by its backfill id too), and finished jobs are kept in the app database"
         )
     tracker = ProgressTracker(client)
     now = now or time.time()

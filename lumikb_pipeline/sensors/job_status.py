@@ -1,13 +1,14 @@
-"""`job_status_sensor`: fires every few seconds while re-extraction jobs are pending or running;
-brings each `Job` row's status, run ids and times in line with its Dagster backfill, and finishes
-launching a job whose launch was interrupted. Launches nothing else."""
+"""`job_status_sensor`: fires every few seconds; records a `Job` (trigger `ui-backfill`, one per KB)
+for each backfill of `document_entities` launched in the Dagster UI, brings each pending or running
+job's status, run ids and times in line with its Dagster backfill, and finishes launching a job
+whose launch was interrupted. Launches nothing else."""
 
 
 from dagster import DefaultSensorStatus, SensorEvaluationContext, SensorResult, SkipReason, sensor
 from sqlalchemy import select
 
 from lumikb_pipeline.db.models import Job, JobStatus
-from lumikb_pipeline.orchestration.jobs import refresh_job_status
+from lumikb_pipeline.orchestration.jobs import record_ui_backfills, refresh_job_status
 from lumikb_pipeline.orchestration.settings import get_orchestration_settings
 from lumikb_pipeline.resources import DatabaseResource
 
@@ -19,9 +20,12 @@ from lumikb_pipeline.resources import DatabaseResource
 )
 def job_status_sensor(context: SensorEvaluationContext, database: DatabaseResource) -> SensorResult:
     settings = database.app_settings()
+    recorded = record_ui_backfills(settings, context.instance)
+    changes = [f"backfill {backfill_id}: recorded its job(s)" for backfill_id in recorded]
+    for change in changes:
+        context.log.info(change)
     with database.session() as session:
         active = list(session.scalars(select(Job.id).where(Job.status.in_([JobStatus.PENDING, JobStatus.RUNNING]))))
-    changes = []
     for job_id in active:
         before = None
         with database.session() as session:

@@ -5,6 +5,7 @@ The tests run in file order and build on each other's data (one stack for all: s
 more than most tests). `LUMIKB_TEST_REUSE_STACK=<json>` runs them against a stack left running.
 """
 
+import json
 import math
 import time
 from datetime import UTC, datetime
@@ -337,6 +338,16 @@ def test_a_backfill_launched_like_the_ui_does_over_non_adjacent_partitions_compl
     assert set(rows) == set(chosen) and all(row.status.value == "succeeded" for row in rows.values())
     _assert_on_queue(instance, [run.run_id for run in runs], "reprocessing")
     assert set().union(*(materialized_in(instance, run.run_id) for run in runs)) == set(chosen)
+    # The backfill has its job (trigger ui-backfill), which owns the ledger rows and reports progress
+    # under the backfill id the UI shows.
+    with session_scope(database_url()) as session:
+        [job] = session.scalars(select(Job).where(Job.dagster_backfill_id == backfill_id)).all()
+        assert (job.trigger.value, job.total_documents, job.status.value) == ("ui-backfill", 50, "succeeded")
+    assert {row.job_id for row in rows.values()} == {job.id}
+    shown = stack.lumikb("progress", backfill_id, "--json")
+    assert shown.returncode == 0, shown.stderr
+    progress = json.loads(shown.stdout)
+    assert (progress["job_id"], progress["completed"], progress["remaining"]) == (job.id, 50, 0)
     _say(f"UI backfill over 50 non-adjacent partitions: {len(runs)} runs on reprocessing, {elapsed:.0f}s")
     STATE.update(t7_seconds=elapsed, t7_runs=len(runs))
 

@@ -149,3 +149,70 @@ def _stopped_sensor_case(pg_url: str, tmp_path: Path, instance: DagsterInstance)
     with session_scope(pg_url) as session:
         [job] = session.scalars(select(Job)).all()
         assert job.dedupe_key == f"sensor:{slug}:2"
+
+
+def _ui_backfill(instance: DagsterInstance, backfill_id: str, doc_ids: list[str]) -> None:
+    """A backfill of `document_entities` as the Dagster UI launches it: no lumikb tags."""
+    import time
+
+    from dagster._core.execution.backfill import PartitionBackfill
+
+    from lumikb_pipeline.assets.document_entities import DOCUMENT_ENTITIES
+    from lumikb_pipeline.definitions import defs
+
+    instance.add_backfill(PartitionBackfill.from_asset_partitions(
+        backfill_id=backfill_id, asset_graph=defs.resolve_asset_graph(), partition_names=doc_ids,
+        asset_selection=[DOCUMENT_ENTITIES], backfill_timestamp=time.time(), tags={},
+        dynamic_partitions_store=instance, all_partitions=False, title=None, description=None, run_config=None,
+    ))
+
+
+def _job_status_tick(instance: DagsterInstance, url: str) -> SensorResult:
+    from lumikb_pipeline.sensors.job_status import job_status_sensor
+
+    context = build_sensor_context(instance=instance, resources={"database": DatabaseResource(database_url=url)})
+    result = job_status_sensor(context)
+    assert isinstance(result, SensorResult)
+    return result
+
+
+def test_a_backfill_launched_in_the_ui_gets_one_job_per_kb_found_by_its_backfill_id(
+    pg_url: str, tmp_path: Path, instance: DagsterInstance
+) -> None:
+    from lumikb_pipeline import redis_client
+    from lumikb_pipeline.db import ledger
+    from lumikb_pipeline.errors import UsageError
+    from lumikb_pipeline.orchestration.jobs import ui_backfill_jobs
+    from lumikb_pipeline.progress import job_progress
+
+    settings = DatabaseResource(database_url=pg_url).app_settings()
+    one, _, one_ids = _kb_with_documents(pg_url, tmp_path / "one", 3)
+    two, _, two_ids = _kb_with_documents(pg_url, tmp_path / "two", 2)
+    instance.add_dynamic_partitions("documents", one_ids + two_ids)
+    _ui_backfill(instance, "uibackfillboth", one_ids[:2] + two_ids)
+    _ui_backfill(instance, "uibackfillone", one_ids[2:])
+
+    first = _job_status_tick(instance, pg_url)
+    assert "backfill uibackfillboth: recorded" in str(first.skip_reason)
+    _job_status_tick(instance, pg_url)  # a later tick records nothing twice
+    with session_scope(pg_url) as session:
+        jobs = {(job.dagster_backfill_id, job.kb_id): job for job in session.scalars(select(Job))}
+        assert len(jobs) == 3
+        assert {job.trigger.value for job in jobs.values()} == {"ui-backfill"}
+        assert {job.status.value for job in jobs.values()} == {"running"}
+        assert sorted(job.total_documents for job in jobs.values()) == [1, 2, 2]
+        both = sorted(job.id for (backfill_id, _), job in jobs.items() if backfill_id == "uibackfillboth")
+        [only] = [job.id for (backfill_id, _), job in jobs.items() if backfill_id == "uibackfillone"]
+        # The ledger rows belong to the jobs, so runs and progress count them.
+        assert {row.job_id for row in ledger.records_for(session, one_ids[2:], 1).values()} == {only}
+        # `lumikb progress` and `lumikb cancel` take the backfill id the UI shows.
+        assert ledger.find_job(session, "uibackfillone").id == only
+        with pytest.raises(UsageError, match="one per KB: " + ", ".join(both)):
+            ledger.find_job(session, "uibackfillboth")
+        progress = job_progress(session, redis_client.connect(settings), "uibackfillone")
+        assert (progress.job_id, progress.total, progress.remaining) == (only, 1, 1)
+
+    # A run of the backfill maps each of its documents to its KB's job (as the ops do).
+    mapping = ui_backfill_jobs(settings, instance, "uibackfillboth")
+    assert set(mapping) == set(one_ids[:2] + two_ids) and set(mapping.values()) == set(both)
+    assert mapping[one_ids[0]] == mapping[one_ids[1]] != mapping[two_ids[0]] == mapping[two_ids[1]]

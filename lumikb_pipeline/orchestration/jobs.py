@@ -230,12 +230,16 @@ def launch_job(
 
 
 def backfill_documents(backfill: Any) -> list[str]:
-    """The `document_entities` partitions (document ids) a Dagster backfill targets; [] for a backfill
-    of anything else."""
+    """The `document_entities` partitions (document ids) a Dagster backfill targets: an asset backfill's
+    partitions of that asset, or a job backfill's partitions (`reextraction_job` from its job page);
+    [] for a backfill of anything else."""
     from lumikb_pipeline.assets.document_entities import DOCUMENT_ENTITIES
+    from lumikb_pipeline.orchestration.names import REEXTRACTION_JOB
 
     data = backfill.asset_backfill_data
-    subset = data.target_subset.partitions_subsets_by_asset_key.get(DOCUMENT_ENTITIES) if data else None
+    if data is None:
+        return sorted(backfill.partition_names or []) if backfill.job_name == REEXTRACTION_JOB else []
+    subset = data.target_subset.partitions_subsets_by_asset_key.get(DOCUMENT_ENTITIES)
     return sorted(subset.get_partition_keys()) if subset is not None else []
 
 

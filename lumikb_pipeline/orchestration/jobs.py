@@ -341,10 +341,12 @@ def refresh_job_status(settings: Settings, job_id: str, instance: DagsterInstanc
         BulkActionStatus.CANCELED: JobStatus.CANCELLED,
     }.get(backfill.status, JobStatus.RUNNING)
     with session_scope(settings.effective_database_url) as session:
-        row = session.get_one(Job, job_id)
+        row = session.get_one(Job, job_id, with_for_update=True)
         row.dagster_backfill_id = backfill_id
         row.dagster_run_ids = sorted(set(row.dagster_run_ids or []) | set(run_ids))
-        if row.status != status:
+        # The workers close a job when its last document ends, usually before Dagster marks the
+        # backfill completed: a job that ended since the first read above is never reopened.
+        if row.status != status and row.status not in TERMINAL:
             row.status = status
             row.updated_at = utcnow()
             if status in TERMINAL:

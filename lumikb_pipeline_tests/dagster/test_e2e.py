@@ -16,6 +16,7 @@ import pytest
 from dagster import AssetKey, DagsterRunStatus, RunsFilter
 from sqlalchemy import select
 
+from lumikb_pipeline.db import ledger
 from lumikb_pipeline.db.models import Job, JobStatus, JobTrigger
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline_tests.dagster.helpers import (
@@ -342,8 +343,19 @@ def test_a_backfill_launched_like_the_ui_does_over_non_adjacent_partitions_compl
     # under the backfill id the UI shows.
     with session_scope(database_url()) as session:
         [job] = session.scalars(select(Job).where(Job.dagster_backfill_id == backfill_id)).all()
-        assert (job.trigger.value, job.total_documents, job.status.value) == ("ui-backfill", 50, "succeeded")
-    assert {row.job_id for row in rows.values()} == {job.id}
+        job_rows = ledger.status_counts(session, job.id)
+    materialized_jobs = {
+        record.asset_materialization.metadata.get("job_id").value  # type: ignore[union-attr]
+        if record.asset_materialization.metadata.get("job_id") else None
+        for record in instance.fetch_materializations(AssetKey("document_entities"), limit=200).records
+        if record.run_id in {run.run_id for run in runs}
+    }
+    diagnosis = (job.status.value, {k.value: v for k, v in job_rows.items() if v}, materialized_jobs,
+                 {row.job_id for row in rows.values()})
+    assert (job.trigger.value, job.total_documents) == ("ui-backfill", 50), diagnosis
+    assert {row.job_id for row in rows.values()} == {job.id}, diagnosis
+    assert materialized_jobs == {job.id}, diagnosis
+    assert job.status.value == "succeeded", diagnosis
     shown = stack.lumikb("progress", backfill_id, "--json")
     assert shown.returncode == 0, shown.stderr
     progress = json.loads(shown.stdout)

@@ -110,3 +110,33 @@ def test_each_document_is_materialized_with_its_metadata_and_a_failed_one_alone_
         assert all(rows[doc_id].attempts == 1 for doc_id in good)
         materialized, failed = partition_status(instance)
         assert materialized == set(ids) and not failed
+
+
+def test_a_run_of_a_ui_backfill_records_and_works_for_the_backfills_job(env: Path) -> None:
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+    from sqlalchemy import select
+
+    from lumikb_pipeline.config import get_settings
+    from lumikb_pipeline.db.models import Job
+    from lumikb_pipeline.orchestration.in_process import in_process_job
+    from lumikb_pipeline_tests.dagster.test_sensors import _ui_backfill
+
+    ids = _documents(env, {})
+    (env / "instance").mkdir()
+    with DagsterInstance.local_temp(str(env / "instance")) as instance:
+        instance.add_dynamic_partitions("documents", ids)
+        _ui_backfill(instance, "uibackfillrun", ids)
+        tags = {"dagster/backfill": "uibackfillrun", ASSET_PARTITION_RANGE_START_TAG: ids[0],
+                ASSET_PARTITION_RANGE_END_TAG: ids[-1]}
+        with execute_job(reconstructable(in_process_job), instance, tags=tags) as result:
+            assert result.success
+        with session_scope(get_settings().effective_database_url) as session:
+            [job] = session.scalars(select(Job)).all()
+            assert (job.trigger.value, job.dagster_backfill_id, job.total_documents) == (
+                "ui-backfill", "uibackfillrun", 4)
+            assert job.status.value == "succeeded"  # its last document's write closed it
+        rows = ledger_rows(ids, 1)
+        assert {row.job_id for row in rows.values()} == {job.id}
+        assert all(row.status.value == "succeeded" for row in rows.values())
+        record = instance.fetch_materializations(AssetKey("document_entities"), limit=1).records[0]
+        assert record.asset_materialization.metadata["job_id"].value == job.id

@@ -216,3 +216,35 @@ def test_a_backfill_launched_in_the_ui_gets_one_job_per_kb_found_by_its_backfill
     mapping = ui_backfill_jobs(settings, instance, "uibackfillboth")
     assert set(mapping) == set(one_ids[:2] + two_ids) and set(mapping.values()) == set(both)
     assert mapping[one_ids[0]] == mapping[one_ids[1]] != mapping[two_ids[0]] == mapping[two_ids[1]]
+
+
+def test_a_job_the_workers_close_during_a_status_refresh_stays_closed(
+    pg_url: str, tmp_path: Path, instance: DagsterInstance
+) -> None:
+    from typing import Any
+
+    from lumikb_pipeline.db.models import JobStatus, utcnow
+    from lumikb_pipeline.orchestration.jobs import Selection, refresh_job_status, start_reextraction
+
+    settings = DatabaseResource(database_url=pg_url).app_settings()
+    slug, _, _ = _kb_with_documents(pg_url, tmp_path / "docs", 2)
+    job = start_reextraction(settings, slug, Selection.all(), instance=instance)
+    assert job.status == JobStatus.RUNNING and instance.get_backfills()[0].status.value == "REQUESTED"
+
+    class WorkersFinishMeanwhile:
+        """The instance, except that the job's last document ends while the backfill is being read
+        (the backfill stays REQUESTED until Dagster's next iteration)."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(instance, name)
+
+        def get_backfill(self, backfill_id: str) -> Any:
+            with session_scope(pg_url) as session:
+                row = session.get_one(Job, job.id)
+                row.status, row.finished_at = JobStatus.SUCCEEDED, utcnow()
+            return instance.get_backfill(backfill_id)
+
+    refreshed = refresh_job_status(settings, job.id, WorkersFinishMeanwhile())  # type: ignore[arg-type]
+    with session_scope(pg_url) as session:
+        assert session.get_one(Job, job.id).status == JobStatus.SUCCEEDED
+    assert refreshed.status == JobStatus.SUCCEEDED

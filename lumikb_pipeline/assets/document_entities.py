@@ -87,8 +87,7 @@ class RunScope:
         if tags.get(TAG_JOB_ID):
             jobs = dict.fromkeys(doc_ids, tags[TAG_JOB_ID])
         elif tags.get(TAG_BACKFILL):
-            backfill_jobs = ui_backfill_jobs(settings, context.instance, tags[TAG_BACKFILL])
-            jobs = {doc_id: backfill_jobs[doc_id] for doc_id in doc_ids if doc_id in backfill_jobs}
+            jobs = ui_backfill_jobs(settings, context.instance, tags[TAG_BACKFILL], doc_ids)
         else:
             jobs = {}
         return cls(

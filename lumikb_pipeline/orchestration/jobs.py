@@ -243,35 +243,51 @@ def backfill_documents(backfill: Any) -> list[str]:
     return sorted(subset.get_partition_keys()) if subset is not None else []
 
 
-def ui_backfill_jobs(settings: Settings, instance: DagsterInstance, backfill_id: str) -> dict[str, str]:
-    """The jobs of a backfill of `document_entities` launched outside lumikb (the Dagster UI), as
-    {document id: job id}; recorded on first call (idempotent), one job per KB of its documents
-    (trigger `ui-backfill`, target the KB's current schema version, mode from the backfill's
-    `lumikb/mode` tag, default replace). Documents that are not live documents are left out.
+def ui_backfill_jobs(
+    settings: Settings, instance: DagsterInstance, backfill_id: str, doc_ids: Sequence[str]
+) -> dict[str, str]:
+    """{document id: job id} for `doc_ids` of a backfill of `document_entities` launched outside
+    lumikb (the Dagster UI). The backfill's jobs are recorded first if one of these documents' KBs
+    has none yet (`record_backfill_jobs`); otherwise this is one small query, as each run of the
+    backfill asks it twice. Documents that are not live documents are left out.
     """
     with session_scope(settings.effective_database_url) as session:
         jobs = {job.kb_id: job.id for job in session.scalars(select(Job).where(Job.dagster_backfill_id == backfill_id))}
+        kb_of = dict(
+            session.execute(
+                select(Document.id, Document.kb_id).where(Document.id.in_(doc_ids), Document.deleted_at.is_(None))
+            ).tuples().all()
+        )
+    if not set(kb_of.values()) <= jobs.keys():
+        jobs = record_backfill_jobs(settings, instance, backfill_id)
+    return {doc_id: jobs[kb_id] for doc_id, kb_id in kb_of.items() if kb_id in jobs}
+
+
+def record_backfill_jobs(settings: Settings, instance: DagsterInstance, backfill_id: str) -> dict[int, str]:
+    """Record the jobs of a backfill of `document_entities` launched outside lumikb (idempotent), one
+    per KB of its live documents (trigger `ui-backfill`, target the KB's current schema version, mode
+    from the backfill's `lumikb/mode` tag, default replace); returns {KB id: job id}, empty for a
+    backfill lumikb launched itself."""
     backfill = instance.get_backfill(backfill_id)
     if backfill is None or backfill.tags.get(TAG_JOB_ID):
         return {}
-    doc_ids = backfill_documents(backfill)
     with session_scope(settings.effective_database_url) as session:
+        jobs = {job.kb_id: job.id for job in session.scalars(select(Job).where(Job.dagster_backfill_id == backfill_id))}
         rows = session.execute(
             select(Document.id, KnowledgeBase.id, KnowledgeBase.slug)
             .join(KnowledgeBase, KnowledgeBase.id == Document.kb_id)
-            .where(Document.id.in_(doc_ids), Document.deleted_at.is_(None))
+            .where(Document.id.in_(backfill_documents(backfill)), Document.deleted_at.is_(None))
         ).tuples()
         by_kb: dict[tuple[int, str], list[str]] = {}
         for doc_id, kb_id, slug in rows:
             by_kb.setdefault((kb_id, slug), []).append(doc_id)
-    kb_of = {doc_id: kb_id for (kb_id, _), docs in by_kb.items() for doc_id in docs}
     for (kb_id, slug), docs in by_kb.items():
         if kb_id not in jobs:
             jobs[kb_id] = start_reextraction(
                 settings, slug, Selection.of_ids(docs), backfill.tags.get(TAG_MODE, JobMode.REPLACE.value),
                 JobTrigger.UI_BACKFILL, dedupe_key=f"ui-backfill:{backfill_id}:{slug}", backfill_id=backfill_id,
             ).id
-    return {doc_id: jobs[kb_id] for doc_id, kb_id in kb_of.items()}
+    return jobs
 
 
 def record_ui_backfills(settings: Settings, instance: DagsterInstance) -> list[str]:
@@ -285,7 +301,7 @@ def record_ui_backfills(settings: Settings, instance: DagsterInstance) -> list[s
             continue
         with session_scope(settings.effective_database_url) as session:
             known = session.scalar(select(Job.id).where(Job.dagster_backfill_id == backfill.backfill_id).limit(1))
-        if known is None and ui_backfill_jobs(settings, instance, backfill.backfill_id):
+        if known is None and record_backfill_jobs(settings, instance, backfill.backfill_id):
             recorded.append(backfill.backfill_id)
     return recorded
 

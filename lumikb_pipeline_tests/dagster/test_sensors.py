@@ -213,7 +213,7 @@ def test_a_backfill_launched_in_the_ui_gets_one_job_per_kb_found_by_its_backfill
         assert (progress.job_id, progress.total, progress.remaining) == (only, 1, 1)
 
     # A run of the backfill maps each of its documents to its KB's job (as the ops do).
-    mapping = ui_backfill_jobs(settings, instance, "uibackfillboth")
+    mapping = ui_backfill_jobs(settings, instance, "uibackfillboth", one_ids[:2] + two_ids)
     assert set(mapping) == set(one_ids[:2] + two_ids) and set(mapping.values()) == set(both)
     assert mapping[one_ids[0]] == mapping[one_ids[1]] != mapping[two_ids[0]] == mapping[two_ids[1]]
 

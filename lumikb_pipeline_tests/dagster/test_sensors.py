@@ -3,6 +3,7 @@ Neo4j for deletions) with an in-memory Dagster instance."""
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dagster import DagsterInstance, SensorResult, build_sensor_context
@@ -36,16 +37,22 @@ def _kb_with_documents(url: str, folder: Path, count: int) -> tuple[str, list[Pa
     return slug, paths, list(report.document_ids)
 
 
+def _tick(
+    sensor: Any, instance: DagsterInstance, url: str, cursor: str | None = None, **resources: Any
+) -> SensorResult:
+    """One evaluation of `sensor` against the app database at `url` (plus any other resources)."""
+    context = build_sensor_context(
+        instance=instance, cursor=cursor, resources={"database": DatabaseResource(database_url=url), **resources}
+    )
+    result = sensor(context)
+    assert isinstance(result, SensorResult)
+    return result
+
+
 def _partitions_tick(instance: DagsterInstance, url: str, cursor: str | None) -> SensorResult:
     from lumikb_pipeline.sensors.document_partitions import document_partitions_sensor
 
-    context = build_sensor_context(
-        instance=instance, cursor=cursor,
-        resources={"database": DatabaseResource(database_url=url), "graph_store": GraphStoreResource()},
-    )
-    result = document_partitions_sensor(context)
-    assert isinstance(result, SensorResult)
-    return result
+    return _tick(document_partitions_sensor, instance, url, cursor, graph_store=GraphStoreResource())
 
 
 def test_partitions_follow_new_changed_and_deleted_documents(
@@ -74,11 +81,7 @@ def test_partitions_follow_new_changed_and_deleted_documents(
 def _schema_tick(instance: DagsterInstance, url: str, cursor: str | None) -> SensorResult:
     from lumikb_pipeline.sensors.schema_version import schema_version_sensor
 
-    context = build_sensor_context(instance=instance, cursor=cursor,
-                                   resources={"database": DatabaseResource(database_url=url)})
-    result = schema_version_sensor(context)
-    assert isinstance(result, SensorResult)
-    return result
+    return _tick(schema_version_sensor, instance, url, cursor)
 
 
 def test_a_schema_change_starts_exactly_one_job_across_ticks_and_lost_cursors(
@@ -170,10 +173,7 @@ def _ui_backfill(instance: DagsterInstance, backfill_id: str, doc_ids: list[str]
 def _job_status_tick(instance: DagsterInstance, url: str) -> SensorResult:
     from lumikb_pipeline.sensors.job_status import job_status_sensor
 
-    context = build_sensor_context(instance=instance, resources={"database": DatabaseResource(database_url=url)})
-    result = job_status_sensor(context)
-    assert isinstance(result, SensorResult)
-    return result
+    return _tick(job_status_sensor, instance, url)
 
 
 def test_a_backfill_launched_in_the_ui_gets_one_job_per_kb_found_by_its_backfill_id(
@@ -221,8 +221,6 @@ def test_a_backfill_launched_in_the_ui_gets_one_job_per_kb_found_by_its_backfill
 def test_a_job_the_workers_close_during_a_status_refresh_stays_closed(
     pg_url: str, tmp_path: Path, instance: DagsterInstance
 ) -> None:
-    from typing import Any
-
     from lumikb_pipeline.db.models import JobStatus, utcnow
     from lumikb_pipeline.orchestration.jobs import Selection, refresh_job_status, start_reextraction
 

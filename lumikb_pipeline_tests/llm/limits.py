@@ -32,10 +32,11 @@ def wait_for_idle_cpus(max_busy: float = 0.25, settled_s: float = 3.0, timeout_s
     """Wait until this machine's CPUs have been at most `max_busy` busy for `settled_s` (Linux
     `/proc/stat`), at most `timeout_s`; return the seconds waited.
 
-    A precaution for tests that measure calls per second at the server and run right after heavy
-    ones (Neo4j keeps working for a while after the graph tests): a process that is not scheduled
-    reserves no slot, and those seconds would measure the previous test, not the limiter. When the
-    machine does not settle in time the test runs anyway.
+    A precaution for tests that measure calls per second at the server: in CI they run in their own
+    step right after the fast tests (docs/testing.md), and a machine still busy with what ran before
+    (Neo4j keeps working for a while after heavy writes) delays the senders, which would measure
+    the previous work, not the limiter. When the machine does not settle in time the test runs
+    anyway.
     """
 
     def sample() -> tuple[int, int]:

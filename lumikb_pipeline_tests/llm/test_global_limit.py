@@ -110,7 +110,7 @@ def test_three_processes_with_40_callers_each_hold_10_per_second_and_use_it(
     fake_llm.configure(latency_mean_s=0.5, latency_jitter_s=0.3)
     kb_id = create_kb(pg_url)
     duration = 20.0
-    settled = wait_for_idle_cpus()  # not the previous test's leftovers (see there)
+    settled = wait_for_idle_cpus()  # not what ran before (see there)
 
     _, summaries = run_processes(
         _settings_values(fake_llm, pg_url, redis_url), kb_id, processes=3, n_chunks=400, concurrency=40,

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lumikb_pipeline.config import load_settings
+from lumikb_pipeline.core.config import load_settings
 from lumikb_pipeline.domain.results import (
     ChunkExtraction,
     DocumentGraph,

@@ -64,7 +64,7 @@ def chunk_text(design: str, i: int) -> str:
 def _worker(settings_values: dict[str, Any], kb_id: int, design: str, indexes: list[int], concurrency: int,
             namespace: str, budget_s: float | None, ready: Any, go: Any, out: Any) -> None:
     """One worker process: extract its chunks with `concurrency` calls at once until done or out of time."""
-    from lumikb_pipeline.config import Settings
+    from lumikb_pipeline.core.config import Settings
     from lumikb_pipeline.domain.results import ChunkExtraction
     from lumikb_pipeline.domain.schema import parse_schema_text
     from lumikb_pipeline.llm.extractor import ChunkExtractor, ChunkInput
@@ -168,14 +168,14 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
-    from lumikb_pipeline.config import parse_rate_limit
+    from lumikb_pipeline.core.config import parse_rate_limit
     from lumikb_pipeline.db.models import Base, KnowledgeBase
     from lumikb_pipeline.db.session import get_engine, session_scope
-    from lumikb_pipeline.llm.fake_server import raise_priority
+    from lumikb_pipeline.testing.fake_llm_server import raise_priority
 
     limit = parse_rate_limit(args.rate).per_second
     server = subprocess.Popen(
-        [sys.executable, "-m", "lumikb_pipeline.llm.fake_server", "--port", "0",
+        [sys.executable, "-m", "lumikb_pipeline.testing.fake_llm_server", "--port", "0",
          "--latency-mean", str(args.latency_mean), "--latency-jitter", str(args.latency_jitter)],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 "llm_model": "openai/gpt-4o-mini", "llm_api_base": f"{server_url}/v1", "llm_api_key": "sk-bench",
                 "llm_rate_limit": args.rate, "database_url": database_url, "redis_url": redis_url,
             }
-            from lumikb_pipeline.config import Settings
+            from lumikb_pipeline.core.config import Settings
 
             in_flight = Settings(**settings_values).max_in_flight
             ours = run_design("ours", server_url=server_url, settings_values=settings_values, kb_id=kb_ids["ours"],

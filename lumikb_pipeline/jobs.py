@@ -13,8 +13,7 @@ from __future__ import annotations
 from dagster import AssetSelection, define_asset_job
 
 from lumikb_pipeline.assets import KNOWLEDGE_GRAPH, document_entities, kb_schema_drift
-from lumikb_pipeline.orchestration.executor import celery_executor_for
-from lumikb_pipeline.orchestration.names import (
+from lumikb_pipeline.core.names import (
     DOCUMENT_PROCESSING_JOB,
     DRIFT_CHECK_JOB,
     GRAPH_INVARIANTS_JOB,
@@ -22,7 +21,8 @@ from lumikb_pipeline.orchestration.names import (
     QUEUE_REPROCESSING,
     REEXTRACTION_JOB,
 )
-from lumikb_pipeline.orchestration.tags import document_processing_tags, reextraction_tags, reprocessing_tags
+from lumikb_pipeline.infra.executor import celery_executor_for
+from lumikb_pipeline.infra.tags import document_processing_tags, reextraction_tags, reprocessing_tags
 
 document_processing_job = define_asset_job(
     DOCUMENT_PROCESSING_JOB,

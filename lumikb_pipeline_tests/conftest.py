@@ -112,7 +112,7 @@ def lumikb_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
             monkeypatch.delenv(name)
     home = tmp_path / "lumikb-home"
     monkeypatch.setenv("LUMIKB_HOME", str(home))
-    from lumikb_pipeline.config import get_settings
+    from lumikb_pipeline.core.config import get_settings
 
     get_settings.cache_clear()
     return home

@@ -7,15 +7,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from lumikb_pipeline import catalog
-from lumikb_pipeline.config import load_settings
-from lumikb_pipeline.db import migrate
+from lumikb_pipeline.core.config import load_settings
+from lumikb_pipeline.db import catalog, migrate
 from lumikb_pipeline.db.models import ExtractionRecord, ExtractionStatus, Job, JobStatus, JobTrigger
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.schema import parse_schema_file
 from lumikb_pipeline.graph.store import open_graph_store
 from lumikb_pipeline.llm.extractor import ChunkExtractor
-from lumikb_pipeline.processing import extract_documents, write_documents
+from lumikb_pipeline.pipeline.stages import extract_documents, write_documents
 
 DEMO = Path(__file__).resolve().parent.parent / "lumikb_pipeline" / "demo"
 

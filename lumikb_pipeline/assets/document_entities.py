@@ -40,8 +40,8 @@ from dagster import (
 )
 
 from lumikb_pipeline.assets.partitions import documents_partitions
-from lumikb_pipeline.config import Settings, get_settings
-from lumikb_pipeline.orchestration.names import (
+from lumikb_pipeline.core.config import Settings, get_settings
+from lumikb_pipeline.core.names import (
     POOL_GRAPH_WRITE,
     POOL_LLM,
     TAG_BACKFILL,
@@ -52,7 +52,7 @@ from lumikb_pipeline.orchestration.names import (
 from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource, LLMResource
 
 if TYPE_CHECKING:
-    from lumikb_pipeline.processing import DocumentOutcome
+    from lumikb_pipeline.pipeline.stages import DocumentOutcome
 
 DOCUMENT_ENTITIES = AssetKey("document_entities")
 
@@ -76,7 +76,7 @@ class RunScope:
         """The run's scope. A run of a lumikb job carries the job's id in its tags; a run of a backfill
         launched in the Dagster UI belongs to that backfill's jobs, recorded here if the job-status
         sensor has not done it yet (`ui_backfill_jobs`)."""
-        from lumikb_pipeline.orchestration.jobs import ui_backfill_jobs
+        from lumikb_pipeline.reextraction.service import ui_backfill_jobs
 
         tags = context.run.tags
         version = tags.get(TAG_SCHEMA_VERSION)
@@ -191,7 +191,7 @@ def _report_failures(context: OpExecutionContext, stage: str, failed: Sequence["
 def extract_document_entities(
     context: OpExecutionContext, database: DatabaseResource, llm: LLMResource
 ) -> Iterator[object]:
-    from lumikb_pipeline.processing import extract_documents
+    from lumikb_pipeline.pipeline.stages import extract_documents
 
     settings = database.app_settings()
     scope = RunScope.of(context, settings)
@@ -317,7 +317,7 @@ def write_document_entities(
     database: DatabaseResource,
     graph_store: GraphStoreResource,
 ) -> Iterator[object]:
-    from lumikb_pipeline.processing import write_documents
+    from lumikb_pipeline.pipeline.stages import write_documents
 
     settings = database.app_settings()
     scope = RunScope.of(context, settings)

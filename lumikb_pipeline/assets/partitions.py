@@ -5,6 +5,6 @@ from __future__ import annotations
 
 from dagster import DynamicPartitionsDefinition
 
-from lumikb_pipeline.orchestration.names import DOCUMENTS_PARTITIONS
+from lumikb_pipeline.core.names import DOCUMENTS_PARTITIONS
 
 documents_partitions = DynamicPartitionsDefinition(name=DOCUMENTS_PARTITIONS)

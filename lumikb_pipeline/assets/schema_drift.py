@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
-from lumikb_pipeline.drift import KbDrift, drift_report
+from lumikb_pipeline.core.scrub import scrub
+from lumikb_pipeline.reextraction.drift import KbDrift, drift_report
 from lumikb_pipeline.resources import DatabaseResource
-from lumikb_pipeline.scrub import scrub
 
 WEBHOOK_TIMEOUT_S = 10.0
 

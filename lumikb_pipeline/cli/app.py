@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
-from lumikb_pipeline.errors import LumikbError
-from lumikb_pipeline.scrub import scrub
+from lumikb_pipeline.core.errors import LumikbError
+from lumikb_pipeline.core.scrub import scrub
 
 app = typer.Typer(
     name="lumikb",

@@ -9,15 +9,14 @@ from typing import Annotated
 import typer
 from sqlalchemy import func, select
 
-from lumikb_pipeline import catalog
 from lumikb_pipeline.cli.app import app, console, db_app, err_console, handle_errors, kb_app, schema_app
-from lumikb_pipeline.config import Settings, load_settings
-from lumikb_pipeline.db import migrate
+from lumikb_pipeline.core.config import Settings, load_settings
+from lumikb_pipeline.core.errors import UsageError
+from lumikb_pipeline.core.scrub import scrub
+from lumikb_pipeline.db import catalog, migrate
 from lumikb_pipeline.db.models import Document, KnowledgeBase
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.schema import parse_schema_file
-from lumikb_pipeline.errors import UsageError
-from lumikb_pipeline.scrub import scrub
 
 
 def ready_settings() -> Settings:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lumikb_pipeline.cli.app import app, console, handle_errors
-from lumikb_pipeline.config import load_settings
+from lumikb_pipeline.core.config import load_settings
 
 
 @app.command("demo")

@@ -12,11 +12,11 @@ from rich.table import Table
 
 from lumikb_pipeline.cli.app import app, console, err_console, handle_errors, schedule_app
 from lumikb_pipeline.cli.catalog import ready_settings
-from lumikb_pipeline.errors import LumikbError, UsageError
+from lumikb_pipeline.core.errors import LumikbError, UsageError
 
 if TYPE_CHECKING:
-    from lumikb_pipeline.config import Settings
-    from lumikb_pipeline.orchestration.jobs import Selection
+    from lumikb_pipeline.core.config import Settings
+    from lumikb_pipeline.reextraction.service import Selection
 
 
 class Mode(StrEnum):
@@ -88,7 +88,7 @@ def status() -> None:
 
 
 def _print_states(settings: object) -> bool:
-    from lumikb_pipeline.config import Settings
+    from lumikb_pipeline.core.config import Settings
     from lumikb_pipeline.orchestration import processes
 
     assert isinstance(settings, Settings)
@@ -122,7 +122,7 @@ def reextract(
     as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: print the estimate as JSON.")] = False,
 ) -> None:
     """Start a re-extraction job on the `reprocessing` queue and print its id."""
-    from lumikb_pipeline.orchestration.jobs import Selection, start_reextraction
+    from lumikb_pipeline.reextraction.service import Selection, start_reextraction
 
     chosen = [name for name, on in (("--outdated", outdated), ("--all", all_), ("--doc", bool(doc))) if on]
     if len(chosen) > 1:
@@ -147,10 +147,10 @@ def reextract(
 
 def _dry_run(settings: Settings, slug: str, selection: Selection, as_json: bool) -> None:
     """Print what the job would do: documents, chunks, calls still needed, tokens and cost."""
-    from lumikb_pipeline.catalog import current_schema, get_kb
+    from lumikb_pipeline.db.catalog import current_schema, get_kb
     from lumikb_pipeline.db.session import session_scope
-    from lumikb_pipeline.estimate import estimate_reextraction
-    from lumikb_pipeline.orchestration.jobs import select_documents
+    from lumikb_pipeline.reextraction.estimate import estimate_reextraction
+    from lumikb_pipeline.reextraction.service import select_documents
 
     with session_scope(settings.effective_database_url) as session:
         kb = get_kb(session, slug)
@@ -174,10 +174,10 @@ def _dry_run(settings: Settings, slug: str, selection: Selection, as_json: bool)
 
 
 def _wait(settings: object, job_id: str) -> None:
-    from lumikb_pipeline.config import Settings
+    from lumikb_pipeline.core.config import Settings
     from lumikb_pipeline.db.models import JobStatus
-    from lumikb_pipeline.orchestration.instance import open_instance
-    from lumikb_pipeline.orchestration.jobs import TERMINAL, refresh_job_status
+    from lumikb_pipeline.infra.dagster_instance import open_instance
+    from lumikb_pipeline.reextraction.service import TERMINAL, refresh_job_status
 
     assert isinstance(settings, Settings)
     instance = open_instance(settings)

@@ -11,12 +11,12 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from lumikb_pipeline import redis_client
 from lumikb_pipeline.cli.app import app, console, handle_errors
 from lumikb_pipeline.cli.catalog import ready_settings
 from lumikb_pipeline.db.session import session_scope
-from lumikb_pipeline.drift import drift_report
-from lumikb_pipeline.progress import JobProgress, job_progress
+from lumikb_pipeline.infra import redis_client
+from lumikb_pipeline.reextraction.drift import drift_report
+from lumikb_pipeline.tracking.progress import JobProgress, job_progress
 
 FINISHED = {"succeeded", "failed", "cancelled"}
 
@@ -91,7 +91,7 @@ def cancel(
 ) -> None:
     """Stop a job: no new LLM call after this returns; a document in flight is written whole or keeps
     its previous graph and is marked cancelled."""
-    from lumikb_pipeline.cancellation import cancel_job
+    from lumikb_pipeline.reextraction.cancel import cancel_job
 
     report = cancel_job(ready_settings(), job_id)
     if report.already_finished:

@@ -17,6 +17,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from lumikb_pipeline.core.errors import UsageError
 from lumikb_pipeline.db.models import (
     Document,
     ExtractionRecord,
@@ -26,7 +27,6 @@ from lumikb_pipeline.db.models import (
     KnowledgeBase,
     utcnow,
 )
-from lumikb_pipeline.errors import UsageError
 
 DEFAULT_LEASE = timedelta(minutes=30)
 CLAIMABLE = (ExtractionStatus.PENDING, ExtractionStatus.FAILED, ExtractionStatus.CANCELLED)

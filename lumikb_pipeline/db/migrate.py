@@ -1,4 +1,4 @@
-"""Schema migrations of the app database (Alembic, scripts in `lumikb_pipeline/migrations`)."""
+"""Schema migrations of the app database (Alembic, scripts in `lumikb_pipeline/db/migrations`)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
+from lumikb_pipeline.core.errors import LumikbError
+from lumikb_pipeline.core.scrub import scrub
 from lumikb_pipeline.db.session import get_engine
-from lumikb_pipeline.errors import LumikbError
-from lumikb_pipeline.scrub import scrub
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
 def alembic_config(url: str) -> Config:

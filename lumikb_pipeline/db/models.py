@@ -2,7 +2,7 @@
 the extraction ledger, jobs, chunk checkpoints and run-time settings.
 
 The same typed models run on PostgreSQL (production, tests) and SQLite (the embedded default).
-Migrations live in `lumikb_pipeline/migrations`; change both together.
+Migrations live in `lumikb_pipeline/db/migrations`; change both together.
 """
 
 from __future__ import annotations

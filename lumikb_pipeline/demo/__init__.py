@@ -17,16 +17,16 @@ from rich.live import Live
 from rich.table import Table
 from sqlalchemy import func, select
 
-from lumikb_pipeline import catalog, redis_client
-from lumikb_pipeline.config import Settings
-from lumikb_pipeline.db import migrate
+from lumikb_pipeline.core.config import Settings
+from lumikb_pipeline.core.scrub import scrub
+from lumikb_pipeline.db import catalog, migrate
 from lumikb_pipeline.db.models import Document, ExtractionRecord, KnowledgeBase
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.schema import parse_schema_file
-from lumikb_pipeline.drift import drift_report
 from lumikb_pipeline.graph.store import open_graph_store
-from lumikb_pipeline.progress import job_progress
-from lumikb_pipeline.scrub import scrub
+from lumikb_pipeline.infra import redis_client
+from lumikb_pipeline.reextraction.drift import drift_report
+from lumikb_pipeline.tracking.progress import job_progress
 
 DEMO_DIR = Path(__file__).resolve().parent
 CORPUS = DEMO_DIR / "corpus"
@@ -59,8 +59,8 @@ def _reset(settings: Settings, console: Console) -> None:
             store.remove_document(KB, doc_id)
     finally:
         store.close()
-    from lumikb_pipeline.orchestration.instance import open_instance
-    from lumikb_pipeline.orchestration.names import DOCUMENTS_PARTITIONS
+    from lumikb_pipeline.core.names import DOCUMENTS_PARTITIONS
+    from lumikb_pipeline.infra.dagster_instance import open_instance
 
     instance = open_instance(settings)
     for doc_id in doc_ids:
@@ -84,9 +84,9 @@ def _ledger_totals(settings: Settings, kb_id: int, schema_version: int) -> tuple
 def run_demo(settings: Settings, console: Console) -> DemoSummary:
     """Run the demo end to end; returns the figures of its summary."""
     from lumikb_pipeline.cli.progress import render_progress
+    from lumikb_pipeline.infra.dagster_instance import open_instance
     from lumikb_pipeline.orchestration.in_process import run_documents_in_process
-    from lumikb_pipeline.orchestration.instance import open_instance
-    from lumikb_pipeline.orchestration.jobs import Selection, start_reextraction
+    from lumikb_pipeline.reextraction.service import Selection, start_reextraction
 
     started = time.monotonic()
     console.rule("[bold]lumikb demo")

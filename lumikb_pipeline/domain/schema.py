@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from lumikb_pipeline.errors import SchemaFileError
+from lumikb_pipeline.core.errors import SchemaFileError
 
 ENTITY_TYPE_PATTERN = re.compile(r"^[A-Z][A-Za-z0-9_]{0,63}$")
 RELATIONSHIP_TYPE_PATTERN = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
@@ -63,7 +63,7 @@ class DomainSchema(BaseModel):
 
 def check_kb_slug(slug: str) -> str:
     """Return `slug` if it is a valid KB slug, else raise a UsageError that shows the rule."""
-    from lumikb_pipeline.errors import UsageError
+    from lumikb_pipeline.core.errors import UsageError
 
     if not KB_SLUG_PATTERN.match(slug):
         raise UsageError(

@@ -16,10 +16,10 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lumikb_pipeline.config import Settings
+from lumikb_pipeline.core.config import Settings
+from lumikb_pipeline.core.errors import LumikbError
 from lumikb_pipeline.domain.results import DocumentGraph
 from lumikb_pipeline.domain.schema import DomainSchema
-from lumikb_pipeline.errors import LumikbError
 
 WriteMode = Literal["replace", "merge"]
 

@@ -6,6 +6,7 @@ raise `InvalidDocumentGraph`. Both name the document and say what to do; nothing
 
 from __future__ import annotations
 
+from lumikb_pipeline.core.errors import SchemaViolation
 from lumikb_pipeline.domain.keys import MAX_KEY_LENGTH, normalise_key
 from lumikb_pipeline.domain.results import DocumentGraph
 from lumikb_pipeline.domain.schema import (
@@ -14,7 +15,6 @@ from lumikb_pipeline.domain.schema import (
     RELATIONSHIP_TYPE_PATTERN,
     DomainSchema,
 )
-from lumikb_pipeline.errors import SchemaViolation
 from lumikb_pipeline.graph.store import InvalidDocumentGraph
 
 # Names and descriptions beyond this are refused rather than silently cut: 64 k characters is far

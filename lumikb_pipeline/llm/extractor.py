@@ -43,10 +43,12 @@ from openai import AsyncOpenAI
 from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, RetryCallState
 
-from lumikb_pipeline.config import RateLimit, Settings, parse_model_rate_limits
+from lumikb_pipeline.core.config import RateLimit, Settings, parse_model_rate_limits
+from lumikb_pipeline.core.scrub import scrub
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure
 from lumikb_pipeline.domain.schema import DomainSchema
+from lumikb_pipeline.infra.redis_client import redis_url as configured_redis_url
 from lumikb_pipeline.llm import checkpoints, send_gate
 from lumikb_pipeline.llm.cost import response_cost
 from lumikb_pipeline.llm.offline import OFFLINE_MODEL, register_offline_model
@@ -54,8 +56,6 @@ from lumikb_pipeline.llm.parse import ParsedAnswer, UnusableAnswer, answer_forma
 from lumikb_pipeline.llm.prompt import build_messages, effective_prompt_version
 from lumikb_pipeline.llm.rate_limit import RateLimiter
 from lumikb_pipeline.llm.send_gate import GatedTransport, SendGate, current_gate
-from lumikb_pipeline.redis_client import redis_url as configured_redis_url
-from lumikb_pipeline.scrub import scrub
 
 log = logging.getLogger(__name__)
 

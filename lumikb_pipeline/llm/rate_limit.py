@@ -41,7 +41,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
-from lumikb_pipeline.config import RateLimit, Settings
+from lumikb_pipeline.core.config import RateLimit, Settings
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ code are imported here, in the parent, so every forked worker process starts war
 from dagster_celery.make_app import make_app
 from dagster_celery.tasks import create_task
 
-from lumikb_pipeline.config import get_settings
-from lumikb_pipeline.orchestration.celery_config import worker_app_args
+from lumikb_pipeline.core.config import get_settings
+from lumikb_pipeline.infra.celery_config import worker_app_args
 from lumikb_pipeline.orchestration.settings import get_orchestration_settings
 
 app = make_app(worker_app_args(get_settings(), get_orchestration_settings()))
@@ -21,7 +21,7 @@ execute_plan = create_task(app)
 
 def _preload() -> None:
     import lumikb_pipeline.definitions  # noqa: F401
-    import lumikb_pipeline.processing  # noqa: F401
+    import lumikb_pipeline.pipeline.stages  # noqa: F401
 
 
 _preload()

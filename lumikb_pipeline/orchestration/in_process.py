@@ -12,15 +12,15 @@ from typing import Any
 from dagster import DagsterInstance, JobDefinition, execute_job, in_process_executor, reconstructable
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from lumikb_pipeline.config import Settings
-from lumikb_pipeline.orchestration.batching import PartitionBatch, contiguous_batches
-from lumikb_pipeline.orchestration.names import (
+from lumikb_pipeline.core.config import Settings
+from lumikb_pipeline.core.names import (
     DOCUMENTS_PARTITIONS,
     REEXTRACTION_JOB,
     TAG_JOB_ID,
     TAG_MODE,
     TAG_SCHEMA_VERSION,
 )
+from lumikb_pipeline.domain.batching import PartitionBatch, contiguous_batches
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def run_documents_in_process(
     `schema_version`; None: no job, replace, the KB's current version). Failed documents are in the
     ledger; a batch with one is `success=False`. `on_batch` is called after each batch.
     """
-    from lumikb_pipeline.orchestration.instance import open_instance
+    from lumikb_pipeline.infra.dagster_instance import open_instance
 
     instance = instance or open_instance(settings)
     existing = instance.get_existing_dynamic_partitions(DOCUMENTS_PARTITIONS, list(doc_ids))

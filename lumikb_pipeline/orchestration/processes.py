@@ -15,10 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from lumikb_pipeline.config import Settings
-from lumikb_pipeline.orchestration.celery_config import broker
-from lumikb_pipeline.orchestration.instance import apply_pool_limits, ensure_instance_config
-from lumikb_pipeline.orchestration.names import (
+from lumikb_pipeline.core.config import Settings
+from lumikb_pipeline.core.names import (
     CELERY_APP_MODULE,
     DEFINITIONS_MODULE,
     QUEUE_DOCUMENT_PROCESSING,
@@ -26,6 +24,8 @@ from lumikb_pipeline.orchestration.names import (
     QUEUES,
     Queue,
 )
+from lumikb_pipeline.infra.celery_config import broker
+from lumikb_pipeline.infra.dagster_instance import apply_pool_limits, ensure_instance_config
 from lumikb_pipeline.orchestration.settings import OrchestrationSettings, pin_dagster_storage_driver
 
 LOCATION_NAME = "lumikb_pipeline"

@@ -1,6 +1,6 @@
 """Deployment knobs of the orchestration (queues, workers, pools, run limits), from the environment.
 
-They sit beside `lumikb_pipeline.config.Settings` (same `LUMIKB_` prefix, same error style) because
+They sit beside `lumikb_pipeline.core.config.Settings` (same `LUMIKB_` prefix, same error style) because
 only the Dagster/Celery side reads them. An invalid value fails at start-up naming the variable.
 """
 
@@ -13,7 +13,7 @@ from functools import lru_cache
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from lumikb_pipeline.errors import ConfigError
+from lumikb_pipeline.core.errors import ConfigError
 
 
 class OrchestrationSettings(BaseSettings):

@@ -14,9 +14,9 @@ from croniter import CroniterBadCronError, croniter
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from lumikb_pipeline.core.errors import UsageError
+from lumikb_pipeline.core.names import DEFAULT_DRIFT_CRON, SETTING_DRIFT_CRON, SETTING_DRIFT_ENABLED
 from lumikb_pipeline.db.models import AppSetting, utcnow
-from lumikb_pipeline.errors import UsageError
-from lumikb_pipeline.orchestration.names import DEFAULT_DRIFT_CRON, SETTING_DRIFT_CRON, SETTING_DRIFT_ENABLED
 
 CRON_HELP = (
     "write five fields 'minute hour day-of-month month day-of-week' (UTC), "

@@ -10,10 +10,9 @@ from datetime import UTC, datetime, timedelta
 from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from lumikb_pipeline.config import get_settings
-from lumikb_pipeline.jobs import document_processing_job
-from lumikb_pipeline.orchestration.batching import contiguous_batches
-from lumikb_pipeline.orchestration.document_sync import (
+from lumikb_pipeline.core.config import get_settings
+from lumikb_pipeline.core.names import DOCUMENTS_PARTITIONS
+from lumikb_pipeline.db.document_sync import (
     SyncCursor,
     changed_documents,
     changed_since_extraction,
@@ -21,7 +20,8 @@ from lumikb_pipeline.orchestration.document_sync import (
     live_documents,
     needing_processing,
 )
-from lumikb_pipeline.orchestration.names import DOCUMENTS_PARTITIONS
+from lumikb_pipeline.domain.batching import contiguous_batches
+from lumikb_pipeline.jobs import document_processing_job
 from lumikb_pipeline.orchestration.settings import get_orchestration_settings
 from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource
 

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 
 from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
+from lumikb_pipeline.core.names import TAG_TRIGGER
 from lumikb_pipeline.jobs import drift_check_job
-from lumikb_pipeline.orchestration.names import TAG_TRIGGER
 from lumikb_pipeline.orchestration.settings import get_orchestration_settings
 from lumikb_pipeline.resources import DatabaseResource
 from lumikb_pipeline.schedules.drift_schedule import due_tick, read_drift_schedule

@@ -8,8 +8,8 @@ from dagster import DefaultSensorStatus, SensorEvaluationContext, SensorResult, 
 from sqlalchemy import select
 
 from lumikb_pipeline.db.models import Job, JobStatus
-from lumikb_pipeline.orchestration.jobs import record_ui_backfills, refresh_job_status
 from lumikb_pipeline.orchestration.settings import get_orchestration_settings
+from lumikb_pipeline.reextraction.service import record_ui_backfills, refresh_job_status
 from lumikb_pipeline.resources import DatabaseResource
 
 

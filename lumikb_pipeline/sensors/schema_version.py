@@ -20,8 +20,8 @@ from dagster._core.scheduler.instigation import InstigatorStatus, InstigatorType
 from sqlalchemy import select
 
 from lumikb_pipeline.db.models import JobTrigger, KnowledgeBase
-from lumikb_pipeline.orchestration.jobs import Selection, start_reextraction
 from lumikb_pipeline.orchestration.settings import get_orchestration_settings
+from lumikb_pipeline.reextraction.service import Selection, start_reextraction
 from lumikb_pipeline.resources import DatabaseResource
 
 SENSOR_NAME = "schema_version_sensor"

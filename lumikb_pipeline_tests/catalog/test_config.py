@@ -1,7 +1,7 @@
 import pytest
 
-from lumikb_pipeline.config import load_settings, parse_rate_limit
-from lumikb_pipeline.errors import ConfigError
+from lumikb_pipeline.core.config import load_settings, parse_rate_limit
+from lumikb_pipeline.core.errors import ConfigError
 
 
 def test_embedded_defaults(lumikb_env) -> None:  # type: ignore[no-untyped-def]

@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from lumikb_pipeline.cli import app
-from lumikb_pipeline.config import load_settings
+from lumikb_pipeline.core.config import load_settings
 from lumikb_pipeline.db.models import Chunk, Document, KnowledgeBase, SchemaVersion
 from lumikb_pipeline.db.session import session_scope
 

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
+from lumikb_pipeline.core.errors import SchemaFileError
 from lumikb_pipeline.domain.schema import parse_schema_file, parse_schema_text
-from lumikb_pipeline.errors import SchemaFileError
 
 VALID = """\
 entity_types:

@@ -19,7 +19,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
     `LUMIKB_TEST_REUSE_STACK=<file.json>` reuses one left running by a developer (no teardown).
     """
-    from lumikb_pipeline.config import get_settings
+    from lumikb_pipeline.core.config import get_settings
     from lumikb_pipeline.db.session import dispose_engines
     from lumikb_pipeline.orchestration.settings import get_orchestration_settings
 

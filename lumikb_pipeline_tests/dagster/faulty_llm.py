@@ -7,7 +7,7 @@ until released (so the steps that call it are all in progress at once).
     POST /_hold {"hold": true}                           # false releases the held requests
     GET /_hold -> {"hold": true, "waiting": 24}          # requests being held now
 
-Everything else is `lumikb_pipeline.llm.fake_server` as is.
+Everything else is `lumikb_pipeline.testing.fake_llm_server` as is.
 """
 
 import argparse
@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from lumikb_pipeline.llm.fake_server import FakeConfig, FakeLLM
+from lumikb_pipeline.testing.fake_llm_server import FakeConfig, FakeLLM
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

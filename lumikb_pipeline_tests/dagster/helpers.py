@@ -20,13 +20,13 @@ def unique_slug(prefix: str) -> str:
 
 
 def database_url() -> str:
-    from lumikb_pipeline.config import get_settings
+    from lumikb_pipeline.core.config import get_settings
 
     return get_settings().effective_database_url
 
 
 def create_kb(slug: str, schema: Path = SCHEMA_V1) -> None:
-    from lumikb_pipeline import catalog
+    from lumikb_pipeline.db import catalog
     from lumikb_pipeline.db.session import session_scope
     from lumikb_pipeline.domain.schema import parse_schema_file
 
@@ -35,7 +35,7 @@ def create_kb(slug: str, schema: Path = SCHEMA_V1) -> None:
 
 
 def set_schema(slug: str, schema: Path) -> int:
-    from lumikb_pipeline import catalog
+    from lumikb_pipeline.db import catalog
     from lumikb_pipeline.db.session import session_scope
     from lumikb_pipeline.domain.schema import parse_schema_file
 
@@ -64,7 +64,7 @@ def write_documents(folder: Path, tag: str, count: int, markers: dict[int, str] 
 
 def ingest(slug: str, folder: Path) -> list[str]:
     """Ingest a folder; the document ids in file order."""
-    from lumikb_pipeline import catalog
+    from lumikb_pipeline.db import catalog
 
     report = catalog.ingest(database_url(), slug, [folder])
     assert not report.errors, report.errors
@@ -74,7 +74,7 @@ def ingest(slug: str, folder: Path) -> list[str]:
 def ingest_at_once(slug: str, paths: Sequence[Path]) -> list[str]:
     """Ingest files in one transaction, so the partitions sensor sees them all in one tick (and
     requests all their runs together)."""
-    from lumikb_pipeline import catalog
+    from lumikb_pipeline.db import catalog
     from lumikb_pipeline.db.session import session_scope
 
     with session_scope(database_url()) as session:
@@ -85,8 +85,7 @@ def ingest_at_once(slug: str, paths: Sequence[Path]) -> list[str]:
 def ingest_as_extracted(slug: str, paths: Sequence[Path]) -> list[str]:
     """Ingest files and record them as already extracted at the KB's current version, in one
     transaction (so the partitions sensor never sees them as new)."""
-    from lumikb_pipeline import catalog
-    from lumikb_pipeline.db import ledger
+    from lumikb_pipeline.db import catalog, ledger
     from lumikb_pipeline.db.session import session_scope
 
     with session_scope(database_url()) as session:

@@ -174,8 +174,8 @@ class StackHandle:
 def start_stack(root: Path) -> Stack:
     """Create the databases, write the instance, start every process and wait until all answer."""
     from lumikb_pipeline.db import migrate
+    from lumikb_pipeline.infra.dagster_instance import apply_pool_limits, instance_config, render_instance_yaml
     from lumikb_pipeline.orchestration import processes
-    from lumikb_pipeline.orchestration.instance import apply_pool_limits, instance_config, render_instance_yaml
     from lumikb_pipeline.orchestration.settings import OrchestrationSettings
 
     base_redis = required_env("LUMIKB_REDIS_URL").rsplit("/", 1)[0]
@@ -198,7 +198,7 @@ def start_stack(root: Path) -> Stack:
     os.environ.clear()
     os.environ.update(env)
     try:
-        from lumikb_pipeline.config import load_settings
+        from lumikb_pipeline.core.config import load_settings
 
         settings = load_settings()
         orchestration = OrchestrationSettings()
@@ -235,7 +235,7 @@ def stop_stack(stack: Stack) -> None:
     saved = dict(os.environ)
     os.environ.update(stack.env)
     try:
-        from lumikb_pipeline.config import load_settings
+        from lumikb_pipeline.core.config import load_settings
 
         processes.stop_services(load_settings(), processes.service_names())
     finally:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lumikb_pipeline.orchestration.batching import chunked, contiguous_batches
+from lumikb_pipeline.domain.batching import chunked, contiguous_batches
 
 ORDER = [f"d{i}" for i in range(10)]
 

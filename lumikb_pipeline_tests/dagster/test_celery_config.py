@@ -1,6 +1,6 @@
 """The Celery side: transport options, acknowledgement, worker commands."""
 
-from lumikb_pipeline.orchestration.celery_config import celery_config_source
+from lumikb_pipeline.infra.celery_config import celery_config_source
 from lumikb_pipeline.orchestration.processes import service_specs, worker_argv
 from lumikb_pipeline.orchestration.settings import OrchestrationSettings
 
@@ -29,7 +29,7 @@ def test_worker_command_listens_on_one_queue_with_bounded_memory() -> None:
 def test_lumikb_up_starts_one_worker_per_queue(tmp_path: object) -> None:
     from pathlib import Path
 
-    from lumikb_pipeline.config import Settings
+    from lumikb_pipeline.core.config import Settings
 
     settings = Settings(home=Path(str(tmp_path)))
     names = [spec.name for spec in service_specs(settings, OrchestrationSettings(), Path("w.yaml"))]

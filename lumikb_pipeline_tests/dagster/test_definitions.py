@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dagster import AssetKey, Definitions
 
-from lumikb_pipeline.orchestration.celery_config import celery_config_source
+from lumikb_pipeline.infra.celery_config import celery_config_source
 from lumikb_pipeline.orchestration.settings import OrchestrationSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,7 +59,7 @@ def test_document_entities_is_two_ops_each_in_its_pool() -> None:
     assert pools == {"extract_document_entities": "lumikb_llm", "write_document_entities": "lumikb_graph_write"}
     assert document_entities.partitions_def is not None
     assert document_entities.backfill_policy is not None
-    from lumikb_pipeline.config import get_settings
+    from lumikb_pipeline.core.config import get_settings
 
     assert document_entities.backfill_policy.max_partitions_per_run == get_settings().reextract_batch_size
 
@@ -99,7 +99,7 @@ def test_the_invariant_checks_run_on_their_own_and_pass_on_an_empty_graph(lumikb
     from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
 
     from lumikb_pipeline.assets import KNOWLEDGE_GRAPH, document_entities, graph_invariants, knowledge_graph
-    from lumikb_pipeline.config import get_settings
+    from lumikb_pipeline.core.config import get_settings
     from lumikb_pipeline.db.migrate import ensure_database
     from lumikb_pipeline.definitions import defs
     from lumikb_pipeline_tests.dagster.helpers import create_kb

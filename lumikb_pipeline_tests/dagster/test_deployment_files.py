@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
-from lumikb_pipeline.config import Settings
-from lumikb_pipeline.orchestration.names import CELERY_APP_MODULE, DEFINITIONS_MODULE, QUEUES
+from lumikb_pipeline.core.config import Settings
+from lumikb_pipeline.core.names import CELERY_APP_MODULE, DEFINITIONS_MODULE, QUEUES
 from lumikb_pipeline.orchestration.settings import OrchestrationSettings
 
 ROOT = Path(__file__).resolve().parents[2]

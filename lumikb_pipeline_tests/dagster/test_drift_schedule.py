@@ -6,8 +6,8 @@ import pytest
 from dagster import DagsterInstance, SensorResult, build_sensor_context
 from typer.testing import CliRunner
 
+from lumikb_pipeline.core.errors import UsageError
 from lumikb_pipeline.db.session import session_scope
-from lumikb_pipeline.errors import UsageError
 from lumikb_pipeline.schedules.drift_schedule import (
     due_tick,
     next_cron_time,

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from dagster import AssetKey, DagsterInstance, ReexecutionOptions, execute_job, reconstructable
 
-from lumikb_pipeline import catalog
+from lumikb_pipeline.db import catalog
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.schema import parse_schema_file
 from lumikb_pipeline_tests.conftest import required_env
@@ -34,7 +34,7 @@ def fake_llm(tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def env(pg_url: str, redis_url: str, fake_llm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    from lumikb_pipeline.config import get_settings
+    from lumikb_pipeline.core.config import get_settings
 
     for name in list(os.environ):
         if name.startswith("LUMIKB_") and not name.startswith("LUMIKB_NEO4J"):
@@ -56,7 +56,7 @@ def env(pg_url: str, redis_url: str, fake_llm: str, tmp_path: Path, monkeypatch:
 
 
 def _documents(tmp_path: Path, markers: dict[int, str]) -> list[str]:
-    from lumikb_pipeline.config import get_settings
+    from lumikb_pipeline.core.config import get_settings
 
     url = get_settings().effective_database_url
     slug = unique_slug("inproc")
@@ -72,7 +72,7 @@ def _documents(tmp_path: Path, markers: dict[int, str]) -> list[str]:
 def test_each_document_is_materialized_with_its_metadata_and_a_failed_one_alone_fails(
     env: Path, fake_llm: str
 ) -> None:
-    from lumikb_pipeline.config import get_settings
+    from lumikb_pipeline.core.config import get_settings
     from lumikb_pipeline.orchestration.in_process import in_process_job, run_documents_in_process
 
     ids = _documents(env, {2: "Quarantineword"})
@@ -116,7 +116,7 @@ def test_a_run_of_a_ui_backfill_records_and_works_for_the_backfills_job(env: Pat
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
     from sqlalchemy import select
 
-    from lumikb_pipeline.config import get_settings
+    from lumikb_pipeline.core.config import get_settings
     from lumikb_pipeline.db.models import Job
     from lumikb_pipeline.orchestration.in_process import in_process_job
     from lumikb_pipeline_tests.dagster.test_sensors import _ui_backfill

@@ -8,8 +8,8 @@ import yaml
 from dagster._config import process_config
 from dagster._core.instance.config import dagster_instance_config_schema
 
-from lumikb_pipeline.errors import ConfigError
-from lumikb_pipeline.orchestration.instance import instance_config, render_instance_yaml
+from lumikb_pipeline.core.errors import ConfigError
+from lumikb_pipeline.infra.dagster_instance import instance_config, render_instance_yaml
 from lumikb_pipeline.orchestration.settings import (
     OrchestrationSettings,
     dagster_storage_url,
@@ -32,7 +32,7 @@ def defaults(monkeypatch: pytest.MonkeyPatch) -> OrchestrationSettings:
 
 def test_repository_dagster_yaml_is_the_generated_production_config(defaults: OrchestrationSettings) -> None:
     assert (ROOT / "dagster.yaml").read_text() == render_instance_yaml(instance_config(defaults)), (
-        "dagster.yaml is stale: regenerate it from lumikb_pipeline/orchestration/instance.py"
+        "dagster.yaml is stale: regenerate it from lumikb_pipeline/infra/dagster_instance.py"
     )
 
 

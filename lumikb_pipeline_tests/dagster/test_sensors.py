@@ -9,7 +9,7 @@ import pytest
 from dagster import DagsterInstance, SensorResult, build_sensor_context
 from sqlalchemy import select
 
-from lumikb_pipeline import catalog
+from lumikb_pipeline.db import catalog
 from lumikb_pipeline.db.models import Job
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.schema import parse_schema_file
@@ -179,11 +179,11 @@ def _job_status_tick(instance: DagsterInstance, url: str) -> SensorResult:
 def test_a_backfill_launched_in_the_ui_gets_one_job_per_kb_found_by_its_backfill_id(
     pg_url: str, tmp_path: Path, instance: DagsterInstance
 ) -> None:
-    from lumikb_pipeline import redis_client
+    from lumikb_pipeline.core.errors import UsageError
     from lumikb_pipeline.db import ledger
-    from lumikb_pipeline.errors import UsageError
-    from lumikb_pipeline.orchestration.jobs import ui_backfill_jobs
-    from lumikb_pipeline.progress import job_progress
+    from lumikb_pipeline.infra import redis_client
+    from lumikb_pipeline.reextraction.service import ui_backfill_jobs
+    from lumikb_pipeline.tracking.progress import job_progress
 
     settings = DatabaseResource(database_url=pg_url).app_settings()
     one, _, one_ids = _kb_with_documents(pg_url, tmp_path / "one", 3)
@@ -222,7 +222,7 @@ def test_a_job_the_workers_close_during_a_status_refresh_stays_closed(
     pg_url: str, tmp_path: Path, instance: DagsterInstance
 ) -> None:
     from lumikb_pipeline.db.models import JobStatus, utcnow
-    from lumikb_pipeline.orchestration.jobs import Selection, refresh_job_status, start_reextraction
+    from lumikb_pipeline.reextraction.service import Selection, refresh_job_status, start_reextraction
 
     settings = DatabaseResource(database_url=pg_url).app_settings()
     slug, _, _ = _kb_with_documents(pg_url, tmp_path / "docs", 2)

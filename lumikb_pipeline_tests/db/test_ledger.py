@@ -7,8 +7,8 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from lumikb_pipeline.catalog import create_kb
 from lumikb_pipeline.db import ledger
+from lumikb_pipeline.db.catalog import create_kb
 from lumikb_pipeline.db.models import Document, ExtractionRecord, ExtractionStatus, Job, JobTrigger, KnowledgeBase
 from lumikb_pipeline.db.session import dispose_engines, session_scope
 from lumikb_pipeline.domain.schema import parse_schema_text

@@ -6,10 +6,10 @@ from collections.abc import Callable
 
 import pytest
 
+from lumikb_pipeline.core.errors import SchemaViolation
 from lumikb_pipeline.domain.keys import MAX_KEY_LENGTH, normalise_key
 from lumikb_pipeline.domain.results import DocumentGraph, EntityRef, GraphChunk, GraphEntity, GraphRelationship
 from lumikb_pipeline.domain.schema import DomainSchema, EntityType, RelationshipType
-from lumikb_pipeline.errors import SchemaViolation
 from lumikb_pipeline.graph.store import GraphStore, InvalidDocumentGraph, check_invariants
 from lumikb_pipeline_tests.graph.factories import SCHEMA, doc_graph
 

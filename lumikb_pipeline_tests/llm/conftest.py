@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from lumikb_pipeline.config import Settings
+from lumikb_pipeline.core.config import Settings
 from lumikb_pipeline.db.models import KnowledgeBase
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.schema import DomainSchema, parse_schema_text
-from lumikb_pipeline.llm.fake_server import raise_priority
+from lumikb_pipeline.testing.fake_llm_server import raise_priority
 
 SCHEMA_V1 = """
 entity_types:
@@ -84,7 +84,7 @@ class FakeServer:
 def start_fake_server(*args: str) -> FakeServer:
     """Start the fake server on a free port; wait until it answers."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "lumikb_pipeline.llm.fake_server", "--port", "0", *args],
+        [sys.executable, "-m", "lumikb_pipeline.testing.fake_llm_server", "--port", "0", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert process.stdout is not None

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from lumikb_pipeline.config import Settings
+from lumikb_pipeline.core.config import Settings
 from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure
 from lumikb_pipeline.domain.schema import DomainSchema
 from lumikb_pipeline.llm.extractor import ChunkExtractor, ChunkInput, ChunkOutcome, RetryPolicy

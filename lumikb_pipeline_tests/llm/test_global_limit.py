@@ -36,7 +36,7 @@ def _extract_in_process(
     # test to 9.05/s with no missed slot).
     for name in [name for name in os.environ if name.startswith("LUMIKB_")]:
         del os.environ[name]
-    from lumikb_pipeline.config import Settings
+    from lumikb_pipeline.core.config import Settings
     from lumikb_pipeline.domain.results import ChunkFailure
     from lumikb_pipeline.domain.schema import parse_schema_text
     from lumikb_pipeline.llm.extractor import ChunkExtractor, ChunkInput

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import pytest
 import redis.asyncio as aioredis
 
-from lumikb_pipeline.config import RateLimit, parse_rate_limit
+from lumikb_pipeline.core.config import RateLimit, parse_rate_limit
 from lumikb_pipeline.llm.rate_limit import RateLimiter
 from lumikb_pipeline_tests.llm.limits import max_calls_in_window
 
@@ -170,7 +170,7 @@ def test_a_cancelled_caller_gives_its_lease_back(redis_url: str) -> None:
 _HOLDER = """
 import asyncio, sys, time
 import redis.asyncio as aioredis
-from lumikb_pipeline.config import parse_rate_limit
+from lumikb_pipeline.core.config import parse_rate_limit
 from lumikb_pipeline.llm.rate_limit import RateLimiter
 
 async def main():

@@ -12,7 +12,7 @@ import litellm
 import pytest
 from sqlalchemy import select
 
-from lumikb_pipeline.config import Settings
+from lumikb_pipeline.core.config import Settings
 from lumikb_pipeline.db.models import ChunkCheckpoint
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.results import ChunkFailure

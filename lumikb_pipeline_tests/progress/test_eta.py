@@ -1,4 +1,4 @@
-from lumikb_pipeline.progress.eta import eta_seconds, rate_per_second
+from lumikb_pipeline.domain.eta import eta_seconds, rate_per_second
 
 
 def test_no_progress_yet_has_no_rate_and_no_eta() -> None:

@@ -13,18 +13,17 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from lumikb_pipeline import catalog
-from lumikb_pipeline.cancellation import cancel_job
-from lumikb_pipeline.config import get_settings, load_settings
-from lumikb_pipeline.db import ledger
+from lumikb_pipeline.core.config import get_settings, load_settings
+from lumikb_pipeline.db import catalog, ledger
 from lumikb_pipeline.db.models import ExtractionRecord, ExtractionStatus, Job, JobStatus
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.schema import parse_schema_text
 from lumikb_pipeline.graph.store import open_graph_store
 from lumikb_pipeline.llm.extractor import ChunkExtractor
-from lumikb_pipeline.orchestration.jobs import Selection, start_reextraction
-from lumikb_pipeline.processing import extract_documents, write_documents
-from lumikb_pipeline.progress import job_progress
+from lumikb_pipeline.pipeline.stages import extract_documents, write_documents
+from lumikb_pipeline.reextraction.cancel import cancel_job
+from lumikb_pipeline.reextraction.service import Selection, start_reextraction
+from lumikb_pipeline.tracking.progress import job_progress
 from lumikb_pipeline_tests.llm.conftest import FakeServer, start_fake_server, stop_fake_server
 
 SCHEMA = """\
@@ -196,8 +195,8 @@ def test_max_cost_stops_the_job_within_one_batch_of_calls_past_its_budget(
 ) -> None:
     settings = load_settings()
     calls = fake_server.calls()
-    from lumikb_pipeline.estimate import estimate_reextraction
-    from lumikb_pipeline.orchestration.jobs import select_documents
+    from lumikb_pipeline.reextraction.estimate import estimate_reextraction
+    from lumikb_pipeline.reextraction.service import select_documents
 
     with session_scope(settings.effective_database_url) as session:
         kb = catalog.get_kb(session, "acme")

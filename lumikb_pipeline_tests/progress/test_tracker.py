@@ -5,13 +5,13 @@ from __future__ import annotations
 import redis
 from sqlalchemy import select
 
-from lumikb_pipeline.catalog import create_kb
 from lumikb_pipeline.db import ledger
+from lumikb_pipeline.db.catalog import create_kb
 from lumikb_pipeline.db.models import Document, ExtractionRecord, Job, JobStatus, JobTrigger
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.schema import parse_schema_text
-from lumikb_pipeline.progress import job_progress
-from lumikb_pipeline.progress.tracker import ProgressTracker
+from lumikb_pipeline.tracking.progress import job_progress
+from lumikb_pipeline.tracking.tracker import ProgressTracker
 
 
 def _job_with_documents(url: str, count: int) -> tuple[str, list[str]]:

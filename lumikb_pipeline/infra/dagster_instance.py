@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from lumikb_pipeline.config import Settings
-from lumikb_pipeline.orchestration.names import POOL_GRAPH_WRITE, POOL_LLM, TAG_BACKFILL
+from lumikb_pipeline.core.config import Settings
+from lumikb_pipeline.core.names import POOL_GRAPH_WRITE, POOL_LLM, TAG_BACKFILL
 from lumikb_pipeline.orchestration.settings import OrchestrationSettings
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ def instance_config(
 def render_instance_yaml(config: dict[str, Any]) -> str:
     """`dagster.yaml` text for a configuration."""
     header = (
-        "# Dagster instance of lumikb_pipeline. Generated from lumikb_pipeline/orchestration/instance.py\n"
+        "# Dagster instance of lumikb_pipeline. Generated from lumikb_pipeline/infra/dagster_instance.py\n"
         "# (`instance_config`); change it there. Per-pool limits: LUMIKB_LLM_POOL_LIMIT and\n"
         "# LUMIKB_GRAPH_WRITE_POOL_LIMIT, applied by `lumikb up` (see docs/operations.md).\n"
     )

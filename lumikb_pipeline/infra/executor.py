@@ -22,7 +22,7 @@ from dagster._core.execution.retries import RetryMode
 from dagster._core.execution.step_dependency_config import StepDependencyConfig
 from dagster_celery.executor import CELERY_CONFIG, CeleryExecutor
 
-from lumikb_pipeline.orchestration.names import Queue
+from lumikb_pipeline.core.names import Queue
 
 # Run a step once its inputs exist, whatever happened to the step that produced them afterwards.
 RUN_WHEN_INPUTS_EXIST = StepDependencyConfig(require_upstream_step_success=False)
@@ -60,8 +60,8 @@ class LumikbCeleryExecutor(CeleryExecutor):
 )
 def lumikb_celery_executor(init_context: InitExecutorContext) -> Executor:
     """Celery on the pipeline's broker; `config_source.task_default_queue` picks the queue."""
-    from lumikb_pipeline.config import get_settings
-    from lumikb_pipeline.orchestration.celery_config import broker
+    from lumikb_pipeline.core.config import get_settings
+    from lumikb_pipeline.infra.celery_config import broker
 
     config = init_context.executor_config
     url = config.get("broker") or broker(get_settings())
@@ -76,7 +76,7 @@ def lumikb_celery_executor(init_context: InitExecutorContext) -> Executor:
 
 def celery_executor_for(queue: Queue) -> ExecutorDefinition:
     """The executor that sends every step of a run to `queue`."""
-    from lumikb_pipeline.orchestration.celery_config import celery_config_source
+    from lumikb_pipeline.infra.celery_config import celery_config_source
     from lumikb_pipeline.orchestration.settings import get_orchestration_settings
 
     return lumikb_celery_executor.configured(

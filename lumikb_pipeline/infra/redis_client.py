@@ -12,8 +12,8 @@ from pathlib import Path
 
 import redis
 
-from lumikb_pipeline.config import Settings
-from lumikb_pipeline.errors import LumikbError
+from lumikb_pipeline.core.config import Settings
+from lumikb_pipeline.core.errors import LumikbError
 
 
 def _redis_server_binary() -> str:

@@ -15,11 +15,11 @@ import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from lumikb_pipeline.core.errors import NotFoundError
 from lumikb_pipeline.db import ledger
 from lumikb_pipeline.db.models import ExtractionRecord, ExtractionStatus, Job, JobStatus
-from lumikb_pipeline.errors import NotFoundError
-from lumikb_pipeline.progress.eta import RATE_WINDOW_S, eta_seconds, rate_per_second
-from lumikb_pipeline.progress.tracker import ProgressTracker, RecentError
+from lumikb_pipeline.domain.eta import RATE_WINDOW_S, eta_seconds, rate_per_second
+from lumikb_pipeline.tracking.tracker import ProgressTracker, RecentError
 
 
 @dataclass

@@ -23,21 +23,22 @@ from typing import Literal
 
 from sqlalchemy import select
 
-from lumikb_pipeline import progress, redis_client
-from lumikb_pipeline.config import Settings
-from lumikb_pipeline.control import JobControl
+from lumikb_pipeline.core.config import Settings
+from lumikb_pipeline.core.errors import LumikbError
+from lumikb_pipeline.core.scrub import scrub
 from lumikb_pipeline.db import ledger
 from lumikb_pipeline.db.models import Chunk, Document, ExtractionStatus, KnowledgeBase, SchemaVersion
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure, GraphChunk
 from lumikb_pipeline.domain.schema import DomainSchema, schema_from_json
-from lumikb_pipeline.errors import LumikbError
 from lumikb_pipeline.graph.build import build_document_graph
 from lumikb_pipeline.graph.store import GraphStore
+from lumikb_pipeline.infra import redis_client
 from lumikb_pipeline.llm.checkpoints import load_checkpoints
 from lumikb_pipeline.llm.extractor import ChunkExtractor, ChunkInput
 from lumikb_pipeline.llm.prompt import effective_prompt_version
-from lumikb_pipeline.scrub import scrub
+from lumikb_pipeline.tracking import progress
+from lumikb_pipeline.tracking.control import JobControl
 
 OutcomeStatus = Literal["extracted", "succeeded", "failed", "skipped", "cancelled"]
 

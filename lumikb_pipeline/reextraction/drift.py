@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from lumikb_pipeline.catalog import get_kb
 from lumikb_pipeline.db import ledger
+from lumikb_pipeline.db.catalog import get_kb
 from lumikb_pipeline.db.models import Document, KnowledgeBase
 
 

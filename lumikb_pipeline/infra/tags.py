@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lumikb_pipeline.orchestration.names import (
+from lumikb_pipeline.core.names import (
     QUEUE_DOCUMENT_PROCESSING,
     QUEUE_REPROCESSING,
     TAG_MAX_RETRIES,

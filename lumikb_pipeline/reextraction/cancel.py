@@ -13,13 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lumikb_pipeline import progress, redis_client
-from lumikb_pipeline.config import Settings
-from lumikb_pipeline.control import flag_cancelled
+from lumikb_pipeline.core.config import Settings
+from lumikb_pipeline.core.errors import NotFoundError
 from lumikb_pipeline.db import ledger
 from lumikb_pipeline.db.models import Job, JobStatus, utcnow
 from lumikb_pipeline.db.session import session_scope
-from lumikb_pipeline.errors import NotFoundError
+from lumikb_pipeline.infra import redis_client
+from lumikb_pipeline.tracking import progress
+from lumikb_pipeline.tracking.control import flag_cancelled
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,8 @@ def _cancel_dagster_work(
     from dagster import DagsterRunStatus, RunsFilter
     from dagster._core.execution.backfill import BulkActionStatus
 
-    from lumikb_pipeline.orchestration.instance import open_instance
-    from lumikb_pipeline.orchestration.names import TAG_JOB_ID
+    from lumikb_pipeline.core.names import TAG_JOB_ID
+    from lumikb_pipeline.infra.dagster_instance import open_instance
 
     instance = instance or open_instance(settings)
     backfill_cancelled = False

@@ -15,10 +15,10 @@ from typing import Any
 
 from dagster_celery.defaults import broker_transport_options as DAGSTER_CELERY_TRANSPORT_OPTIONS
 
-from lumikb_pipeline.config import Settings
-from lumikb_pipeline.orchestration.names import QUEUE_DOCUMENT_PROCESSING, Queue
+from lumikb_pipeline.core.config import Settings
+from lumikb_pipeline.core.names import QUEUE_DOCUMENT_PROCESSING, Queue
+from lumikb_pipeline.infra.redis_client import broker_url
 from lumikb_pipeline.orchestration.settings import OrchestrationSettings
-from lumikb_pipeline.redis_client import broker_url
 
 
 def celery_config_source(orchestration: OrchestrationSettings, queue: Queue) -> dict[str, Any]:

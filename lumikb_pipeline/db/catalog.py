@@ -13,11 +13,11 @@ from pathlib import Path
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from lumikb_pipeline.core.errors import NotFoundError, UsageError
 from lumikb_pipeline.db.models import Chunk, Document, KnowledgeBase, SchemaVersion, utcnow
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.chunking import chunk_text, content_hash, document_title
 from lumikb_pipeline.domain.schema import DomainSchema, check_kb_slug, schema_from_json
-from lumikb_pipeline.errors import NotFoundError, UsageError
 
 # Chunk ids are derived from (document, ordinal), so re-ingesting gives the same ids.
 _CHUNK_NAMESPACE = uuid.UUID("6f2d0c1e-6a4b-4c55-9a53-4c1b0f9d7e21")

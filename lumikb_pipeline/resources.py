@@ -14,7 +14,7 @@ import redis
 from dagster import ConfigurableResource
 from sqlalchemy.orm import Session
 
-from lumikb_pipeline.config import Settings, get_settings
+from lumikb_pipeline.core.config import Settings, get_settings
 from lumikb_pipeline.db.session import session_scope
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ class RedisResource(ConfigurableResource):
 
     def client(self) -> redis.Redis:
         """A client with string responses."""
-        from lumikb_pipeline.redis_client import connect
+        from lumikb_pipeline.infra.redis_client import connect
 
         settings = get_settings()
         if self.redis_url:

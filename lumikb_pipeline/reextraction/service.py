@@ -19,14 +19,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from lumikb_pipeline import redis_client
-from lumikb_pipeline.catalog import get_kb
-from lumikb_pipeline.config import Settings
-from lumikb_pipeline.db import ledger
-from lumikb_pipeline.db.models import Document, Job, JobMode, JobStatus, JobTrigger, KnowledgeBase, utcnow
-from lumikb_pipeline.db.session import session_scope
-from lumikb_pipeline.errors import NotFoundError, UsageError
-from lumikb_pipeline.orchestration.names import (
+from lumikb_pipeline.core.config import Settings
+from lumikb_pipeline.core.errors import NotFoundError, UsageError
+from lumikb_pipeline.core.names import (
     DOCUMENTS_PARTITIONS,
     TAG_BACKFILL,
     TAG_JOB_ID,
@@ -35,8 +30,13 @@ from lumikb_pipeline.orchestration.names import (
     TAG_SCHEMA_VERSION,
     TAG_TRIGGER,
 )
-from lumikb_pipeline.orchestration.tags import reextraction_tags
-from lumikb_pipeline.progress.tracker import ProgressTracker
+from lumikb_pipeline.db import ledger
+from lumikb_pipeline.db.catalog import get_kb
+from lumikb_pipeline.db.models import Document, Job, JobMode, JobStatus, JobTrigger, KnowledgeBase, utcnow
+from lumikb_pipeline.db.session import session_scope
+from lumikb_pipeline.infra import redis_client
+from lumikb_pipeline.infra.tags import reextraction_tags
+from lumikb_pipeline.tracking.tracker import ProgressTracker
 
 if TYPE_CHECKING:
     from dagster import DagsterInstance
@@ -194,7 +194,7 @@ def launch_job(
     from dagster._core.execution.backfill import PartitionBackfill
 
     from lumikb_pipeline.assets.document_entities import DOCUMENT_ENTITIES
-    from lumikb_pipeline.orchestration.instance import open_instance
+    from lumikb_pipeline.infra.dagster_instance import open_instance
 
     instance = instance or open_instance(settings)
     backfill_id = backfill_id_for(job.id)
@@ -234,7 +234,7 @@ def backfill_documents(backfill: Any) -> list[str]:
     partitions of that asset, or a job backfill's partitions (`reextraction_job` from its job page);
     [] for a backfill of anything else."""
     from lumikb_pipeline.assets.document_entities import DOCUMENT_ENTITIES
-    from lumikb_pipeline.orchestration.names import REEXTRACTION_JOB
+    from lumikb_pipeline.core.names import REEXTRACTION_JOB
 
     data = backfill.asset_backfill_data
     if data is None:

@@ -1,6 +1,6 @@
 """A fake LLM server speaking the OpenAI chat-completions API, for tests and benchmarks.
 
-    python -m lumikb_pipeline.llm.fake_server --port 8999 --latency-mean 1 --latency-jitter 0.3
+    python -m lumikb_pipeline.testing.fake_llm_server --port 8999 --latency-mean 1 --latency-jitter 0.3
     lumikb-fake-llm --port 0 --rate-429 0.3 --retry-after 1 --seed 7
 
 Clients talk to it through LiteLLM like to any OpenAI-compatible endpoint (model

@@ -34,14 +34,12 @@ def up(
 ) -> None:
     """Start the Dagster code server, webserver and daemon, and one Celery worker per queue."""
     from lumikb_pipeline.orchestration import processes
-    from lumikb_pipeline.orchestration.settings import load_orchestration_settings
 
     settings = ready_settings()
-    orchestration = load_orchestration_settings()
-    processes.prepare_instance(settings, orchestration)
+    processes.prepare_instance(settings)
     workspace = processes.write_workspace(settings)
-    specs = processes.service_specs(settings, orchestration, workspace)
-    env = processes.service_env(settings, orchestration)
+    specs = processes.service_specs(settings, workspace)
+    env = processes.service_env(settings)
     try:
         started = processes.start_services(settings, specs, env)
     except (RuntimeError, TimeoutError) as exc:
@@ -49,7 +47,7 @@ def up(
         raise LumikbError(f"{exc}; see the logs in {processes.logs_dir(settings)}") from None
     _print_states(settings)
     console.print(
-        f"Dagster UI: http://{orchestration.webserver_host}:{orchestration.webserver_port}  "
+        f"Dagster UI: http://{settings.webserver_host}:{settings.webserver_port}  "
         f"logs: {processes.logs_dir(settings)}", highlight=False,
     )
     if detach or not started:
@@ -201,7 +199,7 @@ def _wait(settings: object, job_id: str) -> None:
 def _show(schedule: object) -> None:
     from datetime import UTC, datetime
 
-    from lumikb_pipeline.schedules.drift_schedule import DriftSchedule
+    from lumikb_pipeline.db.app_settings import DriftSchedule
 
     assert isinstance(schedule, DriftSchedule)
     state = "enabled" if schedule.enabled else "disabled"
@@ -213,8 +211,8 @@ def _show(schedule: object) -> None:
 @handle_errors
 def schedule_show() -> None:
     """Show the drift check's cron and whether it is enabled."""
+    from lumikb_pipeline.db.app_settings import read_drift_schedule
     from lumikb_pipeline.db.session import session_scope
-    from lumikb_pipeline.schedules.drift_schedule import read_drift_schedule
 
     settings = ready_settings()
     with session_scope(settings.effective_database_url) as session:
@@ -227,8 +225,9 @@ def schedule_set_cron(
     cron: Annotated[str, typer.Argument(help="Five cron fields in UTC, e.g. '0 2 * * *'.", metavar="CRON")],
 ) -> None:
     """Change the drift check's cron; the running daemon applies it at its next sensor tick."""
+    from lumikb_pipeline.db.app_settings import set_drift_cron
     from lumikb_pipeline.db.session import session_scope
-    from lumikb_pipeline.schedules.drift_schedule import set_drift_cron, validate_cron
+    from lumikb_pipeline.domain.cron import validate_cron
 
     validate_cron(cron)  # bad input is refused before touching the database
     settings = ready_settings()
@@ -251,8 +250,8 @@ def schedule_disable() -> None:
 
 
 def _set_enabled(enabled: bool) -> None:
+    from lumikb_pipeline.db.app_settings import set_drift_enabled
     from lumikb_pipeline.db.session import session_scope
-    from lumikb_pipeline.schedules.drift_schedule import set_drift_enabled
 
     settings = ready_settings()
     with session_scope(settings.effective_database_url) as session:

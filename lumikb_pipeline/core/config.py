@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lumikb_pipeline.core.errors import ConfigError
+from lumikb_pipeline.core.names import OFFLINE_MODEL
 
 _RATE_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 _RATE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|m|min|h)\s*$")
@@ -37,6 +38,10 @@ class RateLimit:
         unit = {1.0: "s", 60.0: "m", 3600.0: "h"}[self.period_s]
         calls = int(self.calls) if self.calls == int(self.calls) else self.calls
         return f"{calls}/{unit}"
+
+
+# The limit of the offline model unless `LUMIKB_LLM_RATE_LIMITS` names it (`Settings.rate_limit_for`).
+OFFLINE_RATE_LIMIT = RateLimit(1000.0, 1.0)
 
 
 def parse_rate_limit(text: str) -> RateLimit:
@@ -89,6 +94,46 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("DAGSTER_HOME", "dagster_home")
     )
 
+    # --- the orchestration: queues, workers, pools, run limits (docs/operations.md) ---
+    # Dagster run-queue priority (`dagster/priority`): higher runs are dequeued first.
+    document_processing_priority: int = Field(default=10, ge=-100, le=100)
+    reprocessing_priority: int = Field(default=0, ge=-100, le=100)
+    # Celery worker processes per queue (`celery worker -c`).
+    document_processing_concurrency: int = Field(default=2, ge=1, le=64)
+    reprocessing_concurrency: int = Field(default=2, ge=1, le=64)
+    # A worker child that grew past this (KiB) is replaced after its current task.
+    worker_max_memory_kb: int = Field(default=1_500_000, ge=50_000)
+    # Tasks a worker child runs before it is replaced (bounds slow leaks too).
+    worker_max_tasks_per_child: int = Field(default=200, ge=1)
+    # Dagster op-concurrency pools (instance-wide step slots).
+    llm_pool_limit: int = Field(default=4, ge=1, le=1000)
+    graph_write_pool_limit: int = Field(default=3, ge=1, le=1000)
+    # Runs the queue may start beyond the free slots of their first pool, so they boot while they wait.
+    pool_run_buffer: int = Field(default=2, ge=0, le=100)
+    # Runs in progress at once, and how many of them may be re-extraction (backfill) runs.
+    max_concurrent_runs: int = Field(default=12, ge=2, le=1000)
+    max_reprocessing_runs: int = Field(default=2, ge=1, le=1000)
+    # A re-extraction run still going after this is failed by run monitoring (then retried).
+    reextraction_max_runtime_s: int = Field(default=7200, ge=60)
+    # Any run still going after this is failed by run monitoring.
+    run_max_runtime_s: int = Field(default=10800, ge=60)
+    # Automatic retries of a failed run (from failure).
+    run_max_retries: int = Field(default=2, ge=0, le=10)
+    # Celery redelivers an unacknowledged task after this; it must exceed the longest step.
+    celery_visibility_timeout_s: int = Field(default=14400, ge=60)
+    # How often the sensors look (seconds).
+    partitions_sensor_interval_s: int = Field(default=15, ge=1)
+    schema_sensor_interval_s: int = Field(default=30, ge=1)
+    drift_sensor_interval_s: int = Field(default=30, ge=1)
+    job_status_sensor_interval_s: int = Field(default=15, ge=1)
+    # Every this many seconds the partitions sensor also compares all partitions with the database.
+    partitions_reconcile_s: int = Field(default=600, ge=10)
+    # The Dagster storage database (`postgresql+psycopg2://...`; see `dagster_storage_url`); unset: SQLite files.
+    dagster_pg_url: str | None = None
+    # Where `lumikb up` serves the Dagster UI.
+    webserver_host: str = "127.0.0.1"
+    webserver_port: int = Field(default=3000, ge=1, le=65535)
+
     @field_validator("llm_rate_limit")
     @classmethod
     def _check_rate(cls, value: str) -> str:
@@ -132,6 +177,25 @@ class Settings(BaseSettings):
             raise ValueError("must be a bolt:// or neo4j:// URI, e.g. bolt://127.0.0.1:7687")
         return value
 
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        if self.max_reprocessing_runs >= self.max_concurrent_runs:
+            raise ValueError(
+                "LUMIKB_MAX_REPROCESSING_RUNS must be below LUMIKB_MAX_CONCURRENT_RUNS, "
+                "or re-extraction runs could take every run slot and delay normal processing"
+            )
+        if self.max_reprocessing_runs >= min(self.llm_pool_limit, self.graph_write_pool_limit):
+            raise ValueError(
+                "LUMIKB_MAX_REPROCESSING_RUNS must be below LUMIKB_LLM_POOL_LIMIT and LUMIKB_GRAPH_WRITE_POOL_LIMIT, "
+                "or re-extraction runs could hold every slot of a pool and delay normal processing"
+            )
+        if self.celery_visibility_timeout_s <= self.reextraction_max_runtime_s:
+            raise ValueError(
+                "LUMIKB_CELERY_VISIBILITY_TIMEOUT_S must exceed LUMIKB_REEXTRACTION_MAX_RUNTIME_S, "
+                "or Celery redelivers a step that is still running"
+            )
+        return self
+
     # --- derived values: the one place where embedded defaults are resolved ---
 
     @property
@@ -158,11 +222,19 @@ class Settings(BaseSettings):
 
     @property
     def rate_limit(self) -> RateLimit:
-        """The global LLM limit for the configured model (a per-model override wins)."""
+        """The global LLM limit for the configured model (see `rate_limit_for`)."""
         return self.rate_limit_for(self.llm_model)
 
     def rate_limit_for(self, model: str) -> RateLimit:
-        return parse_model_rate_limits(self.llm_rate_limits).get(model, parse_rate_limit(self.llm_rate_limit))
+        """The global LLM limit for `model`: its `LUMIKB_LLM_RATE_LIMITS` entry, else `OFFLINE_RATE_LIMIT`
+        for the offline model (it runs in-process and protects no paid API, so the demo is not slowed
+        to 10 chunks/s), else `LUMIKB_LLM_RATE_LIMIT`."""
+        overrides = parse_model_rate_limits(self.llm_rate_limits)
+        if model in overrides:
+            return overrides[model]
+        if model == OFFLINE_MODEL:
+            return OFFLINE_RATE_LIMIT
+        return parse_rate_limit(self.llm_rate_limit)
 
     @property
     def max_in_flight(self) -> int:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import Final, Literal
 
+# The deterministic local extractor (`lumikb_pipeline.llm.offline`), the default model.
+OFFLINE_MODEL: Final = "lumikb/offline"
+
 # The dynamic partitions of `document_entities`: one per document id.
 DOCUMENTS_PARTITIONS: Final = "documents"
 

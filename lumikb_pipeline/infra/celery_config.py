@@ -18,13 +18,12 @@ from dagster_celery.defaults import broker_transport_options as DAGSTER_CELERY_T
 from lumikb_pipeline.core.config import Settings
 from lumikb_pipeline.core.names import QUEUE_DOCUMENT_PROCESSING, Queue
 from lumikb_pipeline.infra.redis_client import broker_url
-from lumikb_pipeline.orchestration.settings import OrchestrationSettings
 
 
-def celery_config_source(orchestration: OrchestrationSettings, queue: Queue) -> dict[str, Any]:
+def celery_config_source(settings: Settings, queue: Queue) -> dict[str, Any]:
     """The `config_source` of the Celery app for steps submitted to `queue`."""
     transport = dict(DAGSTER_CELERY_TRANSPORT_OPTIONS)
-    transport["visibility_timeout"] = orchestration.celery_visibility_timeout_s
+    transport["visibility_timeout"] = settings.celery_visibility_timeout_s
     return {
         # Steps go where the executor says; dagster-celery reads this as the default queue.
         "task_default_queue": queue,
@@ -35,7 +34,7 @@ def celery_config_source(orchestration: OrchestrationSettings, queue: Queue) -> 
         # One step at a time per worker process: a long step never holds others hostage.
         "worker_prefetch_multiplier": 1,
         "broker_transport_options": transport,
-        "result_backend_transport_options": {"visibility_timeout": orchestration.celery_visibility_timeout_s},
+        "result_backend_transport_options": {"visibility_timeout": settings.celery_visibility_timeout_s},
         "result_expires": 7 * 24 * 3600,
         "broker_connection_retry_on_startup": True,
         # Task events for Flower and `celery events`.
@@ -44,17 +43,12 @@ def celery_config_source(orchestration: OrchestrationSettings, queue: Queue) -> 
     }
 
 
-def broker(settings: Settings) -> str:
-    """The broker (and result backend) URL: `CELERY_BROKER_URL`, else the pipeline's Redis."""
-    return broker_url(settings)
-
-
-def worker_app_args(settings: Settings, orchestration: OrchestrationSettings) -> dict[str, Any]:
+def worker_app_args(settings: Settings) -> dict[str, Any]:
     """The arguments dagster-celery's `make_app` takes, for the worker side."""
     from dagster_celery.executor import CeleryExecutor
 
-    url = broker(settings)
+    url = broker_url(settings)
     executor = CeleryExecutor.for_cli(
-        broker=url, backend=url, config_source=celery_config_source(orchestration, QUEUE_DOCUMENT_PROCESSING)
+        broker=url, backend=url, config_source=celery_config_source(settings, QUEUE_DOCUMENT_PROCESSING)
     )
     return executor.app_args()

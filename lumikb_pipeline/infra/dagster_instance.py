@@ -7,6 +7,8 @@ into `DAGSTER_HOME` when none is there.
 
 from __future__ import annotations
 
+import os
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +16,6 @@ import yaml
 
 from lumikb_pipeline.core.config import Settings
 from lumikb_pipeline.core.names import POOL_GRAPH_WRITE, POOL_LLM, TAG_BACKFILL
-from lumikb_pipeline.orchestration.settings import OrchestrationSettings
 
 if TYPE_CHECKING:
     from dagster import DagsterInstance
@@ -23,7 +24,7 @@ INSTANCE_FILE = "dagster.yaml"
 
 
 def instance_config(
-    orchestration: OrchestrationSettings,
+    settings: Settings,
     *,
     postgres: bool = True,
     dequeue_interval_s: int = 2,
@@ -48,23 +49,23 @@ def instance_config(
     }
     config["concurrency"] = {
         "runs": {
-            "max_concurrent_runs": orchestration.max_concurrent_runs,
+            "max_concurrent_runs": settings.max_concurrent_runs,
             # Every re-extraction (ours and the UI's) is a backfill: cap them below the total so
             # normal processing always finds a run slot.
-            "tag_concurrency_limits": [{"key": TAG_BACKFILL, "limit": orchestration.max_reprocessing_runs}],
+            "tag_concurrency_limits": [{"key": TAG_BACKFILL, "limit": settings.max_reprocessing_runs}],
         },
         "pools": {
             "granularity": "op",
             # Pools without an explicit limit get this; `lumikb up` sets ours explicitly.
-            "default_limit": min(orchestration.llm_pool_limit, orchestration.graph_write_pool_limit),
-            "op_granularity_run_buffer": orchestration.pool_run_buffer,
+            "default_limit": min(settings.llm_pool_limit, settings.graph_write_pool_limit),
+            "op_granularity_run_buffer": settings.pool_run_buffer,
         },
     }
     config["run_monitoring"] = {
         "enabled": True,
         "start_timeout_seconds": 300,
         "cancel_timeout_seconds": 180,
-        "max_runtime_seconds": orchestration.run_max_runtime_s,
+        "max_runtime_seconds": settings.run_max_runtime_s,
         "poll_interval_seconds": monitoring_poll_interval_s,
         # Slots still held by a run that ended (a crashed worker) are freed after this, or they
         # would block every later step of their pool.
@@ -72,7 +73,7 @@ def instance_config(
     }
     config["run_retries"] = {
         "enabled": True,
-        "max_retries": orchestration.run_max_retries,
+        "max_retries": settings.run_max_retries,
         "retry_on_asset_or_op_failure": True,
     }
     config["sensors"] = {"use_threads": True, "num_workers": 4}
@@ -92,31 +93,55 @@ def render_instance_yaml(config: dict[str, Any]) -> str:
     return header + yaml.safe_dump(config, sort_keys=False)
 
 
-def ensure_instance_config(settings: Settings, orchestration: OrchestrationSettings, overwrite: bool = False) -> Path:
+def ensure_instance_config(settings: Settings, overwrite: bool = False) -> Path:
     """Write `dagster.yaml` into the Dagster home unless one is there; return the home."""
     home = settings.effective_dagster_home
     home.mkdir(parents=True, exist_ok=True)
     path = home / INSTANCE_FILE
     if overwrite or not path.exists():
-        config = instance_config(orchestration, postgres=bool(orchestration.dagster_pg_url))
+        config = instance_config(settings, postgres=bool(settings.dagster_pg_url))
         path.write_text(render_instance_yaml(config))
     return home
 
 
-def open_instance(settings: Settings, orchestration: OrchestrationSettings | None = None) -> DagsterInstance:
+def open_instance(settings: Settings) -> DagsterInstance:
     """The Dagster instance of this installation (its `dagster.yaml` written first if missing)."""
     from dagster import DagsterInstance
 
-    from lumikb_pipeline.orchestration.settings import get_orchestration_settings, pin_dagster_storage_driver
 
     pin_dagster_storage_driver()
-    home = ensure_instance_config(settings, orchestration or get_orchestration_settings())
+    home = ensure_instance_config(settings)
     return DagsterInstance.from_config(str(home))
 
 
-def apply_pool_limits(instance: Any, orchestration: OrchestrationSettings) -> dict[str, int]:
+def apply_pool_limits(instance: Any, settings: Settings) -> dict[str, int]:
     """Set the LLM and graph-write pool limits on the instance (idempotent); returns them."""
-    limits = {POOL_LLM: orchestration.llm_pool_limit, POOL_GRAPH_WRITE: orchestration.graph_write_pool_limit}
+    limits = {POOL_LLM: settings.llm_pool_limit, POOL_GRAPH_WRITE: settings.graph_write_pool_limit}
     for pool, limit in limits.items():
         instance.event_log_storage.set_concurrency_slots(pool, limit)
     return limits
+
+
+DAGSTER_PG_URL_VARIABLE = "LUMIKB_DAGSTER_PG_URL"
+
+
+def dagster_storage_url(url: str) -> str:
+    """The Dagster storage URL with its driver pinned to psycopg2.
+
+    dagster-postgres runs `NOTIFY run_events, %(notify_id)s` on every event; psycopg 3 binds
+    parameters on the server, where NOTIFY takes none, so every event write fails. SQLAlchemy 2.1
+    picks psycopg 3 for a bare `postgresql://` URL, hence the explicit driver.
+    """
+    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix):]
+    return url
+
+
+def pin_dagster_storage_driver(environ: MutableMapping[str, str] | None = None) -> None:
+    """Rewrite `LUMIKB_DAGSTER_PG_URL` in `environ` (default: this process) with `dagster_storage_url`,
+    before any Dagster instance of this process or its children reads it."""
+    env = os.environ if environ is None else environ
+    value = env.get(DAGSTER_PG_URL_VARIABLE)
+    if value:
+        env[DAGSTER_PG_URL_VARIABLE] = dagster_storage_url(value)

@@ -61,10 +61,10 @@ class LumikbCeleryExecutor(CeleryExecutor):
 def lumikb_celery_executor(init_context: InitExecutorContext) -> Executor:
     """Celery on the pipeline's broker; `config_source.task_default_queue` picks the queue."""
     from lumikb_pipeline.core.config import get_settings
-    from lumikb_pipeline.infra.celery_config import broker
+    from lumikb_pipeline.infra.redis_client import broker_url
 
     config = init_context.executor_config
-    url = config.get("broker") or broker(get_settings())
+    url = config.get("broker") or broker_url(get_settings())
     return LumikbCeleryExecutor(
         broker=url,
         backend=config.get("backend") if config.get("backend") not in (None, "rpc://") else url,
@@ -76,10 +76,10 @@ def lumikb_celery_executor(init_context: InitExecutorContext) -> Executor:
 
 def celery_executor_for(queue: Queue) -> ExecutorDefinition:
     """The executor that sends every step of a run to `queue`."""
+    from lumikb_pipeline.core.config import get_settings
     from lumikb_pipeline.infra.celery_config import celery_config_source
-    from lumikb_pipeline.orchestration.settings import get_orchestration_settings
 
     return lumikb_celery_executor.configured(
-        {"config_source": celery_config_source(get_orchestration_settings(), queue)},
+        {"config_source": celery_config_source(get_settings(), queue)},
         name=f"celery_{queue}",
     )

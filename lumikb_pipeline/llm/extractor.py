@@ -43,7 +43,7 @@ from openai import AsyncOpenAI
 from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, RetryCallState
 
-from lumikb_pipeline.core.config import RateLimit, Settings, parse_model_rate_limits
+from lumikb_pipeline.core.config import Settings
 from lumikb_pipeline.core.scrub import scrub
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure
@@ -51,7 +51,7 @@ from lumikb_pipeline.domain.schema import DomainSchema
 from lumikb_pipeline.infra.redis_client import redis_url as configured_redis_url
 from lumikb_pipeline.llm import checkpoints, send_gate
 from lumikb_pipeline.llm.cost import response_cost
-from lumikb_pipeline.llm.offline import OFFLINE_MODEL, register_offline_model
+from lumikb_pipeline.llm.offline import register_offline_model
 from lumikb_pipeline.llm.parse import ParsedAnswer, UnusableAnswer, answer_format, parse_answer
 from lumikb_pipeline.llm.prompt import build_messages, effective_prompt_version
 from lumikb_pipeline.llm.rate_limit import RateLimiter
@@ -234,18 +234,6 @@ def _protect_logs(secret: str | None) -> None:
             logger.addFilter(_secret_filter)
 
 
-# The offline model runs in-process and protects no paid API: unless LUMIKB_LLM_RATE_LIMITS names it,
-# it gets this limit instead of LUMIKB_LLM_RATE_LIMIT, so the demo is not slowed to 10 chunks/s.
-OFFLINE_RATE_LIMIT = RateLimit(1000.0, 1.0)
-
-
-def rate_limit_for(settings: Settings, model: str) -> RateLimit:
-    """The global limit that applies to `model` (see `OFFLINE_RATE_LIMIT` for the offline model)."""
-    if model == OFFLINE_MODEL and model not in parse_model_rate_limits(settings.llm_rate_limits):
-        return OFFLINE_RATE_LIMIT
-    return settings.rate_limit_for(model)
-
-
 class ChunkExtractor:
     """Extracts chunks with the configured model, through the shared limiter and the checkpoints.
 
@@ -273,7 +261,7 @@ class ChunkExtractor:
         self.concurrency = concurrency or settings.max_in_flight
         self.retry_policy = retry or RetryPolicy.from_settings(settings)
         self.limiter_options = dict(limiter_options or {})
-        self.rate_limit = rate_limit_for(settings, self.model)
+        self.rate_limit = settings.rate_limit_for(self.model)
         self._api_key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
         self._secrets = (self._api_key,) if self._api_key else ()
         self._slow_stop_warned = False

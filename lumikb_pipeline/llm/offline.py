@@ -17,11 +17,11 @@ import litellm
 from litellm.llms.custom_llm import CustomLLM, CustomLLMError
 from litellm.types.utils import Choices, Message, ModelResponse, Usage
 
+from lumikb_pipeline.core.names import OFFLINE_MODEL
 from lumikb_pipeline.llm import heuristic
 from lumikb_pipeline.llm.prompt import PromptFormatError, read_prompt
 
 PROVIDER = "lumikb"
-OFFLINE_MODEL = f"{PROVIDER}/offline"
 
 _lock = threading.Lock()
 

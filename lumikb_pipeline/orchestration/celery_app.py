@@ -13,9 +13,8 @@ from dagster_celery.tasks import create_task
 
 from lumikb_pipeline.core.config import get_settings
 from lumikb_pipeline.infra.celery_config import worker_app_args
-from lumikb_pipeline.orchestration.settings import get_orchestration_settings
 
-app = make_app(worker_app_args(get_settings(), get_orchestration_settings()))
+app = make_app(worker_app_args(get_settings()))
 execute_plan = create_task(app)
 
 

@@ -24,9 +24,8 @@ from lumikb_pipeline.core.names import (
     QUEUES,
     Queue,
 )
-from lumikb_pipeline.infra.celery_config import broker
-from lumikb_pipeline.infra.dagster_instance import apply_pool_limits, ensure_instance_config
-from lumikb_pipeline.orchestration.settings import OrchestrationSettings, pin_dagster_storage_driver
+from lumikb_pipeline.infra.dagster_instance import apply_pool_limits, ensure_instance_config, pin_dagster_storage_driver
+from lumikb_pipeline.infra.redis_client import broker_url
 
 LOCATION_NAME = "lumikb_pipeline"
 CODE_SERVER_PORT = 4266
@@ -75,12 +74,12 @@ def write_workspace(settings: Settings, host: str = "127.0.0.1", port: int = COD
     return path
 
 
-def worker_argv(queue: Queue, orchestration: OrchestrationSettings, loglevel: str = "INFO") -> list[str]:
+def worker_argv(queue: Queue, settings: Settings, loglevel: str = "INFO") -> list[str]:
     """The Celery worker command for one queue: bounded concurrency and memory."""
     concurrency = (
-        orchestration.document_processing_concurrency
+        settings.document_processing_concurrency
         if queue == QUEUE_DOCUMENT_PROCESSING
-        else orchestration.reprocessing_concurrency
+        else settings.reprocessing_concurrency
     )
     return [
         sys.executable, "-m", "celery", "-A", CELERY_APP_MODULE, "worker",
@@ -88,15 +87,14 @@ def worker_argv(queue: Queue, orchestration: OrchestrationSettings, loglevel: st
         "-n", f"{queue}@%h",
         "-c", str(concurrency),
         "--prefetch-multiplier", "1",
-        "--max-memory-per-child", str(orchestration.worker_max_memory_kb),
-        "--max-tasks-per-child", str(orchestration.worker_max_tasks_per_child),
+        "--max-memory-per-child", str(settings.worker_max_memory_kb),
+        "--max-tasks-per-child", str(settings.worker_max_tasks_per_child),
         "-l", loglevel,
     ]
 
 
 def service_specs(
     settings: Settings,
-    orchestration: OrchestrationSettings,
     workspace: Path,
     *,
     code_server_port: int = CODE_SERVER_PORT,
@@ -114,23 +112,23 @@ def service_specs(
         specs.append(
             ServiceSpec(
                 "webserver",
-                [_bin("dagster-webserver"), "-w", str(workspace), "-h", orchestration.webserver_host,
-                 "-p", str(orchestration.webserver_port)],
+                [_bin("dagster-webserver"), "-w", str(workspace), "-h", settings.webserver_host,
+                 "-p", str(settings.webserver_port)],
             )
         )
     specs.append(ServiceSpec("daemon", [_bin("dagster-daemon"), "run", "-w", str(workspace)]))
-    specs.extend(ServiceSpec(f"worker-{queue}", worker_argv(queue, orchestration)) for queue in QUEUES)
+    specs.extend(ServiceSpec(f"worker-{queue}", worker_argv(queue, settings)) for queue in QUEUES)
     return specs
 
 
 def service_env(
-    settings: Settings, orchestration: OrchestrationSettings, base: Mapping[str, str] | None = None
+    settings: Settings, base: Mapping[str, str] | None = None
 ) -> dict[str, str]:
     """The environment of every process: the same settings everywhere, the broker resolved once."""
     env = dict(base if base is not None else os.environ)
     env["LUMIKB_HOME"] = str(settings.home_dir)
     env["DAGSTER_HOME"] = str(settings.effective_dagster_home)
-    env["CELERY_BROKER_URL"] = broker(settings)
+    env["CELERY_BROKER_URL"] = broker_url(settings)
     env.setdefault("PYTHONUNBUFFERED", "1")
     pin_dagster_storage_driver(env)
     return env
@@ -244,14 +242,14 @@ def service_names() -> list[str]:
     return ["code-server", "webserver", "daemon", *(f"worker-{queue}" for queue in QUEUES)]
 
 
-def prepare_instance(settings: Settings, orchestration: OrchestrationSettings) -> Path:
+def prepare_instance(settings: Settings) -> Path:
     """Write `dagster.yaml` if missing and apply the pool limits; returns the Dagster home."""
     from dagster import DagsterInstance
 
     pin_dagster_storage_driver()
-    home = ensure_instance_config(settings, orchestration)
+    home = ensure_instance_config(settings)
     with DagsterInstance.from_config(str(home)) as instance:
-        apply_pool_limits(instance, orchestration)
+        apply_pool_limits(instance, settings)
     return home
 
 

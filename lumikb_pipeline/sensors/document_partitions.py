@@ -22,7 +22,6 @@ from lumikb_pipeline.db.document_sync import (
 )
 from lumikb_pipeline.domain.batching import contiguous_batches
 from lumikb_pipeline.jobs import document_processing_job
-from lumikb_pipeline.orchestration.settings import get_orchestration_settings
 from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource
 
 PAGE_SIZE = 2000
@@ -31,7 +30,7 @@ TICK_BUDGET_S = 20.0
 
 @sensor(
     job=document_processing_job,
-    minimum_interval_seconds=get_orchestration_settings().partitions_sensor_interval_s,
+    minimum_interval_seconds=get_settings().partitions_sensor_interval_s,
     default_status=DefaultSensorStatus.RUNNING,
     description=__doc__,
 )
@@ -60,7 +59,7 @@ def document_partitions_sensor(
         cursor, more = page.cursor, page.more
 
     now = datetime.now(UTC)
-    reconcile_every = timedelta(seconds=get_orchestration_settings().partitions_reconcile_s)
+    reconcile_every = timedelta(seconds=get_settings().partitions_reconcile_s)
     partition_order: list[str] | None = None
     if not more and now - cursor.reconciled_at >= reconcile_every:
         partition_order = list(instance.get_dynamic_partitions(DOCUMENTS_PARTITIONS))

@@ -9,18 +9,19 @@ from datetime import UTC, datetime
 
 from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
+from lumikb_pipeline.core.config import get_settings
 from lumikb_pipeline.core.names import TAG_TRIGGER
+from lumikb_pipeline.db.app_settings import read_drift_schedule
+from lumikb_pipeline.domain.cron import due_tick
 from lumikb_pipeline.jobs import drift_check_job
-from lumikb_pipeline.orchestration.settings import get_orchestration_settings
 from lumikb_pipeline.resources import DatabaseResource
-from lumikb_pipeline.schedules.drift_schedule import due_tick, read_drift_schedule
 
 TICK_TAG = "lumikb/drift_tick"
 
 
 @sensor(
     job=drift_check_job,
-    minimum_interval_seconds=get_orchestration_settings().drift_sensor_interval_s,
+    minimum_interval_seconds=get_settings().drift_sensor_interval_s,
     default_status=DefaultSensorStatus.RUNNING,
     description=__doc__,
 )

@@ -7,14 +7,14 @@ whose launch was interrupted. Launches nothing else."""
 from dagster import DefaultSensorStatus, SensorEvaluationContext, SensorResult, SkipReason, sensor
 from sqlalchemy import select
 
+from lumikb_pipeline.core.config import get_settings
 from lumikb_pipeline.db.models import Job, JobStatus
-from lumikb_pipeline.orchestration.settings import get_orchestration_settings
 from lumikb_pipeline.reextraction.service import record_ui_backfills, refresh_job_status
 from lumikb_pipeline.resources import DatabaseResource
 
 
 @sensor(
-    minimum_interval_seconds=get_orchestration_settings().job_status_sensor_interval_s,
+    minimum_interval_seconds=get_settings().job_status_sensor_interval_s,
     default_status=DefaultSensorStatus.RUNNING,
     description=__doc__,
 )

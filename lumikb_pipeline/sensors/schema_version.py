@@ -19,8 +19,8 @@ from dagster import DefaultSensorStatus, SensorEvaluationContext, SensorResult, 
 from dagster._core.scheduler.instigation import InstigatorStatus, InstigatorType
 from sqlalchemy import select
 
+from lumikb_pipeline.core.config import get_settings
 from lumikb_pipeline.db.models import JobTrigger, KnowledgeBase
-from lumikb_pipeline.orchestration.settings import get_orchestration_settings
 from lumikb_pipeline.reextraction.service import Selection, start_reextraction
 from lumikb_pipeline.resources import DatabaseResource
 
@@ -51,7 +51,7 @@ def stopped(context: SensorEvaluationContext) -> bool:
 
 @sensor(
     name=SENSOR_NAME,
-    minimum_interval_seconds=get_orchestration_settings().schema_sensor_interval_s,
+    minimum_interval_seconds=get_settings().schema_sensor_interval_s,
     default_status=DefaultSensorStatus.RUNNING,
     description=__doc__,
 )

@@ -21,7 +21,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """
     from lumikb_pipeline.core.config import get_settings
     from lumikb_pipeline.db.session import dispose_engines
-    from lumikb_pipeline.orchestration.settings import get_orchestration_settings
 
     reuse = os.environ.get(REUSE_VARIABLE)
     if reuse:
@@ -34,14 +33,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     os.environ.clear()
     os.environ.update(running.env)
     get_settings.cache_clear()
-    get_orchestration_settings.cache_clear()
     try:
         yield running
     finally:
         os.environ.clear()
         os.environ.update(saved)
         get_settings.cache_clear()
-        get_orchestration_settings.cache_clear()
         dispose_engines()
         if not reuse:
             stop_stack(running)

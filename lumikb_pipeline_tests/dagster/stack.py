@@ -176,7 +176,6 @@ def start_stack(root: Path) -> Stack:
     from lumikb_pipeline.db import migrate
     from lumikb_pipeline.infra.dagster_instance import apply_pool_limits, instance_config, render_instance_yaml
     from lumikb_pipeline.orchestration import processes
-    from lumikb_pipeline.orchestration.settings import OrchestrationSettings
 
     base_redis = required_env("LUMIKB_REDIS_URL").rsplit("/", 1)[0]
     redis_dbs = (f"{base_redis}/12", f"{base_redis}/13")
@@ -201,17 +200,16 @@ def start_stack(root: Path) -> Stack:
         from lumikb_pipeline.core.config import load_settings
 
         settings = load_settings()
-        orchestration = OrchestrationSettings()
         home = settings.effective_dagster_home
         home.mkdir(parents=True, exist_ok=True)
-        config = instance_config(orchestration, postgres=True, dequeue_interval_s=1, monitoring_poll_interval_s=5)
+        config = instance_config(settings, postgres=True, dequeue_interval_s=1, monitoring_poll_interval_s=5)
         (home / "dagster.yaml").write_text(render_instance_yaml(config))
         with stack.instance() as instance:
-            apply_pool_limits(instance, orchestration)
+            apply_pool_limits(instance, settings)
         code_port = free_port()
         workspace = processes.write_workspace(settings, port=code_port)
-        specs = processes.service_specs(settings, orchestration, workspace, code_server_port=code_port)
-        stack.processes = processes.start_services(settings, specs, processes.service_env(settings, orchestration, env))
+        specs = processes.service_specs(settings, workspace, code_server_port=code_port)
+        stack.processes = processes.start_services(settings, specs, processes.service_env(settings, env))
     finally:
         os.environ.clear()
         os.environ.update(saved)

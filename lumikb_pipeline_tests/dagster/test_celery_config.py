@@ -1,12 +1,12 @@
 """The Celery side: transport options, acknowledgement, worker commands."""
 
+from lumikb_pipeline.core.config import Settings
 from lumikb_pipeline.infra.celery_config import celery_config_source
 from lumikb_pipeline.orchestration.processes import service_specs, worker_argv
-from lumikb_pipeline.orchestration.settings import OrchestrationSettings
 
 
 def test_transport_options_keep_dagster_celerys_and_outlast_the_longest_step() -> None:
-    settings = OrchestrationSettings()
+    settings = Settings()
     config = celery_config_source(settings, "reprocessing")
     transport = config["broker_transport_options"]
     assert {"max_retries", "interval_start", "interval_step", "interval_max"} <= set(transport)
@@ -17,7 +17,7 @@ def test_transport_options_keep_dagster_celerys_and_outlast_the_longest_step() -
 
 
 def test_worker_command_listens_on_one_queue_with_bounded_memory() -> None:
-    settings = OrchestrationSettings(reprocessing_concurrency=3, worker_max_memory_kb=600_000)
+    settings = Settings(reprocessing_concurrency=3, worker_max_memory_kb=600_000)
     argv = worker_argv("reprocessing", settings)
     assert argv[argv.index("-A") + 1] == "lumikb_pipeline.orchestration.celery_app"
     assert argv[argv.index("-Q") + 1] == "reprocessing"
@@ -29,8 +29,6 @@ def test_worker_command_listens_on_one_queue_with_bounded_memory() -> None:
 def test_lumikb_up_starts_one_worker_per_queue(tmp_path: object) -> None:
     from pathlib import Path
 
-    from lumikb_pipeline.core.config import Settings
-
     settings = Settings(home=Path(str(tmp_path)))
-    names = [spec.name for spec in service_specs(settings, OrchestrationSettings(), Path("w.yaml"))]
+    names = [spec.name for spec in service_specs(settings, Path("w.yaml"))]
     assert names == ["code-server", "webserver", "daemon", "worker-document_processing", "worker-reprocessing"]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from dagster import AssetKey, Definitions
 
+from lumikb_pipeline.core.config import Settings
 from lumikb_pipeline.infra.celery_config import celery_config_source
-from lumikb_pipeline.orchestration.settings import OrchestrationSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,7 +40,7 @@ def test_jobs_run_on_their_queues() -> None:
         assert defs.resolve_job_def(name).executor_def.name == f"celery_{queue}", name
     assert defs.resolve_job_def("document_processing_job").tags["dagster/priority"] > "0"
     for queue in ("document_processing", "reprocessing"):
-        assert celery_config_source(OrchestrationSettings(), queue)["task_default_queue"] == queue  # type: ignore[arg-type]
+        assert celery_config_source(Settings(), queue)["task_default_queue"] == queue  # type: ignore[arg-type]
 
 
 def test_extraction_runs_retry_from_failure_and_reextraction_runs_have_a_time_limit() -> None:

@@ -10,7 +10,6 @@ import yaml
 
 from lumikb_pipeline.core.config import Settings
 from lumikb_pipeline.core.names import CELERY_APP_MODULE, DEFINITIONS_MODULE, QUEUES
-from lumikb_pipeline.orchestration.settings import OrchestrationSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,9 +79,7 @@ def test_the_code_server_serves_the_definitions_module_the_workspace_points_at()
 
 def test_every_variable_compose_sets_is_read_by_the_code() -> None:
     environment = compose()["x-lumikb-env"]
-    known = {f"LUMIKB_{name.upper()}" for name in Settings.model_fields} | {
-        f"LUMIKB_{name.upper()}" for name in OrchestrationSettings.model_fields
-    } | {"CELERY_BROKER_URL", "DAGSTER_HOME"}
+    known = {f"LUMIKB_{name.upper()}" for name in Settings.model_fields} | {"CELERY_BROKER_URL", "DAGSTER_HOME"}
     assert set(environment) <= known, set(environment) - known
     assert environment["LUMIKB_DAGSTER_PG_URL"].startswith("postgresql+psycopg2://")
     assert environment["DAGSTER_HOME"] == "/opt/dagster/home"

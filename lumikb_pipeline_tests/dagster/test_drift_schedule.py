@@ -7,15 +7,9 @@ from dagster import DagsterInstance, SensorResult, build_sensor_context
 from typer.testing import CliRunner
 
 from lumikb_pipeline.core.errors import UsageError
+from lumikb_pipeline.db.app_settings import read_drift_schedule, set_drift_cron, set_drift_enabled
 from lumikb_pipeline.db.session import session_scope
-from lumikb_pipeline.schedules.drift_schedule import (
-    due_tick,
-    next_cron_time,
-    read_drift_schedule,
-    set_drift_cron,
-    set_drift_enabled,
-    validate_cron,
-)
+from lumikb_pipeline.domain.cron import due_tick, next_cron_time, validate_cron
 
 
 def at(hour: int, minute: int = 0, second: int = 0, day: int = 1) -> datetime:

@@ -8,35 +8,35 @@ import yaml
 from dagster._config import process_config
 from dagster._core.instance.config import dagster_instance_config_schema
 
+from lumikb_pipeline.core.config import Settings, load_settings
 from lumikb_pipeline.core.errors import ConfigError
-from lumikb_pipeline.infra.dagster_instance import instance_config, render_instance_yaml
-from lumikb_pipeline.orchestration.settings import (
-    OrchestrationSettings,
+from lumikb_pipeline.infra.dagster_instance import (
     dagster_storage_url,
-    load_orchestration_settings,
+    instance_config,
     pin_dagster_storage_driver,
+    render_instance_yaml,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def defaults(monkeypatch: pytest.MonkeyPatch) -> OrchestrationSettings:
+def defaults(monkeypatch: pytest.MonkeyPatch) -> Settings:
     import os
 
     for name in list(os.environ):
         if name.startswith("LUMIKB_"):
             monkeypatch.delenv(name)
-    return OrchestrationSettings()
+    return Settings()
 
 
-def test_repository_dagster_yaml_is_the_generated_production_config(defaults: OrchestrationSettings) -> None:
+def test_repository_dagster_yaml_is_the_generated_production_config(defaults: Settings) -> None:
     assert (ROOT / "dagster.yaml").read_text() == render_instance_yaml(instance_config(defaults)), (
         "dagster.yaml is stale: regenerate it from lumikb_pipeline/infra/dagster_instance.py"
     )
 
 
-def test_it_is_a_valid_instance_configuration(defaults: OrchestrationSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_it_is_a_valid_instance_configuration(defaults: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LUMIKB_DAGSTER_PG_URL", "postgresql+psycopg2://user:pw@host:5432/dagster")
     config = yaml.safe_load(render_instance_yaml(instance_config(defaults)))
     result = process_config(dagster_instance_config_schema(), config)
@@ -44,7 +44,7 @@ def test_it_is_a_valid_instance_configuration(defaults: OrchestrationSettings, m
 
 
 def test_it_keeps_reextraction_below_the_run_limit_and_frees_slots_of_crashed_runs(
-    defaults: OrchestrationSettings,
+    defaults: Settings,
 ) -> None:
     config = instance_config(defaults)
     runs = config["concurrency"]["runs"]
@@ -58,7 +58,7 @@ def test_it_keeps_reextraction_below_the_run_limit_and_frees_slots_of_crashed_ru
     assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
 
 
-def test_without_postgres_the_instance_uses_dagsters_files(defaults: OrchestrationSettings) -> None:
+def test_without_postgres_the_instance_uses_dagsters_files(defaults: Settings) -> None:
     assert "storage" not in instance_config(defaults, postgres=False)
 
 
@@ -75,8 +75,8 @@ def test_inconsistent_limits_fail_naming_the_variable(monkeypatch: pytest.Monkey
     monkeypatch.setenv("LUMIKB_MAX_REPROCESSING_RUNS", "20")
     monkeypatch.setenv("LUMIKB_MAX_CONCURRENT_RUNS", "10")
     with pytest.raises(ConfigError, match="LUMIKB_MAX_REPROCESSING_RUNS must be below"):
-        load_orchestration_settings()
+        load_settings()
     monkeypatch.delenv("LUMIKB_MAX_REPROCESSING_RUNS")
     monkeypatch.setenv("LUMIKB_LLM_POOL_LIMIT", "zero")
     with pytest.raises(ConfigError, match="LUMIKB_LLM_POOL_LIMIT"):
-        load_orchestration_settings()
+        load_settings()

@@ -1,4 +1,5 @@
-"""The schema-drift check's schedule: a cron (UTC) and an on/off switch, kept in `app_settings`.
+"""Run-time settings kept in the `app_settings` table: the schema-drift check's schedule, a cron (UTC)
+and an on/off switch.
 
 Dagster cannot change a schedule's cron without a redeploy, so the schedule is data: `lumikb
 schedule set-cron|enable|disable` writes it, and `drift_check_sensor` reads it on every tick and
@@ -8,20 +9,14 @@ starts the check when a cron time has passed since the last one it handled. Defa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
-from croniter import CroniterBadCronError, croniter
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from lumikb_pipeline.core.errors import UsageError
 from lumikb_pipeline.core.names import DEFAULT_DRIFT_CRON, SETTING_DRIFT_CRON, SETTING_DRIFT_ENABLED
 from lumikb_pipeline.db.models import AppSetting, utcnow
-
-CRON_HELP = (
-    "write five fields 'minute hour day-of-month month day-of-week' (UTC), "
-    "e.g. '0 2 * * *' for daily at 02:00 or '*/15 * * * *' for every 15 minutes"
-)
+from lumikb_pipeline.domain.cron import next_cron_time, validate_cron
 
 
 @dataclass(frozen=True)
@@ -35,41 +30,6 @@ class DriftSchedule:
     def next_tick(self, after: datetime) -> datetime:
         """The first cron time strictly after `after`."""
         return next_cron_time(self.cron, after)
-
-
-def validate_cron(cron: str) -> str:
-    """The cron, normalised; UsageError (exit 2) with the accepted form when it is not one."""
-    text = " ".join(cron.split())
-    if len(text.split(" ")) != 5:
-        raise UsageError(f"{cron!r} is not a cron expression: {CRON_HELP}")
-    try:
-        if not croniter.is_valid(text):
-            raise ValueError(text)
-        croniter(text, datetime(2000, 1, 1, tzinfo=UTC)).get_next(datetime)
-    except (CroniterBadCronError, ValueError, KeyError) as exc:
-        raise UsageError(f"{cron!r} is not a cron expression: {CRON_HELP}") from exc
-    return text
-
-
-def next_cron_time(cron: str, after: datetime) -> datetime:
-    """The first time of `cron` (UTC) strictly after `after`."""
-    return croniter(cron, after.astimezone(UTC)).get_next(datetime).astimezone(UTC)
-
-
-def due_tick(cron: str, last_handled: datetime, now: datetime) -> datetime | None:
-    """The latest cron time in (`last_handled`, `now`], or None when none has passed.
-
-    Only the latest one: after a pause (daemon down, schedule disabled) the check runs once, not
-    once per missed time.
-    """
-    if now <= last_handled:
-        return None
-    # The latest cron time at or before `now` (croniter's get_prev is strictly before its start).
-    tick = croniter(cron, (now + _EPSILON).astimezone(UTC)).get_prev(datetime).astimezone(UTC)
-    return tick if tick > last_handled else None
-
-
-_EPSILON = timedelta(milliseconds=1)
 
 
 def _get(session: Session, key: str) -> AppSetting | None:

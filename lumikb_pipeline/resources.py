@@ -53,7 +53,7 @@ class GraphStoreResource(ConfigurableResource):
     @contextmanager
     def open(self) -> Iterator[GraphStore]:
         """An open graph store, closed on exit."""
-        from lumikb_pipeline.graph.store import open_graph_store
+        from lumikb_pipeline.graph import open_graph_store
 
         settings = get_settings()
         if self.neo4j_uri:

@@ -12,7 +12,7 @@ from lumikb_pipeline.db import catalog, migrate
 from lumikb_pipeline.db.models import ExtractionRecord, ExtractionStatus, Job, JobStatus, JobTrigger
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.schema import parse_schema_file
-from lumikb_pipeline.graph.store import open_graph_store
+from lumikb_pipeline.graph import open_graph_store
 from lumikb_pipeline.llm.extractor import ChunkExtractor
 from lumikb_pipeline.pipeline.stages import extract_documents, write_documents
 

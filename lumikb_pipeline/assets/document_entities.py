@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from dagster import (
     AssetKey,
@@ -41,6 +41,7 @@ from dagster import (
 
 from lumikb_pipeline.assets.partitions import documents_partitions
 from lumikb_pipeline.core.config import Settings, get_settings
+from lumikb_pipeline.core.errors import UsageError
 from lumikb_pipeline.core.names import (
     POOL_GRAPH_WRITE,
     POOL_LLM,
@@ -49,6 +50,7 @@ from lumikb_pipeline.core.names import (
     TAG_MODE,
     TAG_SCHEMA_VERSION,
 )
+from lumikb_pipeline.domain.modes import WriteMode
 from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource, LLMResource
 
 if TYPE_CHECKING:
@@ -69,7 +71,7 @@ class RunScope:
     claimant: str
     jobs: Mapping[str, str]  # document id -> the job it belongs to (documents of no job are absent)
     schema_version: int | None
-    mode: Literal["replace", "merge"]
+    mode: WriteMode
 
     @classmethod
     def of(cls, context: OpExecutionContext, settings: Settings) -> "RunScope":
@@ -80,9 +82,10 @@ class RunScope:
 
         tags = context.run.tags
         version = tags.get(TAG_SCHEMA_VERSION)
-        mode = tags.get(TAG_MODE, "replace")
-        if mode not in ("replace", "merge"):
-            raise Failure(f"run tag {TAG_MODE}={mode!r} is not 'replace' or 'merge'", allow_retries=False)
+        try:
+            mode = WriteMode.parse(tags.get(TAG_MODE, WriteMode.REPLACE), f"run tag {TAG_MODE}")
+        except UsageError as exc:
+            raise Failure(str(exc), allow_retries=False) from None
         doc_ids = tuple(context.partition_keys)
         if tags.get(TAG_JOB_ID):
             jobs = dict.fromkeys(doc_ids, tags[TAG_JOB_ID])
@@ -96,7 +99,7 @@ class RunScope:
             claimant=f"dagster-run:{context.run.root_run_id or context.run_id}",
             jobs=jobs,
             schema_version=int(version) if version else None,
-            mode="merge" if mode == "merge" else "replace",
+            mode=mode,
         )
 
     def by_job(self) -> dict[str | None, list[str]]:

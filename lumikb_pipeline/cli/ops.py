@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -13,15 +12,14 @@ from rich.table import Table
 from lumikb_pipeline.cli.app import app, console, err_console, handle_errors, schedule_app
 from lumikb_pipeline.cli.catalog import ready_settings
 from lumikb_pipeline.core.errors import LumikbError, UsageError
+from lumikb_pipeline.domain.budget import check_max_cost
+from lumikb_pipeline.domain.modes import WriteMode
 
 if TYPE_CHECKING:
+    from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
+
     from lumikb_pipeline.core.config import Settings
     from lumikb_pipeline.reextraction.service import Selection
-
-
-class Mode(StrEnum):
-    REPLACE = "replace"
-    MERGE = "merge"
 
 
 # --------------------------------------------------------------------------- up / down / status
@@ -102,12 +100,19 @@ def _print_states(settings: object) -> bool:
 # --------------------------------------------------------------------------- reextract
 
 
+def _asset_graph() -> BaseAssetGraph:
+    """The code location's asset graph (the CLI is an entry point: it may load the definitions)."""
+    from lumikb_pipeline.definitions import defs
+
+    return defs.resolve_asset_graph()
+
+
 @app.command("reextract")
 @handle_errors
 def reextract(
     slug: Annotated[str, typer.Argument(help="The KB to re-extract.")],
-    mode: Annotated[Mode, typer.Option(help="replace: the document's graph becomes the new extraction; "
-                                             "merge: add to it.")] = Mode.REPLACE,
+    mode: Annotated[WriteMode, typer.Option(help="replace: the document's graph becomes the new extraction; "
+                                                  "merge: add to it.")] = WriteMode.REPLACE,
     outdated: Annotated[
         bool, typer.Option("--outdated", help="Documents older than the KB's schema (the default).")
     ] = False,
@@ -125,14 +130,15 @@ def reextract(
     chosen = [name for name, on in (("--outdated", outdated), ("--all", all_), ("--doc", bool(doc))) if on]
     if len(chosen) > 1:
         raise UsageError(f"{' and '.join(chosen)} exclude each other; choose one of --outdated, --all, --doc ID")
-    if max_cost is not None and max_cost < 0:
-        raise UsageError(f"--max-cost {max_cost:g} is negative; give a budget in USD, e.g. --max-cost 5")
+    check_max_cost(max_cost)
     selection = Selection.of_ids(doc or []) if doc else Selection.all() if all_ else Selection.outdated()
     settings = ready_settings()
     if dry_run:
         _dry_run(settings, slug, selection, as_json)
         return
-    job = start_reextraction(settings, slug, selection, mode=mode.value, trigger="cli", max_cost=max_cost)
+    job = start_reextraction(
+        settings, slug, selection, mode=mode, trigger="cli", max_cost=max_cost, asset_graph=_asset_graph()
+    )
     err_console.print(
         f"job {job.id}: {job.total_documents} document(s) of {slug} to schema version {job.target_schema_version} "
         f"({mode.value}), backfill {job.dagster_backfill_id or '-'}; follow it with `lumikb progress {job.id} --watch`",
@@ -181,7 +187,7 @@ def _wait(settings: object, job_id: str) -> None:
     instance = open_instance(settings)
     last = None
     while True:
-        job = refresh_job_status(settings, job_id, instance)
+        job = refresh_job_status(settings, job_id, instance, _asset_graph())
         if job.status != last:
             err_console.print(f"job {job_id}: {job.status.value}", highlight=False)
             last = job.status

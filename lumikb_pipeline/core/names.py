@@ -24,6 +24,10 @@ Queue = Literal["document_processing", "reprocessing"]
 POOL_LLM: Final = "lumikb_llm"
 POOL_GRAPH_WRITE: Final = "lumikb_graph_write"
 
+# Dagster assets.
+DOCUMENT_ENTITIES_ASSET: Final = "document_entities"
+KNOWLEDGE_GRAPH_ASSET: Final = "knowledge_graph"
+
 # Dagster jobs.
 DOCUMENT_PROCESSING_JOB: Final = "document_processing_job"
 REEXTRACTION_JOB: Final = "reextraction_job"

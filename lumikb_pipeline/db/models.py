@@ -29,6 +29,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from lumikb_pipeline.domain.modes import WriteMode
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -76,11 +78,6 @@ class JobStatus(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
-class JobMode(enum.StrEnum):
-    REPLACE = "replace"
-    MERGE = "merge"
-
-
 class JobTrigger(enum.StrEnum):
     UI_BACKFILL = "ui-backfill"
     SENSOR = "sensor"
@@ -88,9 +85,9 @@ class JobTrigger(enum.StrEnum):
     CLI = "cli"
 
 
-def _enum(cls: type[enum.Enum]) -> Enum:
+def _enum(cls: type[enum.Enum], name: str | None = None) -> Enum:
     # Stored as plain strings (no native PG enum) so a new status is a code change, not a type migration.
-    return Enum(cls, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+    return Enum(cls, name=name, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
 
 
 class KnowledgeBase(Base):
@@ -201,7 +198,7 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     kb_id: Mapped[int] = mapped_column(ForeignKey("knowledge_bases.id", ondelete="CASCADE"))
     target_schema_version: Mapped[int] = mapped_column(Integer)
-    mode: Mapped[JobMode] = mapped_column(_enum(JobMode), default=JobMode.REPLACE)
+    mode: Mapped[WriteMode] = mapped_column(_enum(WriteMode, "jobmode"), default=WriteMode.REPLACE)
     selection: Mapped[dict[str, Any]] = mapped_column(JSON)  # {"kind": "outdated"|"all"|"ids", "ids": [...]}
     trigger: Mapped[JobTrigger] = mapped_column(_enum(JobTrigger))
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.PENDING)

@@ -23,7 +23,7 @@ from lumikb_pipeline.db import catalog, migrate
 from lumikb_pipeline.db.models import Document, ExtractionRecord, KnowledgeBase
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.schema import parse_schema_file
-from lumikb_pipeline.graph.store import open_graph_store
+from lumikb_pipeline.graph import open_graph_store
 from lumikb_pipeline.infra import redis_client
 from lumikb_pipeline.reextraction.drift import drift_report
 from lumikb_pipeline.tracking.progress import job_progress

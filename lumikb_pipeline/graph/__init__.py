@@ -1,10 +1,16 @@
 """The entity graph: building a document's contribution and storing it (Neo4j or embedded).
 
 `build_document_graph` turns chunk extractions into a `DocumentGraph`; a `GraphStore` (from
-`open_graph_store`) writes it with `replace` or `merge` semantics. See docs/graph-model.md.
+`open_graph_store`, the one place that chooses between the two stores) writes it with `replace` or
+`merge` semantics. See docs/graph-model.md.
 """
 
+from __future__ import annotations
+
+from lumikb_pipeline.core.config import Settings
 from lumikb_pipeline.graph.build import build_document_graph
+from lumikb_pipeline.graph.embedded_store import EmbeddedGraphStore
+from lumikb_pipeline.graph.neo4j_store import Neo4jGraphStore
 from lumikb_pipeline.graph.store import (
     DocumentCounts,
     GraphCounts,
@@ -12,20 +18,35 @@ from lumikb_pipeline.graph.store import (
     GraphStore,
     InvalidDocumentGraph,
     InvariantReport,
-    WriteMode,
     WriteSummary,
     check_invariants,
-    open_graph_store,
 )
+
+
+def open_graph_store(settings: Settings) -> GraphStore:
+    """The configured graph store: Neo4j when `LUMIKB_NEO4J_URI` is set, else the embedded store
+    (`graph.sqlite3` under `LUMIKB_HOME`). The schema is ensured before the store is returned."""
+    store: GraphStore
+    if settings.neo4j_uri:
+        password = settings.neo4j_password.get_secret_value() if settings.neo4j_password else ""
+        store = Neo4jGraphStore(
+            settings.neo4j_uri, settings.neo4j_user, password, database=settings.neo4j_database
+        )
+    else:
+        store = EmbeddedGraphStore(settings.home_dir / "graph.sqlite3")
+    store.ensure_schema()
+    return store
+
 
 __all__ = [
     "DocumentCounts",
+    "EmbeddedGraphStore",
     "GraphCounts",
     "GraphDump",
     "GraphStore",
     "InvalidDocumentGraph",
     "InvariantReport",
-    "WriteMode",
+    "Neo4jGraphStore",
     "WriteSummary",
     "build_document_graph",
     "check_invariants",

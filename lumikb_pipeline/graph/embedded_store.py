@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lumikb_pipeline.domain.modes import WriteMode
 from lumikb_pipeline.domain.results import DocumentGraph
 from lumikb_pipeline.domain.schema import DomainSchema
 from lumikb_pipeline.graph.plan import (
@@ -38,7 +39,6 @@ from lumikb_pipeline.graph.store import (
     GraphCounts,
     GraphDump,
     InvariantReport,
-    WriteMode,
     WriteSummary,
 )
 from lumikb_pipeline.graph.validation import foreign_chunks_error, validate_document_graph
@@ -192,7 +192,7 @@ class EmbeddedGraphStore:
 
     def remove_document(self, kb_id: str, doc_id: str) -> WriteSummary:
         """Remove a document, its chunks and exactly the provenance only it gave (idempotent)."""
-        return self._transaction(kb_id, doc_id, None, "replace")
+        return self._transaction(kb_id, doc_id, None, WriteMode.REPLACE)
 
     def _transaction(
         self, kb_id: str, doc_id: str, graph: DocumentGraph | None, mode: WriteMode

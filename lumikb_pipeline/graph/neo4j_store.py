@@ -16,9 +16,10 @@ from typing import Any
 from neo4j import Driver, GraphDatabase, ManagedTransaction
 from neo4j.exceptions import ClientError
 
+import lumikb_pipeline.graph.neo4j_queries as q
+from lumikb_pipeline.domain.modes import WriteMode
 from lumikb_pipeline.domain.results import DocumentGraph
 from lumikb_pipeline.domain.schema import DomainSchema
-from lumikb_pipeline.graph import neo4j_queries as q
 from lumikb_pipeline.graph.merging import MAX_MERGED_DESCRIPTION, provenance_text, text_order
 from lumikb_pipeline.graph.store import (
     INVARIANT_EXAMPLES,
@@ -26,7 +27,6 @@ from lumikb_pipeline.graph.store import (
     GraphCounts,
     GraphDump,
     InvariantReport,
-    WriteMode,
     WriteSummary,
 )
 from lumikb_pipeline.graph.validation import foreign_chunks_error, validate_document_graph
@@ -105,7 +105,7 @@ def _write_parameters(graph: DocumentGraph, mode: WriteMode) -> dict[str, Any]:
         "chunks": [[chunk.id, chunk.ordinal, mentioned[chunk.id]] for chunk in graph.chunks],
         "entities": entities,
         "relationships": relationships,
-        "merge": mode == "merge",
+        "merge": mode == WriteMode.MERGE,
         "remove": False,
         "max_description": MAX_MERGED_DESCRIPTION,
     }
@@ -167,7 +167,7 @@ class Neo4jGraphStore:
     ) -> WriteSummary:
         """The transaction function (the driver may run it again after a transient error)."""
         kb_id, doc_id = params["kb_id"], params["doc_id"]
-        mode: WriteMode = "merge" if params["merge"] else "replace"
+        mode = WriteMode.MERGE if params["merge"] else WriteMode.REPLACE
         record = tx.run(query, params).single()
         if record is None:
             if graph is None:  # removal of a document that is not there
@@ -179,7 +179,7 @@ class Neo4jGraphStore:
         changes = record.data()
         if graph is None:
             contribution: dict[str, int] = {}
-        elif mode == "merge":  # the contribution is the old one plus the new: count it
+        elif mode == WriteMode.MERGE:  # the contribution is the old one plus the new: count it
             contribution = dict(tx.run(q.DOCUMENT_COUNTS, kb_id=kb_id, doc_id=doc_id).single() or {})
         else:
             contribution = {

@@ -22,9 +22,10 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+from lumikb_pipeline.domain.modes import WriteMode
 from lumikb_pipeline.domain.results import DocumentGraph, GraphRelationship
 from lumikb_pipeline.graph.merging import choose_name, merge_descriptions, provenance_text, text_order
-from lumikb_pipeline.graph.store import WriteMode, WriteSummary
+from lumikb_pipeline.graph.store import WriteSummary
 
 # Plain tuples rather than `EntityRef` models: they are hashed and sorted thousands of times per
 # write, and their natural order is the lock order.
@@ -169,7 +170,7 @@ def plan_write(
             (old.sources[key] if source[0] in doc_chunks else others_sources[key]).add(source)
 
     new = _new_contribution(graph)
-    if mode == "replace":
+    if mode == WriteMode.REPLACE:
         final = new
     else:
         final = _Contribution(chunks={**old.chunks, **new.chunks})

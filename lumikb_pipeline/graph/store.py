@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lumikb_pipeline.core.config import Settings
 from lumikb_pipeline.core.errors import LumikbError
+from lumikb_pipeline.domain.modes import WriteMode
 from lumikb_pipeline.domain.results import DocumentGraph
 from lumikb_pipeline.domain.schema import DomainSchema
-
-WriteMode = Literal["replace", "merge"]
 
 INVARIANT_EXAMPLES = 5  # examples returned with each invariant count: enough to start a diagnosis
 
@@ -210,22 +208,3 @@ def check_invariants(store: GraphStore, kb_id: str) -> list[InvariantReport]:
         store.relationships_without_provenance(kb_id),
         store.edges_across_kbs(kb_id),
     ]
-
-
-def open_graph_store(settings: Settings) -> GraphStore:
-    """The configured graph store: Neo4j when `LUMIKB_NEO4J_URI` is set, else the embedded store
-    (`graph.sqlite3` under `LUMIKB_HOME`). The schema is ensured before the store is returned."""
-    store: GraphStore
-    if settings.neo4j_uri:
-        from lumikb_pipeline.graph.neo4j_store import Neo4jGraphStore
-
-        password = settings.neo4j_password.get_secret_value() if settings.neo4j_password else ""
-        store = Neo4jGraphStore(
-            settings.neo4j_uri, settings.neo4j_user, password, database=settings.neo4j_database
-        )
-    else:
-        from lumikb_pipeline.graph.embedded_store import EmbeddedGraphStore
-
-        store = EmbeddedGraphStore(settings.home_dir / "graph.sqlite3")
-    store.ensure_schema()
-    return store

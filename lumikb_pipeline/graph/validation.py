@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from lumikb_pipeline.core.errors import SchemaViolation
 from lumikb_pipeline.domain.keys import MAX_KEY_LENGTH, normalise_key
+from lumikb_pipeline.domain.modes import WriteMode
 from lumikb_pipeline.domain.results import DocumentGraph
 from lumikb_pipeline.domain.schema import (
     ENTITY_TYPE_PATTERN,
@@ -170,9 +171,9 @@ def foreign_chunks_error(kb_id: str, doc_id: str, foreign: list[tuple[str, str]]
     )
 
 
-def validate_document_graph(graph: DocumentGraph, schema: DomainSchema, mode: str = "replace") -> None:
+def validate_document_graph(graph: DocumentGraph, schema: DomainSchema, mode: str = WriteMode.REPLACE) -> None:
     """All checks a store runs before writing `graph`; raises before any transaction is opened."""
-    if mode not in ("replace", "merge"):
-        raise ValueError(f"mode must be 'replace' or 'merge', not {mode!r}")
+    if mode not in tuple(WriteMode):
+        raise ValueError(f"mode must be one of {', '.join(WriteMode)}, not {mode!r}")
     check_types(graph, schema)
     check_structure(graph)

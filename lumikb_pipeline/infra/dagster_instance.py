@@ -8,14 +8,14 @@ into `DAGSTER_HOME` when none is there.
 from __future__ import annotations
 
 import os
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from lumikb_pipeline.core.config import Settings
-from lumikb_pipeline.core.names import POOL_GRAPH_WRITE, POOL_LLM, TAG_BACKFILL
+from lumikb_pipeline.core.names import DOCUMENTS_PARTITIONS, POOL_GRAPH_WRITE, POOL_LLM, TAG_BACKFILL
 
 if TYPE_CHECKING:
     from dagster import DagsterInstance
@@ -112,6 +112,15 @@ def open_instance(settings: Settings) -> DagsterInstance:
     pin_dagster_storage_driver()
     home = ensure_instance_config(settings)
     return DagsterInstance.from_config(str(home))
+
+
+def add_missing_partitions(instance: DagsterInstance, doc_ids: Sequence[str]) -> list[str]:
+    """Add the `documents` partitions of `doc_ids` that the instance does not have yet; returns them."""
+    existing = instance.get_existing_dynamic_partitions(DOCUMENTS_PARTITIONS, list(doc_ids))
+    missing = [doc_id for doc_id in doc_ids if doc_id not in existing]
+    if missing:
+        instance.add_dynamic_partitions(DOCUMENTS_PARTITIONS, missing)
+    return missing
 
 
 def apply_pool_limits(instance: Any, settings: Settings) -> dict[str, int]:

@@ -21,6 +21,8 @@ from lumikb_pipeline.core.names import (
     TAG_SCHEMA_VERSION,
 )
 from lumikb_pipeline.domain.batching import PartitionBatch, contiguous_batches
+from lumikb_pipeline.domain.modes import WriteMode
+from lumikb_pipeline.infra.dagster_instance import add_missing_partitions, open_instance
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ def run_documents_in_process(
     doc_ids: Sequence[str],
     *,
     instance: DagsterInstance | None = None,
-    mode: str = "replace",
+    mode: WriteMode = WriteMode.REPLACE,
     job_id: str | None = None,
     schema_version: int | None = None,
     batch_size: int | None = None,
@@ -59,13 +61,8 @@ def run_documents_in_process(
     `schema_version`; None: no job, replace, the KB's current version). Failed documents are in the
     ledger; a batch with one is `success=False`. `on_batch` is called after each batch.
     """
-    from lumikb_pipeline.infra.dagster_instance import open_instance
-
     instance = instance or open_instance(settings)
-    existing = instance.get_existing_dynamic_partitions(DOCUMENTS_PARTITIONS, list(doc_ids))
-    missing = [doc_id for doc_id in doc_ids if doc_id not in existing]
-    if missing:
-        instance.add_dynamic_partitions(DOCUMENTS_PARTITIONS, missing)
+    add_missing_partitions(instance, doc_ids)
     order = instance.get_dynamic_partitions(DOCUMENTS_PARTITIONS)
     batches = contiguous_batches(order, set(doc_ids), batch_size or settings.reextract_batch_size)
     tags: dict[str, str] = {TAG_MODE: mode}

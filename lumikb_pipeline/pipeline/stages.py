@@ -29,6 +29,7 @@ from lumikb_pipeline.core.scrub import scrub
 from lumikb_pipeline.db import ledger
 from lumikb_pipeline.db.models import Chunk, Document, ExtractionStatus, KnowledgeBase, SchemaVersion
 from lumikb_pipeline.db.session import session_scope
+from lumikb_pipeline.domain.modes import WriteMode
 from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure, GraphChunk
 from lumikb_pipeline.domain.schema import DomainSchema, schema_from_json
 from lumikb_pipeline.graph.build import build_document_graph
@@ -253,7 +254,7 @@ def write_documents(
     *,
     claimant: str,
     job_id: str | None = None,
-    mode: Literal["replace", "merge"] = "replace",
+    mode: WriteMode = WriteMode.REPLACE,
     should_stop: Callable[[], bool] | None = None,
 ) -> list[DocumentOutcome]:
     """Stage 2: write the graph of each `extracted` document from its checkpoints and close its

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from dagster import AssetKey
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -22,7 +23,8 @@ from sqlalchemy.orm import Session
 from lumikb_pipeline.core.config import Settings
 from lumikb_pipeline.core.errors import NotFoundError, UsageError
 from lumikb_pipeline.core.names import (
-    DOCUMENTS_PARTITIONS,
+    DOCUMENT_ENTITIES_ASSET,
+    REEXTRACTION_JOB,
     TAG_BACKFILL,
     TAG_JOB_ID,
     TAG_KB,
@@ -32,14 +34,18 @@ from lumikb_pipeline.core.names import (
 )
 from lumikb_pipeline.db import ledger
 from lumikb_pipeline.db.catalog import get_kb
-from lumikb_pipeline.db.models import Document, Job, JobMode, JobStatus, JobTrigger, KnowledgeBase, utcnow
+from lumikb_pipeline.db.models import Document, Job, JobStatus, JobTrigger, KnowledgeBase, utcnow
 from lumikb_pipeline.db.session import session_scope
+from lumikb_pipeline.domain.budget import check_max_cost
+from lumikb_pipeline.domain.modes import WriteMode
 from lumikb_pipeline.infra import redis_client
+from lumikb_pipeline.infra.dagster_instance import add_missing_partitions, open_instance
 from lumikb_pipeline.infra.tags import reextraction_tags
 from lumikb_pipeline.tracking.tracker import ProgressTracker
 
 if TYPE_CHECKING:
     from dagster import DagsterInstance
+    from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
 
 SelectionKind = Literal["outdated", "all", "ids"]
 TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
@@ -100,12 +106,13 @@ def start_reextraction(
     settings: Settings,
     kb_slug: str,
     selection: Selection,
-    mode: str = "replace",
+    mode: WriteMode | str = WriteMode.REPLACE,
     trigger: JobTrigger | str = JobTrigger.CLI,
     max_cost: float | None = None,
     *,
     dedupe_key: str | None = None,
     instance: DagsterInstance | None = None,
+    asset_graph: BaseAssetGraph | None = None,
     launch: bool = True,
     backfill_id: str | None = None,
 ) -> Job:
@@ -118,11 +125,11 @@ def start_reextraction(
     A selection with no documents gives a job that is `succeeded` at once. `launch=False` records
     the job without launching anything (the demo runs its documents in-process). `backfill_id` records
     the job of a backfill that already exists (one launched in the Dagster UI) and launches nothing.
+    Launching needs the code location's `asset_graph` (a sensor's `context.repository_def.asset_graph`,
+    the CLI's `defs.resolve_asset_graph()`).
     """
-    if mode not in (JobMode.REPLACE.value, JobMode.MERGE.value):
-        raise UsageError(f"mode {mode!r} is not one of replace, merge")
-    if max_cost is not None and max_cost < 0:
-        raise UsageError(f"--max-cost {max_cost} is negative; give a budget in USD of 0 or more")
+    mode = WriteMode.parse(mode, "--mode")
+    max_cost = check_max_cost(max_cost)
     trigger = JobTrigger(trigger)
     with session_scope(settings.effective_database_url) as session:
         if dedupe_key is not None:
@@ -133,7 +140,7 @@ def start_reextraction(
         doc_ids = select_documents(session, kb, selection)
         now = utcnow()
         job = Job(
-            kb_id=kb.id, target_schema_version=kb.current_schema_version, mode=JobMode(mode),
+            kb_id=kb.id, target_schema_version=kb.current_schema_version, mode=mode,
             selection=selection.to_json(), trigger=trigger, status=JobStatus.PENDING, dedupe_key=dedupe_key,
             total_documents=len(doc_ids), max_cost_usd=max_cost, created_at=now, updated_at=now,
             dagster_backfill_id=backfill_id,
@@ -158,7 +165,7 @@ def start_reextraction(
         session.expunge(job)
     ProgressTracker(redis_client.connect(settings)).start(job.id, len(doc_ids), job.created_at.timestamp())
     if doc_ids and launch and backfill_id is None:
-        launch_job(settings, job, doc_ids, kb_slug=kb_slug, instance=instance)
+        launch_job(settings, job, doc_ids, kb_slug=kb_slug, instance=instance, asset_graph=asset_graph)
     elif doc_ids:
         _mark_running(settings, job)
     return job
@@ -189,25 +196,22 @@ def launch_job(
     *,
     kb_slug: str,
     instance: DagsterInstance | None = None,
+    asset_graph: BaseAssetGraph | None = None,
 ) -> str:
     """Add the partitions and the backfill of a recorded job (idempotent); returns the backfill id."""
     from dagster._core.execution.backfill import PartitionBackfill
 
-    from lumikb_pipeline.assets.document_entities import DOCUMENT_ENTITIES
-    from lumikb_pipeline.infra.dagster_instance import open_instance
-
     instance = instance or open_instance(settings)
     backfill_id = backfill_id_for(job.id)
     if instance.get_backfill(backfill_id) is None:
-        existing = instance.get_existing_dynamic_partitions(DOCUMENTS_PARTITIONS, list(doc_ids))
-        missing = [doc_id for doc_id in doc_ids if doc_id not in existing]
-        if missing:
-            instance.add_dynamic_partitions(DOCUMENTS_PARTITIONS, missing)
+        if asset_graph is None:
+            raise ValueError("launching a re-extraction job needs the code location's asset graph")
+        add_missing_partitions(instance, doc_ids)
         backfill = PartitionBackfill.from_asset_partitions(
             backfill_id=backfill_id,
-            asset_graph=_asset_graph(),
+            asset_graph=asset_graph,
             partition_names=list(doc_ids),
-            asset_selection=[DOCUMENT_ENTITIES],
+            asset_selection=[AssetKey(DOCUMENT_ENTITIES_ASSET)],
             backfill_timestamp=time.time(),
             tags=_job_tags(job, kb_slug),
             dynamic_partitions_store=instance,
@@ -233,13 +237,10 @@ def backfill_documents(backfill: Any) -> list[str]:
     """The `document_entities` partitions (document ids) a Dagster backfill targets: an asset backfill's
     partitions of that asset, or a job backfill's partitions (`reextraction_job` from its job page);
     [] for a backfill of anything else."""
-    from lumikb_pipeline.assets.document_entities import DOCUMENT_ENTITIES
-    from lumikb_pipeline.core.names import REEXTRACTION_JOB
-
     data = backfill.asset_backfill_data
     if data is None:
         return sorted(backfill.partition_names or []) if backfill.job_name == REEXTRACTION_JOB else []
-    subset = data.target_subset.partitions_subsets_by_asset_key.get(DOCUMENT_ENTITIES)
+    subset = data.target_subset.partitions_subsets_by_asset_key.get(AssetKey(DOCUMENT_ENTITIES_ASSET))
     return sorted(subset.get_partition_keys()) if subset is not None else []
 
 
@@ -284,7 +285,7 @@ def record_backfill_jobs(settings: Settings, instance: DagsterInstance, backfill
     for (kb_id, slug), docs in by_kb.items():
         if kb_id not in jobs:
             jobs[kb_id] = start_reextraction(
-                settings, slug, Selection.of_ids(docs), backfill.tags.get(TAG_MODE, JobMode.REPLACE.value),
+                settings, slug, Selection.of_ids(docs), backfill.tags.get(TAG_MODE, WriteMode.REPLACE),
                 JobTrigger.UI_BACKFILL, dedupe_key=f"ui-backfill:{backfill_id}:{slug}", backfill_id=backfill_id,
             ).id
     return jobs
@@ -306,12 +307,6 @@ def record_ui_backfills(settings: Settings, instance: DagsterInstance) -> list[s
     return recorded
 
 
-def _asset_graph() -> Any:
-    from lumikb_pipeline.definitions import defs
-
-    return defs.resolve_asset_graph()
-
-
 def job_documents(session: Session, job: Job) -> list[str]:
     """The documents a job covers: its ledger rows, in ingestion order."""
     from lumikb_pipeline.db.models import ExtractionRecord
@@ -326,10 +321,12 @@ def job_documents(session: Session, job: Job) -> list[str]:
     )
 
 
-def refresh_job_status(settings: Settings, job_id: str, instance: DagsterInstance) -> Job:
+def refresh_job_status(
+    settings: Settings, job_id: str, instance: DagsterInstance, asset_graph: BaseAssetGraph | None = None
+) -> Job:
     """Bring a job's status, run ids and times in line with its Dagster backfill; returns the job.
 
-    A job whose launch was interrupted (recorded, no backfill yet) is launched now.
+    A job whose launch was interrupted (recorded, no backfill yet) is launched now (with `asset_graph`).
     """
     from dagster import RunsFilter
     from dagster._core.execution.backfill import BulkActionStatus
@@ -346,7 +343,8 @@ def refresh_job_status(settings: Settings, job_id: str, instance: DagsterInstanc
         backfill_id = job.dagster_backfill_id or backfill_id_for(job.id)
     backfill = instance.get_backfill(backfill_id)
     if backfill is None:
-        launch_job(settings, job, doc_ids, kb_slug=kb_slug, instance=instance)
+        if asset_graph is not None:
+            launch_job(settings, job, doc_ids, kb_slug=kb_slug, instance=instance, asset_graph=asset_graph)
         return job
     run_ids = list(instance.get_run_ids(RunsFilter(tags={TAG_BACKFILL: backfill_id})))
     status = {

@@ -50,6 +50,7 @@ def document_partitions_sensor(
             page = changed_documents(session, cursor, PAGE_SIZE)
             live = [c.doc_id for c in page.changes if not c.deleted]
             to_process.extend(needing_processing(session, live))
+        # One lookup serves both: which live documents need a partition, which deleted ones have one.
         existing = instance.get_existing_dynamic_partitions(DOCUMENTS_PARTITIONS, [c.doc_id for c in page.changes])
         new = [doc_id for doc_id in live if doc_id not in existing]
         if new:

@@ -31,7 +31,8 @@ def job_status_sensor(context: SensorEvaluationContext, database: DatabaseResour
         with database.session() as session:
             row = session.get(Job, job_id)
             before = row.status if row is not None else None
-        job = refresh_job_status(settings, job_id, context.instance)
+        asset_graph = context.repository_def.asset_graph if context.repository_def else None
+        job = refresh_job_status(settings, job_id, context.instance, asset_graph)
         if job.status != before:
             changes.append(f"job {job_id}: {before} -> {job.status}")
             context.log.info(changes[-1])

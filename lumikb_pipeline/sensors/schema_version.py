@@ -76,6 +76,7 @@ def schema_version_sensor(context: SensorEvaluationContext, database: DatabaseRe
         job = start_reextraction(
             settings, slug, Selection.outdated(), mode="replace", trigger=JobTrigger.SENSOR,
             dedupe_key=dedupe_key(slug, version), instance=context.instance,
+            asset_graph=context.repository_def.asset_graph if context.repository_def else None,
         )
         context.log.info(
             f"KB {slug} is at schema version {version}: job {job.id} re-extracts {job.total_documents} outdated "

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from lumikb_pipeline.db import catalog
 from lumikb_pipeline.db.models import Job
 from lumikb_pipeline.db.session import session_scope
+from lumikb_pipeline.definitions import defs
 from lumikb_pipeline.domain.schema import parse_schema_file
 from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource
 from lumikb_pipeline_tests.dagster.helpers import SCHEMA_V1, SCHEMA_V2, document_text, unique_slug
@@ -42,7 +43,8 @@ def _tick(
 ) -> SensorResult:
     """One evaluation of `sensor` against the app database at `url` (plus any other resources)."""
     context = build_sensor_context(
-        instance=instance, cursor=cursor, resources={"database": DatabaseResource(database_url=url), **resources}
+        instance=instance, cursor=cursor, resources={"database": DatabaseResource(database_url=url), **resources},
+        definitions=defs,
     )
     result = sensor(context)
     assert isinstance(result, SensorResult)
@@ -161,7 +163,6 @@ def _ui_backfill(instance: DagsterInstance, backfill_id: str, doc_ids: list[str]
     from dagster._core.execution.backfill import PartitionBackfill
 
     from lumikb_pipeline.assets.document_entities import DOCUMENT_ENTITIES
-    from lumikb_pipeline.definitions import defs
 
     instance.add_backfill(PartitionBackfill.from_asset_partitions(
         backfill_id=backfill_id, asset_graph=defs.resolve_asset_graph(), partition_names=doc_ids,
@@ -226,7 +227,7 @@ def test_a_job_the_workers_close_during_a_status_refresh_stays_closed(
 
     settings = DatabaseResource(database_url=pg_url).app_settings()
     slug, _, _ = _kb_with_documents(pg_url, tmp_path / "docs", 2)
-    job = start_reextraction(settings, slug, Selection.all(), instance=instance)
+    job = start_reextraction(settings, slug, Selection.all(), instance=instance, asset_graph=defs.resolve_asset_graph())
     assert job.status == JobStatus.RUNNING and instance.get_backfills()[0].status.value == "REQUESTED"
 
     class WorkersFinishMeanwhile:

@@ -7,9 +7,10 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from lumikb_pipeline.core.config import Settings
+from lumikb_pipeline.graph import open_graph_store
 from lumikb_pipeline.graph.embedded_store import EmbeddedGraphStore
 from lumikb_pipeline.graph.neo4j_store import Neo4jGraphStore, shared_driver
-from lumikb_pipeline.graph.store import GraphStore, open_graph_store
+from lumikb_pipeline.graph.store import GraphStore
 from lumikb_pipeline_tests.conftest import required_env
 
 

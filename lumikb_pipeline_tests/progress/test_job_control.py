@@ -18,7 +18,7 @@ from lumikb_pipeline.db import catalog, ledger
 from lumikb_pipeline.db.models import ExtractionRecord, ExtractionStatus, Job, JobStatus
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.schema import parse_schema_text
-from lumikb_pipeline.graph.store import open_graph_store
+from lumikb_pipeline.graph import open_graph_store
 from lumikb_pipeline.llm.extractor import ChunkExtractor
 from lumikb_pipeline.pipeline.stages import extract_documents, write_documents
 from lumikb_pipeline.reextraction.cancel import cancel_job

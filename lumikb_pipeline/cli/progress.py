@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from lumikb_pipeline.cli.app import app, console, handle_errors
@@ -16,40 +15,13 @@ from lumikb_pipeline.cli.catalog import ready_settings
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.infra import redis_client
 from lumikb_pipeline.reextraction.drift import drift_report
+from lumikb_pipeline.tracking.display import render_progress
 from lumikb_pipeline.tracking.progress import JobProgress, job_progress
 
 FINISHED = {"succeeded", "failed", "cancelled"}
 
 
 JOB_HELP = "The job id that `lumikb reextract` printed, or the id of a backfill launched in the Dagster UI."
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
-def render_progress(progress: JobProgress) -> Table:
-    """The human view of a job's progress: bar, rate, ETA, spend and recent errors."""
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), expand=True)
-    bar.add_task(
-        f"job {progress.job_id[:8]} [{progress.status}]",
-        total=max(progress.total, 1),
-        completed=progress.completed + progress.failed,
-    )
-    grid = Table.grid(padding=(0, 2))
-    grid.add_row(bar)
-    grid.add_row(
-        f"completed {progress.completed}  failed {progress.failed}  remaining {progress.remaining}  "
-        f"rate {progress.rate_per_s:.2f} docs/s  ETA {_duration(progress.eta_seconds)}  "
-        f"spend ${progress.spend_usd:.4f}"
-    )
-    for error in progress.recent_errors:
-        grid.add_row(f"[red]{error['at'][11:19]} {error['doc_id'][:8]}[/] {error['error'][:160]}")
-    return grid
 
 
 @app.command("progress")

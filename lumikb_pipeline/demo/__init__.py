@@ -83,10 +83,10 @@ def _ledger_totals(settings: Settings, kb_id: int, schema_version: int) -> tuple
 
 def run_demo(settings: Settings, console: Console) -> DemoSummary:
     """Run the demo end to end; returns the figures of its summary."""
-    from lumikb_pipeline.cli.progress import render_progress
     from lumikb_pipeline.infra.dagster_instance import open_instance
     from lumikb_pipeline.orchestration.in_process import run_documents_in_process
     from lumikb_pipeline.reextraction.service import Selection, start_reextraction
+    from lumikb_pipeline.tracking.display import render_progress
 
     started = time.monotonic()
     console.rule("[bold]lumikb demo")

@@ -1,0 +1,36 @@
+"""How a job's progress looks in a terminal (`lumikb progress --watch`, the demo)."""
+
+from __future__ import annotations
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from lumikb_pipeline.tracking.progress import JobProgress
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def render_progress(progress: JobProgress) -> Table:
+    """The human view of a job's progress: bar, rate, ETA, spend and recent errors."""
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), expand=True)
+    bar.add_task(
+        f"job {progress.job_id[:8]} [{progress.status}]",
+        total=max(progress.total, 1),
+        completed=progress.completed + progress.failed,
+    )
+    grid = Table.grid(padding=(0, 2))
+    grid.add_row(bar)
+    grid.add_row(
+        f"completed {progress.completed}  failed {progress.failed}  remaining {progress.remaining}  "
+        f"rate {progress.rate_per_s:.2f} docs/s  ETA {_duration(progress.eta_seconds)}  "
+        f"spend ${progress.spend_usd:.4f}"
+    )
+    for error in progress.recent_errors:
+        grid.add_row(f"[red]{error['at'][11:19]} {error['doc_id'][:8]}[/] {error['error'][:160]}")
+    return grid

@@ -148,39 +148,6 @@ def claim(
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def claim_next(
-    session: Session, job_id: str, worker: str, limit: int = 1, lease: timedelta = DEFAULT_LEASE
-) -> list[str]:
-    """Claim up to `limit` claimable rows of a job; returns their document ids.
-
-    On PostgreSQL the candidates are locked with SKIP LOCKED so concurrent workers take disjoint
-    rows without waiting; the conditional UPDATE keeps it correct on SQLite too.
-    """
-    candidates = (
-        select(ExtractionRecord.id)
-        .where(ExtractionRecord.job_id == job_id, _claimable())
-        .order_by(ExtractionRecord.id)
-        .limit(limit)
-    )
-    if session.get_bind().dialect.name == "postgresql":
-        candidates = candidates.with_for_update(skip_locked=True)
-    ids = list(session.scalars(candidates))
-    if not ids:
-        return []
-    now = utcnow()
-    claimed = session.execute(
-        update(ExtractionRecord)
-        .where(ExtractionRecord.id.in_(ids), _claimable())
-        .values(
-            status=ExtractionStatus.RUNNING, claimed_by=worker, lease_expires_at=now + lease,
-            started_at=now, finished_at=None, updated_at=now, attempts=ExtractionRecord.attempts + 1,
-        )
-        .returning(ExtractionRecord.document_id)
-        .execution_options(synchronize_session=False)
-    )
-    return list(claimed.scalars())
-
-
 def _finish(
     session: Session, doc_id: str, schema_version: int, worker: str, status: ExtractionStatus, **values: object
 ) -> bool:
@@ -247,16 +214,6 @@ def cancel_pending(session: Session, job_id: str, reason: str = "job cancelled")
         .execution_options(synchronize_session=False)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
-
-
-def latest_succeeded_versions(session: Session, kb_id: int) -> dict[str, int]:
-    """Each live document of a KB with its latest succeeded schema version (absent: never)."""
-    rows = session.execute(
-        select(ExtractionRecord.document_id, func.max(ExtractionRecord.schema_version))
-        .where(ExtractionRecord.kb_id == kb_id, ExtractionRecord.status == ExtractionStatus.SUCCEEDED)
-        .group_by(ExtractionRecord.document_id)
-    ).tuples()
-    return dict(rows.all())
 
 
 def outdated_document_ids(session: Session, kb: KnowledgeBase) -> list[str]:

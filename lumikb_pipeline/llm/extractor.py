@@ -44,7 +44,7 @@ from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, RetryCallState
 
 from lumikb_pipeline.core.config import Settings
-from lumikb_pipeline.core.scrub import scrub
+from lumikb_pipeline.core.scrub import protect_loggers, scrub
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure
 from lumikb_pipeline.domain.schema import DomainSchema
@@ -201,37 +201,8 @@ def _retry_after_s(exc: BaseException) -> float | None:
         return None
 
 
-class _SecretFilter(logging.Filter):
-    """Scrubs the configured API key (and key-shaped tokens) from LiteLLM's log records."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.secrets: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        cleaned = scrub(message, tuple(self.secrets))
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
-        if record.exc_info and record.exc_info[1] is not None:
-            # The handler would format the traceback later, with the key in the exception's message.
-            text = "".join(traceback.format_exception(record.exc_info[1]))
-            record.msg = f"{record.msg}\n{scrub(text, tuple(self.secrets))}"
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-_secret_filter = _SecretFilter()
+# LiteLLM and the HTTP clients log requests and errors; the key must never reach those records.
 _LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "litellm", "httpx", "openai")
-
-
-def _protect_logs(secret: str | None) -> None:
-    if secret:
-        _secret_filter.secrets.add(secret)
-    for name in _LITELLM_LOGGERS:
-        logger = logging.getLogger(name)
-        if _secret_filter not in logger.filters:
-            logger.addFilter(_secret_filter)
 
 
 class ChunkExtractor:
@@ -271,7 +242,7 @@ class ChunkExtractor:
         self.max_send_late_s = 0.0
         litellm.suppress_debug_info = True  # its "Give Feedback" banner on every error is noise in job logs
         register_offline_model()
-        _protect_logs(self._api_key)
+        protect_loggers(_LITELLM_LOGGERS, self._api_key)
 
     # --- public API -----------------------------------------------------------------------------
 

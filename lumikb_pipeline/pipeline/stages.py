@@ -81,19 +81,6 @@ class _DocumentWork:
     ordinals: dict[str, int] = field(default_factory=dict)
 
 
-def target_version(settings: Settings, doc_id: str, requested: int | None) -> int:
-    """The schema version to extract a document at: the one requested, else its KB's current one."""
-    if requested is not None:
-        return requested
-    with session_scope(settings.effective_database_url) as session:
-        version = session.scalar(
-            select(KnowledgeBase.current_schema_version).join(Document).where(Document.id == doc_id)
-        )
-    if version is None:
-        raise LumikbError(f"document {doc_id} does not exist")
-    return version
-
-
 def _load_work(settings: Settings, doc_ids: Sequence[str], schema_version: int | None) -> dict[str, _DocumentWork]:
     work: dict[str, _DocumentWork] = {}
     schemas: dict[tuple[int, int], DomainSchema] = {}
@@ -312,5 +299,5 @@ def write_documents(
 
 
 __all__ = [
-    "DocumentOutcome", "ExtractionStatus", "extract_documents", "write_documents", "target_version",
+    "DocumentOutcome", "ExtractionStatus", "extract_documents", "write_documents",
 ]

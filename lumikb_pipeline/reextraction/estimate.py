@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from lumikb_pipeline.db.models import Chunk, KnowledgeBase
+from lumikb_pipeline.domain.batching import chunked
 from lumikb_pipeline.domain.chunking import count_tokens
 from lumikb_pipeline.domain.schema import DomainSchema
 from lumikb_pipeline.llm.checkpoints import CheckpointKey, lookup
@@ -53,8 +54,7 @@ def estimate_reextraction(
 ) -> ReextractionEstimate:
     """Documents, chunks, calls still needed after checkpoints, and the estimated tokens and cost."""
     chunks: list[tuple[str, int]] = []
-    for start in range(0, len(doc_ids), 1000):
-        batch = doc_ids[start : start + 1000]
+    for batch in chunked(doc_ids, 1000):
         rows = session.execute(select(Chunk.content_hash, Chunk.token_count).where(Chunk.document_id.in_(batch)))
         chunks.extend(rows.tuples())
     key = CheckpointKey(kb.id, schema_version, effective_prompt_version(schema), model)

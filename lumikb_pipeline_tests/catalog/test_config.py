@@ -1,6 +1,6 @@
 import pytest
 
-from lumikb_pipeline.core.config import load_settings, parse_rate_limit
+from lumikb_pipeline.core.config import OFFLINE_RATE_LIMIT, load_settings, parse_rate_limit
 from lumikb_pipeline.core.errors import ConfigError
 
 
@@ -10,9 +10,15 @@ def test_embedded_defaults(lumikb_env) -> None:  # type: ignore[no-untyped-def]
     assert str(lumikb_env) in settings.effective_database_url
     assert settings.uses_embedded_redis and settings.uses_embedded_graph
     assert settings.llm_model == "lumikb/offline"
-    assert settings.rate_limit.per_second == 10
-    assert settings.max_in_flight == 50
     assert settings.effective_dagster_home == (lumikb_env / "dagster").resolve()
+
+
+def test_a_provider_model_gets_the_global_limit_and_the_offline_model_its_own(lumikb_env) -> None:  # type: ignore[no-untyped-def]
+    settings = load_settings()
+    assert settings.rate_limit.per_second == OFFLINE_RATE_LIMIT.per_second == 1000
+    provider = settings.model_copy(update={"llm_model": "openai/gpt-4o-mini"})
+    assert provider.rate_limit.per_second == 10
+    assert provider.max_in_flight == 50
 
 
 @pytest.mark.parametrize(
@@ -49,3 +55,8 @@ def test_per_model_rate_limit_overrides_the_global_one(lumikb_env, monkeypatch: 
     settings = load_settings()
     assert settings.rate_limit_for("openai/gpt-4o-mini").per_second == 20
     assert settings.rate_limit_for("other").per_second == 10
+
+
+def test_a_per_model_limit_also_overrides_the_offline_models_own(lumikb_env, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("LUMIKB_LLM_RATE_LIMITS", "lumikb/offline=5/s")
+    assert load_settings().rate_limit.per_second == 5

@@ -89,18 +89,6 @@ def test_outdated_documents_are_those_without_a_success_at_the_current_version(d
         assert counts[ExtractionStatus.SUCCEEDED] == 2 and counts[ExtractionStatus.PENDING] == 1
 
 
-def _claim_all(url: str, job_id: str, worker: str, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    dispose_engines()
-    claimed: list[str] = []
-    while True:
-        with session_scope(url) as session:
-            batch = ledger.claim_next(session, job_id, worker, limit=3)
-        if not batch:
-            break
-        claimed.extend(batch)
-    queue.put((worker, claimed))
-
-
 def _claim_each(url: str, doc_ids: list[str], job_id: str, worker: str, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     dispose_engines()
     claimed = []
@@ -116,10 +104,10 @@ def test_two_processes_claiming_concurrently_never_claim_the_same_document(pg_ur
     dispose_engines()
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    # Half the workers take batches with SKIP LOCKED, half race for every single document.
+    # Four workers race for every single document, two in each order.
     processes = [
-        context.Process(target=_claim_all, args=(pg_url, job_id, "batch-a", queue)),
-        context.Process(target=_claim_all, args=(pg_url, job_id, "batch-b", queue)),
+        context.Process(target=_claim_each, args=(pg_url, doc_ids, job_id, "each-a", queue)),
+        context.Process(target=_claim_each, args=(pg_url, list(reversed(doc_ids)), job_id, "each-b", queue)),
         context.Process(target=_claim_each, args=(pg_url, doc_ids, job_id, "each-c", queue)),
         context.Process(target=_claim_each, args=(pg_url, list(reversed(doc_ids)), job_id, "each-d", queue)),
     ]

@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 from dagster import (
     AssetKey,
@@ -51,10 +50,8 @@ from lumikb_pipeline.core.names import (
     TAG_SCHEMA_VERSION,
 )
 from lumikb_pipeline.domain.modes import WriteMode
+from lumikb_pipeline.pipeline import DocumentOutcome, extract_documents, write_documents
 from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource, LLMResource
-
-if TYPE_CHECKING:
-    from lumikb_pipeline.pipeline.stages import DocumentOutcome
 
 DOCUMENT_ENTITIES = AssetKey("document_entities")
 
@@ -78,7 +75,7 @@ class RunScope:
         """The run's scope. A run of a lumikb job carries the job's id in its tags; a run of a backfill
         launched in the Dagster UI belongs to that backfill's jobs, recorded here if the job-status
         sensor has not done it yet (`ui_backfill_jobs`)."""
-        from lumikb_pipeline.reextraction.service import ui_backfill_jobs
+        from lumikb_pipeline.reextraction.backfills import ui_backfill_jobs
 
         tags = context.run.tags
         version = tags.get(TAG_SCHEMA_VERSION)
@@ -156,11 +153,11 @@ class RunEndWatch:
                 return
 
 
-def _failures(outcomes: Sequence["DocumentOutcome"]) -> list["DocumentOutcome"]:
+def _failures(outcomes: Sequence[DocumentOutcome]) -> list[DocumentOutcome]:
     return [o for o in outcomes if o.status == "failed"]
 
 
-def _report_failures(context: OpExecutionContext, stage: str, failed: Sequence["DocumentOutcome"]) -> Iterator[object]:
+def _report_failures(context: OpExecutionContext, stage: str, failed: Sequence[DocumentOutcome]) -> Iterator[object]:
     """One observation per failed document (its error on its partition), then the step's failure."""
     for outcome in failed:
         yield AssetObservation(
@@ -194,8 +191,6 @@ def _report_failures(context: OpExecutionContext, stage: str, failed: Sequence["
 def extract_document_entities(
     context: OpExecutionContext, database: DatabaseResource, llm: LLMResource
 ) -> Iterator[object]:
-    from lumikb_pipeline.pipeline.stages import extract_documents
-
     settings = database.app_settings()
     scope = RunScope.of(context, settings)
     started = time.monotonic()
@@ -222,8 +217,8 @@ def extract_document_entities(
 
 
 def _writable(
-    settings: Settings, outcomes: Sequence["DocumentOutcome"], claimant: str, jobs: Mapping[str, str]
-) -> list["DocumentOutcome"]:
+    settings: Settings, outcomes: Sequence[DocumentOutcome], claimant: str, jobs: Mapping[str, str]
+) -> list[DocumentOutcome]:
     """The extracted outcomes this step may write: their ledger row is held by this run's claimant,
     or can be taken back (a retry of this step alone after its first attempt failed on them).
     Rows that succeeded meanwhile are left alone."""
@@ -251,7 +246,7 @@ def _writable(
     return ready
 
 
-def _materialization(outcome: "DocumentOutcome", scope: RunScope) -> AssetMaterialization:
+def _materialization(outcome: DocumentOutcome, scope: RunScope) -> AssetMaterialization:
     metadata: dict[str, object] = {
         "schema_version": outcome.schema_version,
         "entities": outcome.entities,
@@ -261,7 +256,7 @@ def _materialization(outcome: "DocumentOutcome", scope: RunScope) -> AssetMateri
         "chunks": outcome.chunks,
         "duration_s": round(outcome.duration_s, 3),
         "cost_usd": round(outcome.cost_usd, 6),
-        "mode": scope.mode,
+        "mode": scope.mode.value,
         "reused": False,
     }
     if job_id := scope.jobs.get(outcome.doc_id):
@@ -269,7 +264,7 @@ def _materialization(outcome: "DocumentOutcome", scope: RunScope) -> AssetMateri
     return AssetMaterialization(asset_key=DOCUMENT_ENTITIES, partition=outcome.doc_id, metadata=metadata)  # type: ignore[arg-type]
 
 
-def _already_current(settings: Settings, outcomes: Sequence["DocumentOutcome"], scope: RunScope) -> list[
+def _already_current(settings: Settings, outcomes: Sequence[DocumentOutcome], scope: RunScope) -> list[
     AssetMaterialization
 ]:
     """Materializations for the skipped documents that are already extracted at this version and
@@ -298,7 +293,7 @@ def _already_current(settings: Settings, outcomes: Sequence["DocumentOutcome"], 
                     "llm_calls": 0,
                     "cached_chunks": row.cached_chunks,
                     "reused": True,
-                    "mode": scope.mode,
+                    "mode": scope.mode.value,
                 }
                 if row.job_id:
                     metadata["job_id"] = row.job_id
@@ -316,12 +311,10 @@ def _already_current(settings: Settings, outcomes: Sequence["DocumentOutcome"], 
 )
 def write_document_entities(
     context: OpExecutionContext,
-    outcomes: list,  # list[DocumentOutcome]; a plain list keeps Dagster's type check trivial
+    outcomes: list[DocumentOutcome],
     database: DatabaseResource,
     graph_store: GraphStoreResource,
 ) -> Iterator[object]:
-    from lumikb_pipeline.pipeline.stages import write_documents
-
     settings = database.app_settings()
     scope = RunScope.of(context, settings)
     current = _already_current(settings, outcomes, scope)

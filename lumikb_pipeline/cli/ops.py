@@ -181,7 +181,8 @@ def _wait(settings: object, job_id: str) -> None:
     from lumikb_pipeline.core.config import Settings
     from lumikb_pipeline.db.models import JobStatus
     from lumikb_pipeline.infra.dagster_instance import open_instance
-    from lumikb_pipeline.reextraction.service import TERMINAL, refresh_job_status
+    from lumikb_pipeline.reextraction.service import TERMINAL
+    from lumikb_pipeline.reextraction.status import refresh_job_status
 
     assert isinstance(settings, Settings)
     instance = open_instance(settings)

@@ -1,4 +1,4 @@
-"""Typed values that flow one way: chunk -> LLM extraction -> document graph -> graph store.
+"""Typed values that flow one way: chunk (`ChunkInput`) -> LLM extraction -> document graph -> graph store.
 
 `ChunkExtraction` is what the extractor returns for one chunk (validated against the schema);
 `DocumentGraph` is what the graph store writes for one document in one transaction.
@@ -6,7 +6,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pydantic import BaseModel, ConfigDict, Field
+
+
+@dataclass(frozen=True)
+class ChunkInput:
+    """One chunk to extract: its id, its text and the hash of its text (the checkpoint key)."""
+
+    id: str
+    text: str
+    content_hash: str
 
 
 class ExtractedEntity(BaseModel):

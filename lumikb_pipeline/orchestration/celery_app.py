@@ -20,7 +20,7 @@ execute_plan = create_task(app)
 
 def _preload() -> None:
     import lumikb_pipeline.definitions  # noqa: F401
-    import lumikb_pipeline.pipeline.stages  # noqa: F401
+    import lumikb_pipeline.pipeline  # noqa: F401
 
 
 _preload()

@@ -9,7 +9,8 @@ from sqlalchemy import select
 
 from lumikb_pipeline.core.config import get_settings
 from lumikb_pipeline.db.models import Job, JobStatus
-from lumikb_pipeline.reextraction.service import record_ui_backfills, refresh_job_status
+from lumikb_pipeline.reextraction.backfills import record_ui_backfills
+from lumikb_pipeline.reextraction.status import refresh_job_status
 from lumikb_pipeline.resources import DatabaseResource
 
 

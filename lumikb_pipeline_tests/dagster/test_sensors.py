@@ -183,7 +183,7 @@ def test_a_backfill_launched_in_the_ui_gets_one_job_per_kb_found_by_its_backfill
     from lumikb_pipeline.core.errors import UsageError
     from lumikb_pipeline.db import ledger
     from lumikb_pipeline.infra import redis_client
-    from lumikb_pipeline.reextraction.service import ui_backfill_jobs
+    from lumikb_pipeline.reextraction.backfills import ui_backfill_jobs
     from lumikb_pipeline.tracking.progress import job_progress
 
     settings = DatabaseResource(database_url=pg_url).app_settings()
@@ -223,7 +223,8 @@ def test_a_job_the_workers_close_during_a_status_refresh_stays_closed(
     pg_url: str, tmp_path: Path, instance: DagsterInstance
 ) -> None:
     from lumikb_pipeline.db.models import JobStatus, utcnow
-    from lumikb_pipeline.reextraction.service import Selection, refresh_job_status, start_reextraction
+    from lumikb_pipeline.reextraction.service import Selection, start_reextraction
+    from lumikb_pipeline.reextraction.status import refresh_job_status
 
     settings = DatabaseResource(database_url=pg_url).app_settings()
     slug, _, _ = _kb_with_documents(pg_url, tmp_path / "docs", 2)

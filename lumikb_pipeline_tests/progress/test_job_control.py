@@ -20,7 +20,7 @@ from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.schema import parse_schema_text
 from lumikb_pipeline.graph import open_graph_store
 from lumikb_pipeline.llm.extractor import ChunkExtractor
-from lumikb_pipeline.pipeline.stages import extract_documents, write_documents
+from lumikb_pipeline.pipeline import extract_documents, write_documents
 from lumikb_pipeline.reextraction.cancel import cancel_job
 from lumikb_pipeline.reextraction.service import Selection, start_reextraction
 from lumikb_pipeline.tracking.progress import job_progress

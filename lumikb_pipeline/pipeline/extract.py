@@ -1,0 +1,97 @@
+"""Stage 1 of extraction (the `extract_document_entities` op, and the demo in-process): claim each
+document's ledger row and send its chunks to the LLM, rate-limited and checkpointed: every validated
+chunk result is stored as a chunk checkpoint as soon as it exists. The checkpoint table is the
+hand-over to stage 2 (`pipeline.write`), so nothing large passes between steps and a crash between
+them costs no LLM call. One document's failure never fails the others.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from lumikb_pipeline.core.config import Settings
+from lumikb_pipeline.core.scrub import scrub
+from lumikb_pipeline.db import ledger
+from lumikb_pipeline.db.session import session_scope
+from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure
+from lumikb_pipeline.llm.extractor import ChunkExtractor
+from lumikb_pipeline.pipeline.work import (
+    DocumentOutcome,
+    DocumentWork,
+    group_by_schema,
+    load_work,
+    report_outcomes,
+    stop_check,
+)
+
+
+def extract_documents(
+    settings: Settings,
+    extractor: ChunkExtractor,
+    doc_ids: Sequence[str],
+    *,
+    claimant: str,
+    job_id: str | None = None,
+    schema_version: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[DocumentOutcome]:
+    """Stage 1: claim and extract. Documents already succeeded at this version and revision are
+    `skipped` (a retried step does not redo them); claimed documents whose chunks all have a
+    checkpoint now are `extracted` and stay claimed by `claimant` for stage 2."""
+    started = time.monotonic()
+    stop = stop_check(settings, job_id, should_stop)
+    work = load_work(settings, doc_ids, schema_version)
+    outcomes: dict[str, DocumentOutcome] = {}
+    claimed: list[DocumentWork] = []
+    with session_scope(settings.effective_database_url) as session:
+        for doc_id in doc_ids:
+            item = work.get(doc_id)
+            if item is None:
+                outcomes[doc_id] = DocumentOutcome(
+                    doc_id, "failed", schema_version or 0, error=f"document {doc_id} does not exist"
+                )
+                continue
+            ledger.ensure_records(session, item.kb_id, [doc_id], item.schema_version, job_id)
+            if ledger.claim(session, doc_id, item.schema_version, claimant, job_id):
+                claimed.append(item)
+            else:
+                outcomes[doc_id] = DocumentOutcome(doc_id, "skipped", item.schema_version)
+
+    results: dict[str, ChunkExtraction | ChunkFailure] = {}
+    for (kb_id, version), group in group_by_schema(claimed).items():
+        chunk_inputs = [chunk for item in group for chunk in item.chunks]
+        for result in extractor.extract_sync(kb_id, version, group[0].schema, chunk_inputs, stop, stop.on_result):
+            results[result.chunk_id] = result
+
+    elapsed = time.monotonic() - started
+    with session_scope(settings.effective_database_url) as session:
+        for item in claimed:
+            outcome = DocumentOutcome(item.doc_id, "extracted", item.schema_version, chunks=len(item.chunks))
+            failures: list[ChunkFailure] = []
+            for chunk in item.chunks:
+                result = results[chunk.id]
+                outcome.llm_calls += result.llm_calls
+                if isinstance(result, ChunkFailure):
+                    failures.append(result)
+                    continue
+                outcome.cached_chunks += int(result.from_checkpoint)
+                outcome.prompt_tokens += result.prompt_tokens
+                outcome.completion_tokens += result.completion_tokens
+                outcome.cost_usd += result.cost_usd
+            outcome.duration_s = elapsed
+            if failures and all(f.reason == "cancelled" for f in failures):
+                outcome.status = "cancelled"
+                outcome.error = f"{stop.describe()} before every chunk was extracted; the graph was not changed"
+                ledger.mark_cancelled(session, item.doc_id, item.schema_version, claimant, outcome.error)
+            elif failures:
+                first = failures[0]
+                outcome.status = "failed"
+                outcome.error = scrub(
+                    f"{len(failures)} of {len(item.chunks)} chunks failed; chunk {first.chunk_id}: {first.reason}"
+                )
+                ledger.mark_failed(session, item.doc_id, item.schema_version, claimant, outcome.error,
+                                   outcome.ledger_outcome())
+            outcomes[item.doc_id] = outcome
+    report_outcomes(settings, job_id, [outcomes[doc_id] for doc_id in doc_ids])
+    return [outcomes[doc_id] for doc_id in doc_ids]

@@ -1,0 +1,86 @@
+"""Stage 2 of extraction (the `write_document_entities` op): read each extracted document's chunk
+checkpoints back, build its graph contribution, write it in one transaction, and close its ledger
+row. A document is written whole or not at all.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from lumikb_pipeline.core.config import Settings
+from lumikb_pipeline.core.errors import LumikbError
+from lumikb_pipeline.core.scrub import scrub
+from lumikb_pipeline.db import ledger
+from lumikb_pipeline.db.session import session_scope
+from lumikb_pipeline.domain.modes import WriteMode
+from lumikb_pipeline.domain.results import GraphChunk
+from lumikb_pipeline.graph.build import build_document_graph
+from lumikb_pipeline.graph.store import GraphStore
+from lumikb_pipeline.llm.checkpoints import load_checkpoints
+from lumikb_pipeline.llm.prompt import effective_prompt_version
+from lumikb_pipeline.pipeline.work import DocumentOutcome, DocumentWork, load_work, report_outcomes, stop_check
+
+
+def write_documents(
+    settings: Settings,
+    graph_store: GraphStore,
+    extracted: Sequence[DocumentOutcome],
+    *,
+    claimant: str,
+    job_id: str | None = None,
+    mode: WriteMode = WriteMode.REPLACE,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[DocumentOutcome]:
+    """Stage 2: write the graph of each `extracted` document from its checkpoints and close its
+    ledger row. Other outcomes pass through unchanged. A document is written whole or not at all:
+    a cancel that arrives before its write keeps its previous graph and marks it `cancelled`."""
+    stop = stop_check(settings, job_id, should_stop)
+    to_write = [o for o in extracted if o.status == "extracted"]
+    work: dict[str, DocumentWork] = {}
+    for version in {o.schema_version for o in to_write}:
+        # Each document at the version stage 1 extracted it at (which may not be the KB's current one).
+        work.update(load_work(settings, [o.doc_id for o in to_write if o.schema_version == version], version))
+    results: list[DocumentOutcome] = []
+    for outcome in extracted:
+        if outcome.status != "extracted":
+            results.append(outcome)
+            continue
+        started = time.monotonic()
+        item = work[outcome.doc_id]
+        with session_scope(settings.effective_database_url) as session:
+            if stop.cancelled:
+                outcome.status = "cancelled"
+                outcome.error = "the job was cancelled before the graph write; the previous graph is kept"
+                ledger.mark_cancelled(session, item.doc_id, item.schema_version, claimant, outcome.error)
+                results.append(outcome)
+                continue
+            try:
+                extractions = load_checkpoints(
+                    session, item.kb_id, item.schema_version,
+                    effective_prompt_version(item.schema), settings.llm_model, item.chunks,
+                )
+                if len(extractions) != len(item.chunks):
+                    raise LumikbError(
+                        f"{len(item.chunks) - len(extractions)} of the document's chunks have no checkpoint at "
+                        f"schema version {item.schema_version}; re-run the document to extract them"
+                    )
+                graph = build_document_graph(
+                    item.kb_slug, item.doc_id, item.schema_version,
+                    [GraphChunk(id=c.id, ordinal=item.ordinals[c.id]) for c in item.chunks],
+                    extractions,
+                )
+                summary = graph_store.write_document(graph, item.schema, mode)
+                outcome.entities, outcome.relationships = summary.entities, summary.relationships
+                outcome.status = "succeeded"
+                outcome.duration_s += time.monotonic() - started
+                ledger.mark_succeeded(session, item.doc_id, item.schema_version, claimant, outcome.ledger_outcome())
+            except LumikbError as exc:  # a schema violation or an invalid graph: this document only
+                outcome.status = "failed"
+                outcome.error = scrub(str(exc))
+                ledger.mark_failed(session, item.doc_id, item.schema_version, claimant, outcome.error,
+                                   outcome.ledger_outcome())
+        results.append(outcome)
+    written = {o.doc_id for o in to_write}
+    report_outcomes(settings, job_id, [o for o in results if o.doc_id in written])
+    return results

@@ -16,7 +16,7 @@ from lumikb_pipeline.graph import open_graph_store
 from lumikb_pipeline.llm.extractor import ChunkExtractor
 from lumikb_pipeline.pipeline import extract_documents, write_documents
 
-DEMO = Path(__file__).resolve().parent.parent / "lumikb_pipeline" / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "lumikb_pipeline" / "demo"
 
 
 @pytest.fixture

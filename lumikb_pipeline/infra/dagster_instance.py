@@ -1,8 +1,10 @@
 """The Dagster instance: its configuration (`dagster.yaml`), opening it, and the pool limits.
 
-`instance_config` is the single source of the instance configuration; the repository's
-`dagster.yaml` is its production rendering (a test keeps the two equal), and `lumikb up` writes it
-into `DAGSTER_HOME` when none is there.
+`instance_config` is the single source of the instance configuration. The repository has two
+renderings of it, kept equal to it by a test: `dagster.yaml` at the root, on Dagster's own SQLite
+storage, so that `dagster dev` and `dagster definitions validate` work from a clone with no variable
+set; and `docker/dagster.yaml`, the production one, on PostgreSQL from `LUMIKB_DAGSTER_PG_URL`.
+`lumikb up` writes the rendering its settings call for into `DAGSTER_HOME` when none is there.
 """
 
 from __future__ import annotations
@@ -85,12 +87,18 @@ def instance_config(
 
 def render_instance_yaml(config: dict[str, Any]) -> str:
     """`dagster.yaml` text for a configuration."""
+    storage = (
+        "# Storage: PostgreSQL from LUMIKB_DAGSTER_PG_URL (production; docker/dagster.yaml).\n"
+        if "storage" in config else
+        "# Storage: Dagster's SQLite files under DAGSTER_HOME (the embedded defaults: `dagster dev` from the\n"
+        "# repository root works with no variable set). Production uses docker/dagster.yaml.\n"
+    )
     header = (
         "# Dagster instance of lumikb_pipeline. Generated from lumikb_pipeline/infra/dagster_instance.py\n"
         "# (`instance_config`); change it there. Per-pool limits: LUMIKB_LLM_POOL_LIMIT and\n"
         "# LUMIKB_GRAPH_WRITE_POOL_LIMIT, applied by `lumikb up` (see docs/operations.md).\n"
     )
-    return header + yaml.safe_dump(config, sort_keys=False)
+    return header + storage + yaml.safe_dump(config, sort_keys=False)
 
 
 def ensure_instance_config(settings: Settings, overwrite: bool = False) -> Path:

@@ -1,5 +1,6 @@
 """The code location loads, and wires what PRODUCT.md section 6 promises."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +19,17 @@ def test_definitions_are_loadable() -> None:
     Definitions.validate_loadable(defs)
 
 
-def test_the_workspace_loads_with_the_dagster_cli() -> None:
+def test_the_workspace_loads_with_the_dagster_cli_from_a_clone_with_no_variables_set(tmp_path: Path) -> None:
+    # As a newcomer runs it: the repository root, nothing of ours or Dagster's in the environment.
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+    before = set(ROOT.iterdir())
     result = subprocess.run(
         [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "All code locations passed validation" in result.stdout + result.stderr
+    assert {path.name for path in set(ROOT.iterdir()) - before} <= {".lumikb"}
 
 
 def test_jobs_run_on_their_queues() -> None:

@@ -73,7 +73,7 @@ def test_the_code_server_serves_the_definitions_module_the_workspace_points_at()
     for name in ("webserver", "daemon"):
         assert "/opt/dagster/workspace.yaml" in command(services[name])
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
-    assert "COPY dagster.yaml /opt/dagster/home/dagster.yaml" in dockerfile
+    assert "COPY docker/dagster.yaml /opt/dagster/home/dagster.yaml" in dockerfile
     assert "COPY docker/workspace.yaml /opt/dagster/workspace.yaml" in dockerfile
 
 

@@ -30,10 +30,13 @@ def defaults(monkeypatch: pytest.MonkeyPatch) -> Settings:
     return Settings()
 
 
-def test_repository_dagster_yaml_is_the_generated_production_config(defaults: Settings) -> None:
-    assert (ROOT / "dagster.yaml").read_text() == render_instance_yaml(instance_config(defaults)), (
-        "dagster.yaml is stale: regenerate it from lumikb_pipeline/infra/dagster_instance.py"
-    )
+def test_the_repository_dagster_yamls_are_the_generated_embedded_and_production_configs(defaults: Settings) -> None:
+    regenerate = "stale: regenerate it from lumikb_pipeline/infra/dagster_instance.py"
+    embedded = render_instance_yaml(instance_config(defaults, postgres=False))
+    assert (ROOT / "dagster.yaml").read_text() == embedded, f"dagster.yaml is {regenerate}"
+    production = render_instance_yaml(instance_config(defaults))
+    assert (ROOT / "docker" / "dagster.yaml").read_text() == production, f"docker/dagster.yaml is {regenerate}"
+    assert "env:" not in embedded, "the repository's own dagster.yaml must work with no variable set"
 
 
 def test_it_is_a_valid_instance_configuration(defaults: Settings, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
 
     from lumikb_pipeline.core.config import Settings
+    from lumikb_pipeline.db.app_settings import DriftSchedule
     from lumikb_pipeline.reextraction.service import Selection
 
 
@@ -83,11 +84,9 @@ def status() -> None:
         raise typer.Exit(1)
 
 
-def _print_states(settings: object) -> bool:
-    from lumikb_pipeline.core.config import Settings
+def _print_states(settings: Settings) -> bool:
     from lumikb_pipeline.orchestration import processes
 
-    assert isinstance(settings, Settings)
     table = Table("process", "state", "pid", "log")
     states = processes.service_states(settings, processes.service_names())
     for state in states:
@@ -177,14 +176,12 @@ def _dry_run(settings: Settings, slug: str, selection: Selection, as_json: bool)
     )
 
 
-def _wait(settings: object, job_id: str) -> None:
-    from lumikb_pipeline.core.config import Settings
+def _wait(settings: Settings, job_id: str) -> None:
     from lumikb_pipeline.db.models import JobStatus
     from lumikb_pipeline.infra.dagster_instance import open_instance
     from lumikb_pipeline.reextraction.service import TERMINAL
     from lumikb_pipeline.reextraction.status import refresh_job_status
 
-    assert isinstance(settings, Settings)
     instance = open_instance(settings)
     last = None
     while True:
@@ -203,12 +200,9 @@ def _wait(settings: object, job_id: str) -> None:
 # --------------------------------------------------------------------------- schedule
 
 
-def _show(schedule: object) -> None:
+def _show(schedule: DriftSchedule) -> None:
     from datetime import UTC, datetime
 
-    from lumikb_pipeline.db.app_settings import DriftSchedule
-
-    assert isinstance(schedule, DriftSchedule)
     state = "enabled" if schedule.enabled else "disabled"
     upcoming = schedule.next_tick(datetime.now(UTC)).isoformat() if schedule.enabled else "-"
     console.print(f"drift check: '{schedule.cron}' (UTC), {state}, next {upcoming}", highlight=False)

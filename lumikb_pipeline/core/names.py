@@ -49,6 +49,9 @@ TAG_RETRY_STRATEGY: Final = "dagster/retry_strategy"
 TAG_MAX_RUNTIME: Final = "dagster/max_runtime"
 TAG_BACKFILL: Final = "dagster/backfill"
 
+# How long a job's state in Redis (progress, cancel flag, live spend) outlives its last update.
+JOB_KEY_TTL_S: Final = 7 * 24 * 3600
+
 # The Celery app the workers run (`celery -A ... worker`).
 CELERY_APP_MODULE: Final = "lumikb_pipeline.orchestration.celery_app"
 # The code location every Dagster process loads.

@@ -124,6 +124,8 @@ def open_instance(settings: Settings) -> DagsterInstance:
 
 def add_missing_partitions(instance: DagsterInstance, doc_ids: Sequence[str]) -> list[str]:
     """Add the `documents` partitions of `doc_ids` that the instance does not have yet; returns them."""
+    if not doc_ids:
+        return []
     existing = instance.get_existing_dynamic_partitions(DOCUMENTS_PARTITIONS, list(doc_ids))
     missing = [doc_id for doc_id in doc_ids if doc_id not in existing]
     if missing:

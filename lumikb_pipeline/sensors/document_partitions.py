@@ -21,6 +21,7 @@ from lumikb_pipeline.db.document_sync import (
     needing_processing,
 )
 from lumikb_pipeline.domain.batching import contiguous_batches
+from lumikb_pipeline.infra.dagster_instance import add_missing_partitions
 from lumikb_pipeline.jobs import document_processing_job
 from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource
 
@@ -50,13 +51,11 @@ def document_partitions_sensor(
             page = changed_documents(session, cursor, PAGE_SIZE)
             live = [c.doc_id for c in page.changes if not c.deleted]
             to_process.extend(needing_processing(session, live))
-        # One lookup serves both: which live documents need a partition, which deleted ones have one.
-        existing = instance.get_existing_dynamic_partitions(DOCUMENTS_PARTITIONS, [c.doc_id for c in page.changes])
-        new = [doc_id for doc_id in live if doc_id not in existing]
-        if new:
-            instance.add_dynamic_partitions(DOCUMENTS_PARTITIONS, new)
-            added.extend(new)
-        deleted.update({c.doc_id: c.kb_slug for c in page.changes if c.deleted and c.doc_id in existing})
+        added.extend(add_missing_partitions(instance, live))
+        gone = [c for c in page.changes if c.deleted]
+        if gone:
+            existing = instance.get_existing_dynamic_partitions(DOCUMENTS_PARTITIONS, [c.doc_id for c in gone])
+            deleted.update({c.doc_id: c.kb_slug for c in gone if c.doc_id in existing})
         cursor, more = page.cursor, page.more
 
     now = datetime.now(UTC)
@@ -72,10 +71,8 @@ def document_partitions_sensor(
             deleted.update(deleted_document_slugs(session, stale) if stale else {})
             to_process.extend(needing_processing(session, missing))
             to_process.extend(changed_since_extraction(session))
-        if missing:
-            instance.add_dynamic_partitions(DOCUMENTS_PARTITIONS, missing)
-            added.extend(missing)
-            partition_order.extend(missing)
+        added.extend(add_missing_partitions(instance, missing))
+        partition_order.extend(missing)
         cursor.reconciled_at = now
 
     if deleted:

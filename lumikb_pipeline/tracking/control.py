@@ -16,11 +16,10 @@ from typing import cast
 import redis
 from sqlalchemy import func, select
 
+from lumikb_pipeline.core.names import JOB_KEY_TTL_S
 from lumikb_pipeline.db.models import ExtractionRecord, Job
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure
-
-KEY_TTL_S = 7 * 24 * 3600
 
 
 def cancel_key(job_id: str) -> str:
@@ -33,7 +32,7 @@ def spend_key(job_id: str) -> str:
 
 def flag_cancelled(client: redis.Redis, job_id: str) -> None:
     """Tell every worker of a job to start no new LLM call."""
-    client.set(cancel_key(job_id), "1", ex=KEY_TTL_S)
+    client.set(cancel_key(job_id), "1", ex=JOB_KEY_TTL_S)
 
 
 @dataclass
@@ -94,7 +93,7 @@ class JobControl:
         try:
             pipe = self.client.pipeline()
             pipe.incrbyfloat(spend_key(self.job_id), cost)
-            pipe.expire(spend_key(self.job_id), KEY_TTL_S)
+            pipe.expire(spend_key(self.job_id), JOB_KEY_TTL_S)
             self._spent = float(pipe.execute()[0])
         except redis.RedisError:
             return
@@ -109,5 +108,5 @@ class JobControl:
                 )
             )
         value = float(spent or 0.0)
-        self.client.set(spend_key(self.job_id), value, ex=KEY_TTL_S, nx=True)
+        self.client.set(spend_key(self.job_id), value, ex=JOB_KEY_TTL_S, nx=True)
         return value

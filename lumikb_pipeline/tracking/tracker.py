@@ -17,7 +17,8 @@ from typing import Any
 
 import redis
 
-KEY_TTL_S = 7 * 24 * 3600
+from lumikb_pipeline.core.names import JOB_KEY_TTL_S
+
 MAX_RECENT_ERRORS = 10
 RANK = {"pending": 0, "running": 1, "cancelled": 2, "failed": 2, "skipped": 3, "succeeded": 3}
 
@@ -109,7 +110,7 @@ class ProgressTracker:
         pipe.hsetnx(meta, "started_at", str(started_at or time.time()))
         for counter in ("completed", "failed", "spend_usd"):
             pipe.hsetnx(meta, counter, "0")
-        pipe.expire(meta, KEY_TTL_S)
+        pipe.expire(meta, JOB_KEY_TTL_S)
         pipe.execute()
 
     def record(
@@ -127,7 +128,7 @@ class ProgressTracker:
         error_json = json.dumps({"doc_id": doc_id, "error": error, "at": at}) if error else ""
         result = self._record(
             keys=_keys(job_id),
-            args=[doc_id, status, json.dumps(RANK), at, cost_usd, error_json, KEY_TTL_S, MAX_RECENT_ERRORS],
+            args=[doc_id, status, json.dumps(RANK), at, cost_usd, error_json, JOB_KEY_TTL_S, MAX_RECENT_ERRORS],
         )
         return bool(result)
 

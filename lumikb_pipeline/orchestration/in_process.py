@@ -65,7 +65,7 @@ def run_documents_in_process(
     add_missing_partitions(instance, doc_ids)
     order = instance.get_dynamic_partitions(DOCUMENTS_PARTITIONS)
     batches = contiguous_batches(order, set(doc_ids), batch_size or settings.reextract_batch_size)
-    tags: dict[str, str] = {TAG_MODE: mode}
+    tags: dict[str, str] = {TAG_MODE: WriteMode(mode).value}
     if job_id:
         tags[TAG_JOB_ID] = job_id
     if schema_version is not None:

@@ -10,7 +10,13 @@ from lumikb_pipeline.assets import document_entities, graph_invariants, kb_schem
 from lumikb_pipeline.core.names import QUEUE_REPROCESSING
 from lumikb_pipeline.infra.executor import celery_executor_for
 from lumikb_pipeline.jobs import document_processing_job, drift_check_job, graph_invariants_job, reextraction_job
-from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource, LLMResource, RedisResource
+from lumikb_pipeline.resources import (
+    DatabaseResource,
+    GraphStoreResource,
+    LLMResource,
+    RedisResource,
+    ReextractionResource,
+)
 from lumikb_pipeline.sensors import (
     document_partitions_sensor,
     drift_check_sensor,
@@ -28,6 +34,7 @@ defs = Definitions(
         "graph_store": GraphStoreResource(),
         "llm": LLMResource(),
         "redis": RedisResource(),
+        "reextraction": ReextractionResource(),
     },
     # Runs Dagster builds itself (backfills launched from the UI) are re-extraction work.
     executor=celery_executor_for(QUEUE_REPROCESSING),

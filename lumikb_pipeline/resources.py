@@ -1,14 +1,16 @@
-"""Dagster resources: thin, typed handles on the pipeline's own modules, configured from `Settings`.
+"""Dagster resources: clients that do the pipeline's I/O, configured from the environment.
 
-Each field overrides one setting for the resource (empty: the environment decides), so the same
+As in Dagster's own example projects, an op or a sensor receives something that does I/O (a session,
+a graph store, `extract_documents`, `start`), never settings to build its own connections from. Each
+field overrides one setting for its resource (empty: the environment decides), so the same
 definitions serve every environment and the choice is made in one place, the environment.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 from dagster import ConfigurableResource
@@ -16,10 +18,27 @@ from sqlalchemy.orm import Session
 
 from lumikb_pipeline.core.config import Settings, get_settings
 from lumikb_pipeline.db.session import session_scope
+from lumikb_pipeline.domain.modes import WriteMode
+from lumikb_pipeline.graph import open_graph_store
+from lumikb_pipeline.graph.store import GraphStore
+from lumikb_pipeline.infra.redis_client import connect
+from lumikb_pipeline.llm.extractor import ChunkExtractor
+from lumikb_pipeline.pipeline import DocumentOutcome, extract_documents, write_documents
+from lumikb_pipeline.reextraction import backfills, service, status
+from lumikb_pipeline.reextraction.drift import KbDrift, drift_report
 
 if TYPE_CHECKING:
-    from lumikb_pipeline.graph.store import GraphStore
-    from lumikb_pipeline.llm.extractor import ChunkExtractor
+    from dagster import DagsterInstance
+    from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
+
+    from lumikb_pipeline.db.models import Job
+
+
+def _settings(**overrides: str | None) -> Settings:
+    """The environment's settings with a resource's non-empty overrides applied."""
+    settings = get_settings()
+    changes = {name: value for name, value in overrides.items() if value}
+    return settings.model_copy(update=changes) if changes else settings
 
 
 class DatabaseResource(ConfigurableResource):
@@ -27,16 +46,10 @@ class DatabaseResource(ConfigurableResource):
 
     database_url: str | None = None
 
-    def app_settings(self) -> Settings:
-        """The pipeline's settings with this resource's overrides applied."""
-        settings = get_settings()
-        if self.database_url:
-            return settings.model_copy(update={"database_url": self.database_url})
-        return settings
-
     @property
     def url(self) -> str:
-        return self.app_settings().effective_database_url
+        """The SQLAlchemy URL of the app database."""
+        return _settings(database_url=self.database_url).effective_database_url
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -46,35 +59,65 @@ class DatabaseResource(ConfigurableResource):
 
 
 class GraphStoreResource(ConfigurableResource):
-    """The entity graph (Neo4j when `LUMIKB_NEO4J_URI` is set, else the embedded store)."""
+    """The entity graph (Neo4j when `LUMIKB_NEO4J_URI` is set, else the embedded store), and the
+    write stage that puts extracted documents into it."""
 
     neo4j_uri: str | None = None
+    database_url: str | None = None
 
     @contextmanager
     def open(self) -> Iterator[GraphStore]:
         """An open graph store, closed on exit."""
-        from lumikb_pipeline.graph import open_graph_store
-
-        settings = get_settings()
-        if self.neo4j_uri:
-            settings = settings.model_copy(update={"neo4j_uri": self.neo4j_uri})
-        store = open_graph_store(settings)
+        store = open_graph_store(_settings(neo4j_uri=self.neo4j_uri, database_url=self.database_url))
         try:
             yield store
         finally:
             store.close()
 
+    def write_documents(
+        self,
+        store: GraphStore,
+        extracted: Sequence[DocumentOutcome],
+        *,
+        claimant: str,
+        job_id: str | None,
+        mode: WriteMode,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[DocumentOutcome]:
+        """Write each extracted document's graph into `store` and close its ledger row
+        (`pipeline.write.write_documents`)."""
+        return write_documents(
+            _settings(database_url=self.database_url), store, extracted, claimant=claimant, job_id=job_id,
+            mode=mode, should_stop=should_stop,
+        )
+
 
 class LLMResource(ConfigurableResource):
-    """The chunk extractor: the configured model (`LUMIKB_LLM_MODEL`), the global rate limit and the
+    """Extraction with the configured model (`LUMIKB_LLM_MODEL`), behind the global rate limit and the
     chunk checkpoints. The model is deliberately not overridable here: the write stage finds the
     checkpoints by the configured model."""
 
-    def extractor(self, settings: Settings | None = None) -> ChunkExtractor:
-        """A `ChunkExtractor` for `settings` (default: the environment's)."""
-        from lumikb_pipeline.llm.extractor import ChunkExtractor
+    database_url: str | None = None
 
-        return ChunkExtractor(settings or get_settings())
+    def extractor(self) -> ChunkExtractor:
+        """A `ChunkExtractor` on this resource's settings."""
+        return ChunkExtractor(_settings(database_url=self.database_url))
+
+    def extract_documents(
+        self,
+        doc_ids: Sequence[str],
+        *,
+        claimant: str,
+        job_id: str | None,
+        schema_version: int | None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[DocumentOutcome]:
+        """Claim the documents in the ledger and extract their chunks (`pipeline.extract.extract_documents`)."""
+        settings = _settings(database_url=self.database_url)
+        return extract_documents(
+            settings, ChunkExtractor(settings), doc_ids, claimant=claimant, job_id=job_id,
+            schema_version=schema_version, should_stop=should_stop,
+        )
 
 
 class RedisResource(ConfigurableResource):
@@ -84,12 +127,55 @@ class RedisResource(ConfigurableResource):
 
     def client(self) -> redis.Redis:
         """A client with string responses."""
-        from lumikb_pipeline.infra.redis_client import connect
-
-        settings = get_settings()
-        if self.redis_url:
-            settings = settings.model_copy(update={"redis_url": self.redis_url})
-        return connect(settings)
+        return connect(_settings(redis_url=self.redis_url))
 
 
-__all__ = ["DatabaseResource", "GraphStoreResource", "LLMResource", "RedisResource"]
+class ReextractionResource(ConfigurableResource):
+    """The product's re-extraction jobs: starting them, the jobs of UI backfills, their status, and
+    the drift report with its notification policy."""
+
+    database_url: str | None = None
+
+    def _app_settings(self) -> Settings:
+        return _settings(database_url=self.database_url)
+
+    def start(
+        self,
+        kb_slug: str,
+        selection: service.Selection,
+        *,
+        instance: DagsterInstance,
+        asset_graph: BaseAssetGraph | None,
+        **options: Any,
+    ) -> Job:
+        """Start a re-extraction job (`reextraction.service.start_reextraction`)."""
+        return service.start_reextraction(
+            self._app_settings(), kb_slug, selection, instance=instance, asset_graph=asset_graph, **options
+        )
+
+    def ui_backfill_jobs(self, instance: DagsterInstance, backfill_id: str, doc_ids: Sequence[str]) -> dict[str, str]:
+        """{document id: job id} for documents of a backfill launched in the Dagster UI."""
+        return backfills.ui_backfill_jobs(self._app_settings(), instance, backfill_id, doc_ids)
+
+    def record_ui_backfills(self, instance: DagsterInstance) -> list[str]:
+        """Record the jobs of UI backfills that have none yet; returns their backfill ids."""
+        return backfills.record_ui_backfills(self._app_settings(), instance)
+
+    def refresh(self, job_id: str, instance: DagsterInstance, asset_graph: BaseAssetGraph | None) -> Job:
+        """Bring a job's status in line with its backfill (`reextraction.status.refresh_job_status`)."""
+        return status.refresh_job_status(self._app_settings(), job_id, instance, asset_graph)
+
+    def drift_report(self) -> list[KbDrift]:
+        """Outdated documents per KB."""
+        with session_scope(self._app_settings().effective_database_url) as session:
+            return drift_report(session)
+
+    def drift_policy(self) -> tuple[int, str | None]:
+        """When to notify about drift: the threshold of outdated documents and the webhook, if any."""
+        settings = self._app_settings()
+        return settings.drift_threshold, settings.drift_webhook_url
+
+
+__all__ = [
+    "DatabaseResource", "GraphStoreResource", "LLMResource", "RedisResource", "ReextractionResource",
+]

@@ -39,7 +39,7 @@ from dagster import (
 )
 
 from lumikb_pipeline.assets.partitions import documents_partitions
-from lumikb_pipeline.core.config import Settings, get_settings
+from lumikb_pipeline.core.config import get_settings
 from lumikb_pipeline.core.errors import UsageError
 from lumikb_pipeline.core.names import (
     POOL_GRAPH_WRITE,
@@ -50,8 +50,8 @@ from lumikb_pipeline.core.names import (
     TAG_SCHEMA_VERSION,
 )
 from lumikb_pipeline.domain.modes import WriteMode
-from lumikb_pipeline.pipeline import DocumentOutcome, extract_documents, write_documents
-from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource, LLMResource
+from lumikb_pipeline.pipeline import DocumentOutcome
+from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource, LLMResource, ReextractionResource
 
 DOCUMENT_ENTITIES = AssetKey("document_entities")
 
@@ -71,12 +71,10 @@ class RunScope:
     mode: WriteMode
 
     @classmethod
-    def of(cls, context: OpExecutionContext, settings: Settings) -> "RunScope":
+    def of(cls, context: OpExecutionContext, reextraction: ReextractionResource) -> "RunScope":
         """The run's scope. A run of a lumikb job carries the job's id in its tags; a run of a backfill
         launched in the Dagster UI belongs to that backfill's jobs, recorded here if the job-status
         sensor has not done it yet (`ui_backfill_jobs`)."""
-        from lumikb_pipeline.reextraction.backfills import ui_backfill_jobs
-
         tags = context.run.tags
         version = tags.get(TAG_SCHEMA_VERSION)
         try:
@@ -87,7 +85,7 @@ class RunScope:
         if tags.get(TAG_JOB_ID):
             jobs = dict.fromkeys(doc_ids, tags[TAG_JOB_ID])
         elif tags.get(TAG_BACKFILL):
-            jobs = ui_backfill_jobs(settings, context.instance, tags[TAG_BACKFILL], doc_ids)
+            jobs = reextraction.ui_backfill_jobs(context.instance, tags[TAG_BACKFILL], doc_ids)
         else:
             jobs = {}
         return cls(
@@ -189,10 +187,9 @@ def _report_failures(context: OpExecutionContext, stage: str, failed: Sequence[D
     description="Claim the run's documents in the ledger and extract their chunks with the LLM (checkpointed).",
 )
 def extract_document_entities(
-    context: OpExecutionContext, database: DatabaseResource, llm: LLMResource
+    context: OpExecutionContext, llm: LLMResource, reextraction: ReextractionResource
 ) -> Iterator[object]:
-    settings = database.app_settings()
-    scope = RunScope.of(context, settings)
+    scope = RunScope.of(context, reextraction)
     started = time.monotonic()
     # The job's stop conditions (cancel, budget) are checked by the processing code from `job_id`;
     # the run's own end (a cancelled run) by the watch. A run's documents normally share one job (a
@@ -200,9 +197,9 @@ def extract_document_entities(
     outcomes: list[DocumentOutcome] = []
     with RunEndWatch(context) as run_ended:
         for job_id, doc_ids in scope.by_job().items():
-            outcomes += extract_documents(
-                settings, llm.extractor(settings), doc_ids, claimant=scope.claimant, job_id=job_id,
-                schema_version=scope.schema_version, should_stop=run_ended,
+            outcomes += llm.extract_documents(
+                doc_ids, claimant=scope.claimant, job_id=job_id, schema_version=scope.schema_version,
+                should_stop=run_ended,
             )
     counts = {status: sum(1 for o in outcomes if o.status == status) for status in {o.status for o in outcomes}}
     context.log.info(
@@ -217,20 +214,19 @@ def extract_document_entities(
 
 
 def _writable(
-    settings: Settings, outcomes: Sequence[DocumentOutcome], claimant: str, jobs: Mapping[str, str]
+    database: DatabaseResource, outcomes: Sequence[DocumentOutcome], claimant: str, jobs: Mapping[str, str]
 ) -> list[DocumentOutcome]:
     """The extracted outcomes this step may write: their ledger row is held by this run's claimant,
     or can be taken back (a retry of this step alone after its first attempt failed on them).
     Rows that succeeded meanwhile are left alone."""
     from lumikb_pipeline.db import ledger
     from lumikb_pipeline.db.models import ExtractionStatus
-    from lumikb_pipeline.db.session import session_scope
 
     extracted = [o for o in outcomes if o.status == "extracted"]
     if not extracted:
         return []
     ready: list[DocumentOutcome] = []
-    with session_scope(settings.effective_database_url) as session:
+    with database.session() as session:
         by_version: dict[int, list[DocumentOutcome]] = {}
         for outcome in extracted:
             by_version.setdefault(outcome.schema_version, []).append(outcome)
@@ -264,7 +260,7 @@ def _materialization(outcome: DocumentOutcome, scope: RunScope) -> AssetMaterial
     return AssetMaterialization(asset_key=DOCUMENT_ENTITIES, partition=outcome.doc_id, metadata=metadata)  # type: ignore[arg-type]
 
 
-def _already_current(settings: Settings, outcomes: Sequence[DocumentOutcome], scope: RunScope) -> list[
+def _already_current(database: DatabaseResource, outcomes: Sequence[DocumentOutcome], scope: RunScope) -> list[
     AssetMaterialization
 ]:
     """Materializations for the skipped documents that are already extracted at this version and
@@ -274,14 +270,13 @@ def _already_current(settings: Settings, outcomes: Sequence[DocumentOutcome], sc
     first attempt would show failed when the retry fails on another one.)"""
     from lumikb_pipeline.db import ledger
     from lumikb_pipeline.db.models import ExtractionStatus
-    from lumikb_pipeline.db.session import session_scope
 
     skipped: dict[int, list[str]] = {}
     for outcome in outcomes:
         if outcome.status == "skipped":
             skipped.setdefault(outcome.schema_version, []).append(outcome.doc_id)
     events = []
-    with session_scope(settings.effective_database_url) as session:
+    with database.session() as session:
         for version, doc_ids in skipped.items():
             for doc_id, row in ledger.records_for(session, doc_ids, version).items():
                 if row.status != ExtractionStatus.SUCCEEDED:
@@ -314,12 +309,12 @@ def write_document_entities(
     outcomes: list[DocumentOutcome],
     database: DatabaseResource,
     graph_store: GraphStoreResource,
+    reextraction: ReextractionResource,
 ) -> Iterator[object]:
-    settings = database.app_settings()
-    scope = RunScope.of(context, settings)
-    current = _already_current(settings, outcomes, scope)
+    scope = RunScope.of(context, reextraction)
+    current = _already_current(database, outcomes, scope)
     yield from current
-    ready = _writable(settings, outcomes, scope.claimant, scope.jobs)
+    ready = _writable(database, outcomes, scope.claimant, scope.jobs)
     if not ready:
         context.log.info(
             f"nothing to write: {len(current)} document(s) already current, none extracted by this run"
@@ -330,9 +325,8 @@ def write_document_entities(
         # One document at a time, so each materialization is recorded as soon as it is true.
         # (Not the op's output: that would materialize every partition of the run, failed ones too.)
         for outcome in ready:
-            (result,) = write_documents(
-                settings, store, [outcome], claimant=scope.claimant, job_id=scope.jobs.get(outcome.doc_id),
-                mode=scope.mode,
+            (result,) = graph_store.write_documents(
+                store, [outcome], claimant=scope.claimant, job_id=scope.jobs.get(outcome.doc_id), mode=scope.mode,
                 should_stop=run_ended,
             )
             results.append(result)

@@ -13,8 +13,8 @@ import httpx
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from lumikb_pipeline.core.scrub import scrub
-from lumikb_pipeline.reextraction.drift import KbDrift, drift_report
-from lumikb_pipeline.resources import DatabaseResource
+from lumikb_pipeline.reextraction.drift import KbDrift
+from lumikb_pipeline.resources import ReextractionResource
 
 WEBHOOK_TIMEOUT_S = 10.0
 
@@ -72,19 +72,18 @@ def _markdown(report: Sequence[KbDrift], threshold: int) -> str:
         "notifies above LUMIKB_DRIFT_THRESHOLD."
     ),
 )
-def kb_schema_drift(context: AssetExecutionContext, database: DatabaseResource) -> MaterializeResult:
-    settings = database.app_settings()
-    with database.session() as session:
-        report = drift_report(session)
-    notified = notify(report, settings.drift_threshold, settings.drift_webhook_url, context.log)
+def kb_schema_drift(context: AssetExecutionContext, reextraction: ReextractionResource) -> MaterializeResult:
+    report = reextraction.drift_report()
+    threshold, webhook_url = reextraction.drift_policy()
+    notified = notify(report, threshold, webhook_url, context.log)
     return MaterializeResult(
         metadata={
             "kbs": len(report),
             "outdated_total": sum(entry.outdated for entry in report),
-            "threshold": settings.drift_threshold,
-            "kbs_over_threshold": MetadataValue.json([e.kb for e in over_threshold(report, settings.drift_threshold)]),
+            "threshold": threshold,
+            "kbs_over_threshold": MetadataValue.json([e.kb for e in over_threshold(report, threshold)]),
             "notified": notified,
-            "report": MetadataValue.md(_markdown(report, settings.drift_threshold)),
+            "report": MetadataValue.md(_markdown(report, threshold)),
             "by_kb": MetadataValue.json(json.loads(json.dumps([e.to_json() for e in report]))),
         }
     )

@@ -27,6 +27,9 @@ from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource
 
 PAGE_SIZE = 2000
 TICK_BUDGET_S = 20.0
+# Read when the code location loads, like the sensor's interval.
+RECONCILE_EVERY = timedelta(seconds=get_settings().partitions_reconcile_s)
+BATCH_SIZE = get_settings().reextract_batch_size
 
 
 @sensor(
@@ -59,9 +62,8 @@ def document_partitions_sensor(
         cursor, more = page.cursor, page.more
 
     now = datetime.now(UTC)
-    reconcile_every = timedelta(seconds=get_settings().partitions_reconcile_s)
     partition_order: list[str] | None = None
-    if not more and now - cursor.reconciled_at >= reconcile_every:
+    if not more and now - cursor.reconciled_at >= RECONCILE_EVERY:
         partition_order = list(instance.get_dynamic_partitions(DOCUMENTS_PARTITIONS))
         with database.session() as session:
             live_ids = [doc_id for doc_id, _slug in live_documents(session)]
@@ -89,7 +91,7 @@ def document_partitions_sensor(
     if to_process:
         if partition_order is None or deleted:
             partition_order = list(instance.get_dynamic_partitions(DOCUMENTS_PARTITIONS))
-        for batch in contiguous_batches(partition_order, set(to_process), get_settings().reextract_batch_size):
+        for batch in contiguous_batches(partition_order, set(to_process), BATCH_SIZE):
             run_requests.append(
                 RunRequest(
                     tags={ASSET_PARTITION_RANGE_START_TAG: batch.first, ASSET_PARTITION_RANGE_END_TAG: batch.last}

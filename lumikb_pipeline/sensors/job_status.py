@@ -9,9 +9,7 @@ from sqlalchemy import select
 
 from lumikb_pipeline.core.config import get_settings
 from lumikb_pipeline.db.models import Job, JobStatus
-from lumikb_pipeline.reextraction.backfills import record_ui_backfills
-from lumikb_pipeline.reextraction.status import refresh_job_status
-from lumikb_pipeline.resources import DatabaseResource
+from lumikb_pipeline.resources import DatabaseResource, ReextractionResource
 
 
 @sensor(
@@ -19,9 +17,10 @@ from lumikb_pipeline.resources import DatabaseResource
     default_status=DefaultSensorStatus.RUNNING,
     description=__doc__,
 )
-def job_status_sensor(context: SensorEvaluationContext, database: DatabaseResource) -> SensorResult:
-    settings = database.app_settings()
-    recorded = record_ui_backfills(settings, context.instance)
+def job_status_sensor(
+    context: SensorEvaluationContext, database: DatabaseResource, reextraction: ReextractionResource
+) -> SensorResult:
+    recorded = reextraction.record_ui_backfills(context.instance)
     changes = [f"backfill {backfill_id}: recorded its job(s)" for backfill_id in recorded]
     for change in changes:
         context.log.info(change)
@@ -33,7 +32,7 @@ def job_status_sensor(context: SensorEvaluationContext, database: DatabaseResour
             row = session.get(Job, job_id)
             before = row.status if row is not None else None
         asset_graph = context.repository_def.asset_graph if context.repository_def else None
-        job = refresh_job_status(settings, job_id, context.instance, asset_graph)
+        job = reextraction.refresh(job_id, context.instance, asset_graph)
         if job.status != before:
             changes.append(f"job {job_id}: {before} -> {job.status}")
             context.log.info(changes[-1])

@@ -21,8 +21,8 @@ from sqlalchemy import select
 
 from lumikb_pipeline.core.config import get_settings
 from lumikb_pipeline.db.models import JobTrigger, KnowledgeBase
-from lumikb_pipeline.reextraction.service import Selection, start_reextraction
-from lumikb_pipeline.resources import DatabaseResource
+from lumikb_pipeline.reextraction.service import Selection
+from lumikb_pipeline.resources import DatabaseResource, ReextractionResource
 
 SENSOR_NAME = "schema_version_sensor"
 
@@ -55,11 +55,12 @@ def stopped(context: SensorEvaluationContext) -> bool:
     default_status=DefaultSensorStatus.RUNNING,
     description=__doc__,
 )
-def schema_version_sensor(context: SensorEvaluationContext, database: DatabaseResource) -> SensorResult:
+def schema_version_sensor(
+    context: SensorEvaluationContext, database: DatabaseResource, reextraction: ReextractionResource
+) -> SensorResult:
     # Cursor: the schema version last handled per KB id. A KB never seen counts as at version 1
     # (its first version needs no re-extraction: normal processing extracts new documents).
     seen: dict[str, int] = json.loads(context.cursor) if context.cursor else {}
-    settings = database.app_settings()
     with database.session() as session:
         kbs = session.execute(select(KnowledgeBase.id, KnowledgeBase.slug, KnowledgeBase.current_schema_version)).all()
     started: list[str] = []
@@ -73,10 +74,10 @@ def schema_version_sensor(context: SensorEvaluationContext, database: DatabaseRe
                     "; ".join(started) if started else "nothing")),
                 cursor=json.dumps(seen, sort_keys=True),
             )
-        job = start_reextraction(
-            settings, slug, Selection.outdated(), mode="replace", trigger=JobTrigger.SENSOR,
-            dedupe_key=dedupe_key(slug, version), instance=context.instance,
+        job = reextraction.start(
+            slug, Selection.outdated(), instance=context.instance,
             asset_graph=context.repository_def.asset_graph if context.repository_def else None,
+            mode="replace", trigger=JobTrigger.SENSOR, dedupe_key=dedupe_key(slug, version),
         )
         context.log.info(
             f"KB {slug} is at schema version {version}: job {job.id} re-extracts {job.total_documents} outdated "

@@ -9,12 +9,13 @@ import pytest
 from dagster import DagsterInstance, SensorResult, build_sensor_context
 from sqlalchemy import select
 
+from lumikb_pipeline.core.config import Settings, load_settings
 from lumikb_pipeline.db import catalog
 from lumikb_pipeline.db.models import Job
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.definitions import defs
 from lumikb_pipeline.domain.schema import parse_schema_file
-from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource
+from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource, ReextractionResource
 from lumikb_pipeline_tests.dagster.helpers import SCHEMA_V1, SCHEMA_V2, document_text, unique_slug
 
 
@@ -38,13 +39,21 @@ def _kb_with_documents(url: str, folder: Path, count: int) -> tuple[str, list[Pa
     return slug, paths, list(report.document_ids)
 
 
+def _settings(url: str) -> Settings:
+    """The environment's settings on the app database at `url`."""
+    return load_settings().model_copy(update={"database_url": url})
+
+
 def _tick(
     sensor: Any, instance: DagsterInstance, url: str, cursor: str | None = None, **resources: Any
 ) -> SensorResult:
     """One evaluation of `sensor` against the app database at `url` (plus any other resources)."""
     context = build_sensor_context(
-        instance=instance, cursor=cursor, resources={"database": DatabaseResource(database_url=url), **resources},
-        definitions=defs,
+        instance=instance, cursor=cursor, definitions=defs,
+        resources={
+            "database": DatabaseResource(database_url=url), "reextraction": ReextractionResource(database_url=url),
+            **resources,
+        },
     )
     result = sensor(context)
     assert isinstance(result, SensorResult)
@@ -186,7 +195,7 @@ def test_a_backfill_launched_in_the_ui_gets_one_job_per_kb_found_by_its_backfill
     from lumikb_pipeline.reextraction.backfills import ui_backfill_jobs
     from lumikb_pipeline.tracking.progress import job_progress
 
-    settings = DatabaseResource(database_url=pg_url).app_settings()
+    settings = _settings(pg_url)
     one, _, one_ids = _kb_with_documents(pg_url, tmp_path / "one", 3)
     two, _, two_ids = _kb_with_documents(pg_url, tmp_path / "two", 2)
     instance.add_dynamic_partitions("documents", one_ids + two_ids)
@@ -226,7 +235,7 @@ def test_a_job_the_workers_close_during_a_status_refresh_stays_closed(
     from lumikb_pipeline.reextraction.service import Selection, start_reextraction
     from lumikb_pipeline.reextraction.status import refresh_job_status
 
-    settings = DatabaseResource(database_url=pg_url).app_settings()
+    settings = _settings(pg_url)
     slug, _, _ = _kb_with_documents(pg_url, tmp_path / "docs", 2)
     job = start_reextraction(settings, slug, Selection.all(), instance=instance, asset_graph=defs.resolve_asset_graph())
     assert job.status == JobStatus.RUNNING and instance.get_backfills()[0].status.value == "REQUESTED"

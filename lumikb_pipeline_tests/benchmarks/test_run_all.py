@@ -1,0 +1,43 @@
+"""`benchmarks/run --quick` runs every benchmark and reports every figure with its target.
+
+The values are the benchmarks' business (docs/benchmarks.md); this checks that each figure is there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.run_all import BENCHMARKS
+from lumikb_pipeline_tests.conftest import required_env
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.benchmark
+def test_benchmarks_run_reports_every_figure_with_its_target(tmp_path: Path) -> None:
+    required_env("LUMIKB_NEO4J_URI")
+    required_env("LUMIKB_REDIS_URL")
+    summary = tmp_path / "summary.json"
+    run = subprocess.run(
+        [str(REPO / "benchmarks" / "run"), "--quick", "--output", str(summary)],
+        cwd=REPO, capture_output=True, text=True, timeout=1200,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "lumikb_pipeline benchmarks" in run.stdout
+    result = json.loads(summary.read_text())
+    expected = [figure.name for benchmark in BENCHMARKS for figure in benchmark.figures]
+    assert result["figure_names"] == expected
+    rows = {row["figure"]: row for row in result["figures"]}
+    assert set(rows) == set(expected)
+    for name, row in rows.items():
+        assert row["error"] is None, name
+        assert isinstance(row["value"], int | float), name
+        assert row["met"] in (True, False, None) and row["comparator"] in (">=", "<="), name
+        assert row["met"] is None or row["target"] is not None, name

@@ -1,20 +1,25 @@
-"""Graph-write benchmark: the batched Neo4j store against a naive one-query-per-item writer.
+"""Graph-write benchmark: the Neo4j store against a create-only lower bound and a naive writer.
 
-    python -m benchmarks.graph_writes            # 200 documents, 10,000 entities, 20,000 relationships
-    python -m benchmarks.graph_writes --quick    # 10 documents, for a smoke run
+    python -m benchmarks.graph_writes            # 2,000 documents in 5 rounds (naive: 200), ~100,000 entities
+    python -m benchmarks.graph_writes --quick    # 40 documents in 2 rounds, for a smoke run
 
-Both writers run in the same process against the Neo4j of `LUMIKB_NEO4J_URI` (see
+All writers run in the same process against the Neo4j of `LUMIKB_NEO4J_URI` (see
 `scripts/services env`), each into a KB of its own that is deleted afterwards, on the same generated
 documents: every document has 5 chunks, 50 entities (10 per chunk) and 100 relationships (20 per
 chunk, between entities of the chunk).
 
-- batched: `Neo4jGraphStore.write_document(..., "replace")`, one transaction per document with
-  `UNWIND` batches, documents spread over `--workers` threads (as several workers would);
+- store: `Neo4jGraphStore.write_document(..., "replace")`, one transaction per document, documents
+  spread over `--workers` threads (as several workers would);
+- lower bound: one `UNWIND` … `CREATE` query per document that writes the same nodes and
+  relationships with no `MERGE`, no reads and no provenance merging: what the data volume alone
+  costs; not a valid writer (neither idempotent nor merging);
 - naive: what STYLE.md's counter-example does, one auto-commit query (so one transaction) per
-  document, chunk, entity and relationship, on the same number of threads.
+  document, chunk, entity and relationship, on the same number of threads, on a sample of the
+  documents (`--naive-documents`: it is 20 times slower).
 
-The two take turns on blocks of 20 documents (same data, same conditions), and each one's total
-time over all blocks is compared.
+The run is split into `--rounds`; in each, the writers take turns on blocks of 20 documents (same
+data, same conditions). Each round gives each writer a rate; the result is the median over the
+rounds with its spread (min and max), and the ratios are of medians.
 
 It prints a table and writes `benchmarks/results/graph_writes.json`.
 """
@@ -25,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 import uuid
@@ -35,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from lumikb_pipeline.core.config import load_settings
+from lumikb_pipeline.domain.modes import WriteMode
 from lumikb_pipeline.domain.results import (
     ChunkExtraction,
     DocumentGraph,
@@ -103,6 +110,52 @@ def write_naively(store: Neo4jGraphStore, graph: DocumentGraph) -> None:
             ).consume()
 
 
+# --- the lower bound: one create-only query per document -----------------------------------------
+
+LOWER_BOUND_DOCUMENT = """
+CREATE (d:Document {kb_id: $kb_id, id: $doc_id, schema_version: $schema_version})
+WITH d
+CALL (d) {
+  UNWIND $chunks AS c
+  CREATE (d)-[:HAS_CHUNK]->(chunk:Chunk {kb_id: $kb_id, id: c[0], doc_id: $doc_id, ordinal: c[1]})
+  RETURN collect(chunk) AS chunks
+}
+CALL () {
+  UNWIND $entities AS e
+  CREATE (n:Entity {kb_id: $kb_id, type: e[0], key: e[1], name: e[2], description: e[3]})
+  RETURN collect(n) AS nodes
+}
+CALL (chunks, nodes) {
+  UNWIND $mentions AS m
+  WITH chunks[m[0]] AS chunk, nodes[m[1]] AS n
+  CREATE (chunk)-[:MENTIONS]->(n)
+}
+CALL (nodes) {
+  UNWIND $relationships AS r
+  WITH nodes[r[0]] AS a, nodes[r[1]] AS b, r
+  CREATE (a)-[:EMPLOYS {type: 'EMPLOYS', kb_id: $kb_id, description: r[2], chunk_ids: r[3]}]->(b)
+}
+"""
+
+
+def write_lower_bound(store: Neo4jGraphStore, graph: DocumentGraph) -> None:
+    """The same nodes and relationships as the store writes, created in one query with no reads."""
+    chunk_index = {chunk.id: i for i, chunk in enumerate(graph.chunks)}
+    entity_index = {(e.type, e.key): i for i, e in enumerate(graph.entities)}
+    with store._driver.session(database=store.database) as session:
+        session.run(
+            LOWER_BOUND_DOCUMENT, kb_id=graph.kb_id, doc_id=graph.doc_id, schema_version=graph.schema_version,
+            chunks=[[chunk.id, chunk.ordinal] for chunk in graph.chunks],
+            entities=[[e.type, e.key, e.name, e.description] for e in graph.entities],
+            mentions=[[chunk_index[c], i] for i, e in enumerate(graph.entities) for c in e.chunk_ids],
+            relationships=[
+                [entity_index[(r.source.type, r.source.key)], entity_index[(r.target.type, r.target.key)],
+                 r.description, r.chunk_ids]
+                for r in graph.relationships
+            ],
+        ).consume()
+
+
 # --- data --------------------------------------------------------------------------------------
 
 
@@ -161,57 +214,99 @@ def _write_all(graphs: Sequence[DocumentGraph], write: Callable[[DocumentGraph],
     return time.perf_counter() - started
 
 
-def _rates(store: Neo4jGraphStore, graphs: Sequence[DocumentGraph], seconds: float) -> dict[str, Any]:
-    """Throughput of one writer, after checking that it wrote exactly the expected graph."""
+def _rates(store: Neo4jGraphStore, graphs: Sequence[DocumentGraph], rounds: Sequence[dict[str, float]]) -> dict[
+    str, Any
+]:
+    """One writer's rates per round (median, min, max), after checking that it wrote exactly the expected graph."""
     kb_id = graphs[0].kb_id
     counts = store.counts(kb_id)
-    entities = sum(len(g.entities) for g in graphs)
+    entities_per_document = sum(len(g.entities) for g in graphs) / len(graphs)
     relationships = sum(len(g.relationships) for g in graphs)
-    if (counts.entities, counts.relationships) != (entities, relationships):
-        raise SystemExit(f"{kb_id}: wrote {counts}, expected {entities} entities and {relationships} relationships")
+    if (counts.entities, counts.relationships) != (round(entities_per_document * len(graphs)), relationships):
+        raise SystemExit(f"{kb_id}: wrote {counts}, expected {entities_per_document * len(graphs):.0f} entities and "
+                         f"{relationships} relationships")
+    documents_per_s = [r["documents"] / r["seconds"] for r in rounds if r["seconds"] > 0]
+    seconds = sum(r["seconds"] for r in rounds)
     return {
         "seconds": round(seconds, 3),
-        "documents_per_s": round(len(graphs) / seconds, 1),
-        "entities_per_s": round(entities / seconds, 1),
-        "relationships_per_s": round(relationships / seconds, 1),
+        "documents": len(graphs),
+        "documents_per_s": _median_and_spread(documents_per_s),
+        "entities_per_s": _median_and_spread([d * entities_per_document for d in documents_per_s]),
+        "rounds": list(rounds),
         "graph": counts.model_dump(),
     }
 
 
-def run(documents: int, workers: int, output: Path, block: int = 20) -> dict[str, Any]:
-    """Run both writers on `documents` generated documents; write and return the JSON result."""
+WRITERS = ("store", "lower_bound", "naive")
+
+
+def _median_and_spread(values: Sequence[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(values), 1), "min": round(min(values), 1), "max": round(max(values), 1)}
+
+
+def run(
+    documents: int, workers: int, output: Path, block: int = 20, rounds: int = 5, naive_documents: int | None = None
+) -> dict[str, Any]:
+    """Run the writers over `rounds` rounds; write and return the JSON result."""
     settings = load_settings()
     if not settings.neo4j_uri:
         raise SystemExit('LUMIKB_NEO4J_URI is not set: run `scripts/services up` and `eval "$(scripts/services env)"`')
     password = settings.neo4j_password.get_secret_value() if settings.neo4j_password else ""
     store = Neo4jGraphStore(settings.neo4j_uri, settings.neo4j_user, password, database=settings.neo4j_database)
     store.ensure_schema()
+    naive_documents = min(documents, naive_documents or documents)
 
     suffix = uuid.uuid4().hex[:8]
-    batched_kb, naive_kb, warmup_kb = f"bench-batched-{suffix}", f"bench-naive-{suffix}", f"bench-warmup-{suffix}"
-    batched_docs = make_documents(batched_kb, documents)
-    naive_docs = [g.model_copy(update={"kb_id": naive_kb}) for g in batched_docs]
+    kbs = {writer: f"bench-{writer.replace('_', '-')}-{suffix}" for writer in WRITERS}
+    warmup_kb = f"bench-warmup-{suffix}"
+    corpus = make_documents(kbs["store"], documents)
+    docs = {writer: [g.model_copy(update={"kb_id": kb}) for g in corpus] for writer, kb in kbs.items()}
+    docs["naive"] = docs["naive"][:naive_documents]
+    write: dict[str, Callable[[DocumentGraph], object]] = {
+        "store": lambda g: store.write_document(g, SCHEMA, WriteMode.REPLACE),
+        "lower_bound": lambda g: write_lower_bound(store, g),
+        "naive": lambda g: write_naively(store, g),
+    }
+    per_round: dict[str, list[dict[str, float]]] = {writer: [] for writer in WRITERS}
     try:
         # Warm-up: Neo4j plans each query once and the JVM compiles hot paths (a few hundred
-        # transactions of each kind before the code is compiled); neither writer should pay for that
-        # inside its timing. On a just-started Neo4j, 2 documents left the batched writer 1.5x slower.
-        for graph in make_documents(warmup_kb, WARM_UP_DOCUMENTS):
-            store.write_document(graph, SCHEMA, "replace")
-            write_naively(store, graph.model_copy(update={"kb_id": warmup_kb + "-n"}))
-        # The writers take turns on blocks of documents, so that both see the same machine conditions
-        # (a shared machine's load varies over a minute more than the effect being measured).
-        batched_s = naive_s = 0.0
+        # transactions of each kind before the code is compiled); no writer should pay for that
+        # inside its timing.
+        for writer in WRITERS:
+            for graph in make_documents(f"{warmup_kb}-{writer}", WARM_UP_DOCUMENTS):
+                write[writer](graph)
         load_before = os.getloadavg()[0]
-        for start in range(0, documents, block):
-            batched_s += _write_all(
-                batched_docs[start:start + block], lambda g: store.write_document(g, SCHEMA, "replace"), workers
-            )
-            naive_s += _write_all(naive_docs[start:start + block], lambda g: write_naively(store, g), workers)
+        for r in range(rounds):
+            seconds = dict.fromkeys(WRITERS, 0.0)
+            count = dict.fromkeys(WRITERS, 0)
+            for writer in WRITERS:
+                share = len(docs[writer]) // rounds
+                start = r * share
+                stop = len(docs[writer]) if r == rounds - 1 else start + share
+                docs_of_round = docs[writer][start:stop]
+                count[writer] = len(docs_of_round)
+                per_round[writer].append({"documents": len(docs_of_round), "seconds": 0.0})
+            # The writers take turns on blocks of documents, so that all see the same machine conditions.
+            position = dict.fromkeys(WRITERS, 0)
+            while any(position[w] < count[w] for w in WRITERS):
+                for writer in WRITERS:
+                    if position[writer] >= count[writer]:
+                        continue
+                    share = len(docs[writer]) // rounds
+                    start = r * share + position[writer]
+                    take = min(block if writer != "naive" else max(1, block // 10), count[writer] - position[writer])
+                    seconds[writer] += _write_all(docs[writer][start:start + take], write[writer], workers)
+                    position[writer] += take
+            for writer in WRITERS:
+                per_round[writer][-1]["seconds"] = round(seconds[writer], 3)
         load_after = os.getloadavg()[0]
-        batched, naive = _rates(store, batched_docs, batched_s), _rates(store, naive_docs, naive_s)
+        results = {writer: _rates(store, docs[writer], per_round[writer]) for writer in WRITERS}
     finally:
-        for kb_id in (batched_kb, naive_kb, warmup_kb, warmup_kb + "-n"):
+        for kb_id in (*kbs.values(), *(f"{warmup_kb}-{w}" for w in WRITERS)):
             _delete_kb(store, kb_id)
+
+    def doc_seconds(writer: str) -> float:
+        return statistics.median(r["seconds"] / r["documents"] for r in per_round[writer])
 
     server = store._driver.get_server_info().agent
     result = {
@@ -227,15 +322,18 @@ def run(documents: int, workers: int, output: Path, block: int = 20) -> dict[str
         "driver_rust_extension": _has_rust_extension(),
         "config": {
             "documents": documents,
+            "naive_documents": naive_documents,
+            "rounds": rounds,
             "chunks_per_document": CHUNKS_PER_DOCUMENT,
-            "entities": sum(len(g.entities) for g in batched_docs),
-            "relationships": sum(len(g.relationships) for g in batched_docs),
+            "entities": sum(len(g.entities) for g in corpus),
+            "relationships": sum(len(g.relationships) for g in corpus),
             "workers": workers,
             "block": block,
         },
-        "batched": batched,
-        "naive": naive,
-        "ratio": round(naive["seconds"] / batched["seconds"], 2),
+        **results,
+        # Ratios of medians of the per-document time.
+        "ratio": round(doc_seconds("naive") / doc_seconds("store"), 2),
+        "share_of_lower_bound": round(doc_seconds("lower_bound") / doc_seconds("store"), 3),
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -257,32 +355,41 @@ def print_table(result: dict[str, Any]) -> None:
 
     config = result["config"]
     table = Table(
-        title=f"Graph writes: {config['documents']} documents, {config['entities']:,} entities, "
-        f"{config['relationships']:,} relationships, {config['workers']} worker thread(s) — {result['neo4j']}"
+        title=f"Graph writes: {config['documents']} documents ({config['entities']:,} entities, "
+        f"{config['relationships']:,} relationships) in {config['rounds']} round(s), naive on "
+        f"{config['naive_documents']}, {config['workers']} worker thread(s) — {result['neo4j']}"
     )
-    for column in ("writer", "seconds", "documents/s", "entities/s", "relationships/s"):
+    for column in ("writer", "documents", "seconds", "entities/s median", "min", "max"):
         table.add_column(column, justify="right" if column != "writer" else "left")
-    for name, label in (("batched", "batched (UNWIND, 1 tx/document)"), ("naive", "naive (1 query/item)")):
+    labels = {"store": "store (1 query/document)", "lower_bound": "lower bound (create-only)",
+              "naive": "naive (1 query/item)"}
+    for name in WRITERS:
         row = result[name]
-        table.add_row(label, f"{row['seconds']:.2f}", f"{row['documents_per_s']:,.1f}",
-                      f"{row['entities_per_s']:,.0f}", f"{row['relationships_per_s']:,.0f}")
+        rate = row["entities_per_s"]
+        table.add_row(labels[name], str(row["documents"]), f"{row['seconds']:.2f}", f"{rate['median']:,.0f}",
+                      f"{rate['min']:,.0f}", f"{rate['max']:,.0f}")
     console = Console()
     console.print(table)
-    console.print(f"batched is [bold]{result['ratio']}x[/bold] faster than naive")
+    console.print(f"the store is {result['ratio']}x faster than naive and reaches "
+                  f"{result['share_of_lower_bound']:.0%} of the lower bound (medians)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.graph_writes", description=__doc__.split("\n")[0])
-    parser.add_argument("--documents", type=int, default=200, help="documents to write (default 200)")
-    parser.add_argument("--quick", action="store_true", help="a small run: 10 documents")
-    parser.add_argument("--workers", type=int, default=4, help="writer threads for both writers (default 4)")
+    parser.add_argument("--documents", type=int, default=2000, help="documents per writer (default 2000)")
+    parser.add_argument("--naive-documents", type=int, default=200, help="documents of the naive writer (default 200)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
+    parser.add_argument("--quick", action="store_true", help="a small run: 40 documents in 2 rounds")
+    parser.add_argument("--workers", type=int, default=4, help="writer threads for every writer (default 4)")
     parser.add_argument("--block", type=int, default=20, help="documents per turn of each writer (default 20)")
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"JSON result file (default {RESULTS})")
     args = parser.parse_args(argv)
-    documents = 10 if args.quick else args.documents
-    if min(documents, args.workers, args.block) < 1:
-        parser.error("--documents, --workers and --block must be at least 1")
-    print_table(run(documents, args.workers, args.output, args.block))
+    documents, rounds = (40, 2) if args.quick else (args.documents, args.rounds)
+    naive = min(documents, 20 if args.quick else args.naive_documents)
+    if min(documents, args.workers, args.block, rounds, naive) < 1 or naive < rounds or documents < rounds:
+        parser.error("--documents, --naive-documents, --workers, --block and --rounds must be at least 1, "
+                     "and each writer needs a document per round")
+    print_table(run(documents, args.workers, args.output, args.block, rounds, naive))
     return 0
 
 

@@ -22,20 +22,25 @@ def test_graph_write_benchmark_compares_batched_and_naive_writers(tmp_path: Path
     required_env("LUMIKB_NEO4J_URI")
     output = tmp_path / "graph_writes.json"
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.graph_writes", "--documents", "6", "--workers", "2",
-         "--output", str(output)],
+        [sys.executable, "-m", "benchmarks.graph_writes", "--documents", "6", "--naive-documents", "4", "--rounds", "2",
+         "--workers", "2", "--output", str(output)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stderr
-    assert "faster than naive" in run.stdout
+    assert "faster than naive" in run.stdout and "of the lower bound" in run.stdout
 
     result = json.loads(output.read_text())
     assert result["config"] == {
-        "documents": 6, "chunks_per_document": 5, "entities": 300, "relationships": 600, "workers": 2, "block": 20,
+        "documents": 6, "naive_documents": 4, "rounds": 2, "chunks_per_document": 5, "entities": 300,
+        "relationships": 600, "workers": 2, "block": 20,
     }
-    for writer in ("batched", "naive"):
-        assert set(result[writer]) == {"seconds", "documents_per_s", "entities_per_s", "relationships_per_s", "graph"}
-        assert result[writer]["graph"]["entities"] == 300 and result[writer]["graph"]["relationships"] == 600
+    for writer, documents in (("store", 6), ("lower_bound", 6), ("naive", 4)):
+        row = result[writer]
+        assert set(row) == {"seconds", "documents", "documents_per_s", "entities_per_s", "rounds", "graph"}
+        assert row["documents"] == documents and len(row["rounds"]) == 2
+        assert row["entities_per_s"]["min"] <= row["entities_per_s"]["median"] <= row["entities_per_s"]["max"]
+        assert row["graph"]["entities"] == 50 * documents and row["graph"]["relationships"] == 100 * documents
     assert result["neo4j"].startswith("Neo4j/5.")
     assert set(result["machine"]["load_average_1m"]) == {"before", "after"}
     assert result["ratio"] > 1
+    assert 0 < result["share_of_lower_bound"]

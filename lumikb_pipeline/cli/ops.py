@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from lumikb_pipeline.cli.app import app, console, err_console, handle_errors, schedule_app
+from lumikb_pipeline.cli.app import app, console, echo, err_console, handle_errors, schedule_app
 from lumikb_pipeline.cli.catalog import ready_settings
 from lumikb_pipeline.errors import LumikbError, UsageError
 
@@ -59,7 +60,7 @@ def up(
         while all(process.poll() is None for process in started.values()):
             time.sleep(1)
         dead = [name for name, process in started.items() if process.poll() is not None]
-        err_console.print(f"[red]{', '.join(dead)} stopped; stopping the rest[/]", highlight=False)
+        err_console.print(Text(f"{', '.join(dead)} stopped; stopping the rest", style="red"))
     except KeyboardInterrupt:
         pass
     processes.stop_services(settings, processes.service_names())
@@ -95,7 +96,7 @@ def _print_states(settings: object) -> bool:
     table = Table("process", "state", "pid", "log")
     states = processes.service_states(settings, processes.service_names())
     for state in states:
-        table.add_row(state.name, "[green]running[/]" if state.running else "[red]stopped[/]",
+        table.add_row(state.name, Text("running", "green") if state.running else Text("stopped", "red"),
                       str(state.pid or "-"), str(state.log))
     console.print(table)
     return all(state.running for state in states)
@@ -140,7 +141,7 @@ def reextract(
         f"({mode.value}), backfill {job.dagster_backfill_id or '-'}; follow it with `lumikb progress {job.id} --watch`",
         highlight=False,
     )
-    typer.echo(job.id)
+    echo(job.id)
     if wait:
         _wait(settings, job.id)
 
@@ -159,7 +160,7 @@ def _dry_run(settings: Settings, slug: str, selection: Selection, as_json: bool)
             session, kb, current_schema(session, kb), kb.current_schema_version, settings.llm_model, doc_ids
         )
     if as_json:
-        typer.echo(json.dumps(estimate.to_json()))
+        echo(json.dumps(estimate.to_json()))
         return
     cost = "unknown (LiteLLM has no price for this model)" if estimate.estimated_cost_usd is None \
         else f"${estimate.estimated_cost_usd:.4f}"

@@ -10,9 +10,10 @@ import typer
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from lumikb_pipeline import redis_client
-from lumikb_pipeline.cli.app import app, console, handle_errors
+from lumikb_pipeline.cli.app import app, console, echo, handle_errors
 from lumikb_pipeline.cli.catalog import ready_settings
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.drift import drift_report
@@ -34,7 +35,7 @@ def _duration(seconds: float | None) -> str:
 
 def render_progress(progress: JobProgress) -> Table:
     """The human view of a job's progress: bar, rate, ETA, spend and recent errors."""
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), expand=True)
+    bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), expand=True)
     bar.add_task(
         f"job {progress.job_id[:8]} [{progress.status}]",
         total=max(progress.total, 1),
@@ -42,13 +43,13 @@ def render_progress(progress: JobProgress) -> Table:
     )
     grid = Table.grid(padding=(0, 2))
     grid.add_row(bar)
-    grid.add_row(
+    grid.add_row(Text(
         f"completed {progress.completed}  failed {progress.failed}  remaining {progress.remaining}  "
         f"rate {progress.rate_per_s:.2f} docs/s  ETA {_duration(progress.eta_seconds)}  "
         f"spend ${progress.spend_usd:.4f}"
-    )
+    ))
     for error in progress.recent_errors:
-        grid.add_row(f"[red]{error['at'][11:19]} {error['doc_id'][:8]}[/] {error['error'][:160]}")
+        grid.add_row(Text.assemble((f"{error['at'][11:19]} {error['doc_id'][:8]}", "red"), " ", error["error"][:160]))
     return grid
 
 
@@ -70,7 +71,7 @@ def progress(
 
     current = read()
     if as_json and not watch:
-        typer.echo(json.dumps(current.contract_json()))
+        echo(json.dumps(current.contract_json()))
         return
     if not watch:
         console.print(render_progress(current))
@@ -81,7 +82,7 @@ def progress(
             current = read()
             live.update(render_progress(current))
             if as_json:
-                typer.echo(json.dumps(current.contract_json()))
+                echo(json.dumps(current.contract_json()))
 
 
 @app.command("cancel")
@@ -116,7 +117,7 @@ def drift(
     with session_scope(settings.effective_database_url) as session:
         report = drift_report(session, slug)
     if as_json:
-        typer.echo(json.dumps([item.to_json() for item in report]))
+        echo(json.dumps([item.to_json() for item in report]))
         return
     table = Table("KB", "schema version", "documents", "outdated")
     for item in report:

@@ -55,7 +55,8 @@ from lumikb_pipeline.llm.prompt import build_messages, effective_prompt_version
 from lumikb_pipeline.llm.rate_limit import RateLimiter
 from lumikb_pipeline.llm.send_gate import GatedTransport, SendGate, current_gate
 from lumikb_pipeline.redis_client import redis_url as configured_redis_url
-from lumikb_pipeline.scrub import scrub
+from lumikb_pipeline.scrub import install as install_log_scrubbing
+from lumikb_pipeline.scrub import register_secret, scrub
 
 log = logging.getLogger(__name__)
 
@@ -201,37 +202,10 @@ def _retry_after_s(exc: BaseException) -> float | None:
         return None
 
 
-class _SecretFilter(logging.Filter):
-    """Scrubs the configured API key (and key-shaped tokens) from LiteLLM's log records."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.secrets: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        cleaned = scrub(message, tuple(self.secrets))
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
-        if record.exc_info and record.exc_info[1] is not None:
-            # The handler would format the traceback later, with the key in the exception's message.
-            text = "".join(traceback.format_exception(record.exc_info[1]))
-            record.msg = f"{record.msg}\n{scrub(text, tuple(self.secrets))}"
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-_secret_filter = _SecretFilter()
-_LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "litellm", "httpx", "openai")
-
-
 def _protect_logs(secret: str | None) -> None:
-    if secret:
-        _secret_filter.secrets.add(secret)
-    for name in _LITELLM_LOGGERS:
-        logger = logging.getLogger(name)
-        if _secret_filter not in logger.filters:
-            logger.addFilter(_secret_filter)
+    """Scrub the API key (and key-shaped tokens) from every log record, LiteLLM's included."""
+    register_secret(secret)
+    install_log_scrubbing()
 
 
 # The offline model runs in-process and protects no paid API: unless LUMIKB_LLM_RATE_LIMITS names it,

@@ -154,6 +154,6 @@ class ScrubbedStream:
 def protect_streams() -> None:
     """Wrap this process's stdout and stderr in `ScrubbedStream` (idempotent)."""
     if not isinstance(sys.stdout, ScrubbedStream):
-        sys.stdout = ScrubbedStream(sys.stdout)  # type: ignore[assignment]
+        sys.stdout = ScrubbedStream(sys.stdout)
     if not isinstance(sys.stderr, ScrubbedStream):
-        sys.stderr = ScrubbedStream(sys.stderr)  # type: ignore[assignment]
+        sys.stderr = ScrubbedStream(sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated
@@ -121,6 +122,9 @@ def reextract(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be re-extracted; start nothing.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Wait until the job ends; exit 1 unless it succeeded.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: print the estimate as JSON.")] = False,
+    idle_timeout: Annotated[float, typer.Option(
+        "--idle-timeout", help="With --wait: give up after this many seconds without a Dagster daemon or a "
+        "Celery worker to run the job (the job is kept).", metavar="SECONDS", min=1, max=86400)] = 60.0,
 ) -> None:
     """Start a re-extraction job on the `reprocessing` queue and print its id."""
     from lumikb_pipeline.orchestration.jobs import Selection, start_reextraction
@@ -128,6 +132,8 @@ def reextract(
     chosen = [name for name, on in (("--outdated", outdated), ("--all", all_), ("--doc", bool(doc))) if on]
     if len(chosen) > 1:
         raise UsageError(f"{' and '.join(chosen)} exclude each other; choose one of --outdated, --all, --doc ID")
+    if max_cost is not None and not math.isfinite(max_cost):
+        raise UsageError(f"--max-cost {max_cost} is not a number of USD; give a budget, e.g. --max-cost 5")
     if max_cost is not None and max_cost < 0:
         raise UsageError(f"--max-cost {max_cost:g} is negative; give a budget in USD, e.g. --max-cost 5")
     selection = Selection.of_ids(doc or []) if doc else Selection.all() if all_ else Selection.outdated()
@@ -143,7 +149,7 @@ def reextract(
     )
     echo(job.id)
     if wait:
-        _wait(settings, job.id)
+        _wait(settings, job.id, idle_timeout)
 
 
 def _dry_run(settings: Settings, slug: str, selection: Selection, as_json: bool) -> None:
@@ -174,7 +180,33 @@ def _dry_run(settings: Settings, slug: str, selection: Selection, as_json: bool)
     )
 
 
-def _wait(settings: object, job_id: str) -> None:
+def missing_processes(settings: Settings, instance: object, heartbeat_max_age_s: float = 60.0) -> list[str]:
+    """What a job needs that is not running: the Dagster daemon (no recent heartbeat) and Celery
+    workers (none answers a ping on the broker)."""
+    from celery import Celery
+    from dagster import DagsterInstance
+
+    from lumikb_pipeline.orchestration.celery_config import broker
+
+    assert isinstance(instance, DagsterInstance)
+    missing = []
+    now = time.time()
+    heartbeats = instance.get_daemon_heartbeats()
+    if not any(now - beat.timestamp < heartbeat_max_age_s for beat in heartbeats.values()):
+        missing.append("the Dagster daemon")
+    url = broker(settings)
+    probe = Celery(broker=url, backend=url)
+    try:
+        if not probe.control.ping(timeout=1.0):
+            missing.append("a Celery worker")
+    except Exception:  # an unreachable broker: no worker can take the job's steps either
+        missing.append("a Celery worker (its broker does not answer)")
+    finally:
+        probe.close()
+    return missing
+
+
+def _wait(settings: object, job_id: str, idle_timeout: float = 60.0) -> None:
     from lumikb_pipeline.config import Settings
     from lumikb_pipeline.db.models import JobStatus
     from lumikb_pipeline.orchestration.instance import open_instance
@@ -183,6 +215,7 @@ def _wait(settings: object, job_id: str) -> None:
     assert isinstance(settings, Settings)
     instance = open_instance(settings)
     last = None
+    idle_since: float | None = None
     while True:
         job = refresh_job_status(settings, job_id, instance)
         if job.status != last:
@@ -190,7 +223,18 @@ def _wait(settings: object, job_id: str) -> None:
             last = job.status
         if job.status in TERMINAL:
             break
-        time.sleep(2)
+        # Without a daemon nothing launches the job's runs, without a worker nothing runs their steps:
+        # say so after a bounded wait instead of printing "running" forever.
+        missing = missing_processes(settings, instance)
+        now = time.monotonic()
+        idle_since = (idle_since or now) if missing else None
+        if idle_since is not None and now - idle_since >= idle_timeout:
+            raise LumikbError(
+                f"job {job_id} is {job.status.value} but {' and '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not running (waited {idle_timeout:g} s); start them "
+                f"with `lumikb up` and the job continues; follow it with `lumikb progress {job_id}`"
+            )
+        time.sleep(min(2.0, max(0.1, idle_timeout / 4)))
     if job.status != JobStatus.SUCCEEDED:
         detail = job.error or f"see `lumikb progress {job_id}`"
         raise LumikbError(f"job {job_id} ended {job.status.value}: {detail}")

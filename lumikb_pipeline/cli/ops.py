@@ -41,8 +41,9 @@ def up(
     settings = ready_settings()
     orchestration = load_orchestration_settings()
     processes.prepare_instance(settings, orchestration)
-    workspace = processes.write_workspace(settings)
-    specs = processes.service_specs(settings, orchestration, workspace)
+    port = processes.choose_code_server_port(settings)  # per LUMIKB_HOME: installations never share one
+    workspace = processes.write_workspace(settings, port=port)
+    specs = processes.service_specs(settings, orchestration, workspace, code_server_port=port)
     env = processes.service_env(settings, orchestration)
     try:
         started = processes.start_services(settings, specs, env)

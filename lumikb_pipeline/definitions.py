@@ -7,7 +7,6 @@ from __future__ import annotations
 from dagster import Definitions
 
 from lumikb_pipeline import scrub
-
 from lumikb_pipeline.assets import document_entities, graph_invariants, kb_schema_drift, knowledge_graph
 from lumikb_pipeline.jobs import document_processing_job, drift_check_job, graph_invariants_job, reextraction_job
 from lumikb_pipeline.orchestration.executor import celery_executor_for

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dagster import Definitions
 
 from lumikb_pipeline.assets import document_entities, graph_invariants, kb_schema_drift, knowledge_graph
+from lumikb_pipeline.core import scrub
 from lumikb_pipeline.core.names import QUEUE_REPROCESSING
 from lumikb_pipeline.infra.executor import celery_executor_for
 from lumikb_pipeline.jobs import document_processing_job, drift_check_job, graph_invariants_job, reextraction_job
@@ -23,6 +24,10 @@ from lumikb_pipeline.sensors import (
     job_status_sensor,
     schema_version_sensor,
 )
+
+# Every process that loads the definitions (code server, run workers, Celery workers, the daemon's
+# sensors) scrubs secrets from every log record, so none reaches a log file or the event log.
+scrub.install()
 
 defs = Definitions(
     assets=[document_entities, knowledge_graph, kb_schema_drift],

@@ -9,9 +9,10 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
+from lumikb_pipeline.core import scrub as scrubber
 from lumikb_pipeline.core.errors import LumikbError
-from lumikb_pipeline.core.scrub import scrub
 
 app = typer.Typer(
     name="lumikb",
@@ -29,8 +30,27 @@ app.add_typer(schema_app, name="schema")
 app.add_typer(db_app, name="db")
 app.add_typer(schedule_app, name="schedule")
 
-console = Console()
-err_console = Console(stderr=True)
+# Everything printed is text: a slug, file name, job id or model answer holding `[/]` or `[link=…]`
+# is shown as written, never interpreted as Rich markup (styles are given as `Text` objects).
+console = Console(markup=False, emoji=False, highlight=False)
+err_console = Console(stderr=True, markup=False, emoji=False, highlight=False)
+
+
+@app.callback()
+def _start() -> None:
+    """Before any command: scrub secrets from every log record and from everything printed."""
+    scrubber.install()
+    scrubber.protect_streams()
+
+
+def print_error(message: str) -> None:
+    """`error: <message>` on stderr, the message scrubbed and shown as text."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", scrubber.scrub(message)), soft_wrap=True)
+
+
+def echo(text: str) -> None:
+    """Machine-readable output (JSON, ids) on stdout, scrubbed."""
+    typer.echo(scrubber.scrub(text))
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,7 +64,7 @@ def handle_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except LumikbError as exc:
-            err_console.print(f"[bold red]error:[/] {scrub(str(exc))}", highlight=False, soft_wrap=True)
+            print_error(str(exc))
             sys.exit(exc.exit_code)
 
     return wrapper  # type: ignore[return-value]

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from sqlalchemy import func, select
 
-from lumikb_pipeline.cli.app import app, console, db_app, err_console, handle_errors, kb_app, schema_app
+from lumikb_pipeline.cli.app import app, console, db_app, echo, handle_errors, kb_app, print_error, schema_app
 from lumikb_pipeline.core.config import Settings, load_settings
 from lumikb_pipeline.core.errors import UsageError
 from lumikb_pipeline.core.scrub import scrub
@@ -67,7 +67,7 @@ def kb_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
         ).tuples().all()
     items = [{"kb": slug, "schema_version": version, "documents": count} for slug, version, count in rows]
     if as_json:
-        typer.echo(json.dumps(items))
+        echo(json.dumps(items))
         return
     for item in items:
         console.print(f"{item['kb']}\tschema v{item['schema_version']}\t{item['documents']} documents", highlight=False)
@@ -101,7 +101,7 @@ def schema_show(
     with session_scope(settings.effective_database_url) as session:
         kb = catalog.get_kb(session, slug)
         schema = catalog.schema_at(session, kb, version or kb.current_schema_version)
-    typer.echo(json.dumps(schema.to_json(), indent=2))
+    echo(json.dumps(schema.to_json(), indent=2))
 
 
 @app.command("ingest")
@@ -116,7 +116,7 @@ def ingest(
     settings = ready_settings()
     report = catalog.ingest(settings.effective_database_url, slug, paths, settings.chunk_tokens)
     if as_json:
-        typer.echo(json.dumps({
+        echo(json.dumps({
             "kb": slug, "added": len(report.added), "changed": len(report.changed),
             "unchanged": len(report.unchanged), "document_ids": report.document_ids,
             "errors": [{"path": path, "error": message} for path, message in report.errors],
@@ -128,6 +128,6 @@ def ingest(
             highlight=False,
         )
     for path, message in report.errors:
-        err_console.print(f"[bold red]error:[/] {path}: {message}", highlight=False, soft_wrap=True)
+        print_error(f"{path}: {message}")
     if report.errors:
         raise typer.Exit(UsageError.exit_code)

@@ -13,6 +13,14 @@ def demo() -> None:
     outdated documents through the production Dagster job code, and print a summary. Needs no
     services and no network on the embedded defaults."""
     from lumikb_pipeline.demo import print_summary, run_demo
+    from lumikb_pipeline.infra.redis_client import embedded_redis_running, stop_embedded_redis
 
     settings = load_settings()
-    print_summary(run_demo(settings, console), settings, console)
+    # The demo starts the embedded Redis if nothing of this installation runs it yet; it then stops
+    # it when it exits, however it exits. One that `lumikb up` started is left alone.
+    started_redis = settings.uses_embedded_redis and not embedded_redis_running(settings.home_dir)
+    try:
+        print_summary(run_demo(settings, console), settings, console)
+    finally:
+        if started_redis:
+            stop_embedded_redis(settings.home_dir)

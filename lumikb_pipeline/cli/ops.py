@@ -8,14 +8,16 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from lumikb_pipeline.cli.app import app, console, err_console, handle_errors, schedule_app
+from lumikb_pipeline.cli.app import app, console, echo, err_console, handle_errors, schedule_app
 from lumikb_pipeline.cli.catalog import ready_settings
 from lumikb_pipeline.core.errors import LumikbError, UsageError
 from lumikb_pipeline.domain.budget import check_max_cost
 from lumikb_pipeline.domain.modes import WriteMode
 
 if TYPE_CHECKING:
+    from dagster import DagsterInstance
     from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
 
     from lumikb_pipeline.core.config import Settings
@@ -36,8 +38,9 @@ def up(
 
     settings = ready_settings()
     processes.prepare_instance(settings)
-    workspace = processes.write_workspace(settings)
-    specs = processes.service_specs(settings, workspace)
+    port = processes.choose_code_server_port(settings)  # per LUMIKB_HOME: installations never share one
+    workspace = processes.write_workspace(settings, port=port)
+    specs = processes.service_specs(settings, workspace, code_server_port=port)
     env = processes.service_env(settings)
     try:
         started = processes.start_services(settings, specs, env)
@@ -56,7 +59,7 @@ def up(
         while all(process.poll() is None for process in started.values()):
             time.sleep(1)
         dead = [name for name, process in started.items() if process.poll() is not None]
-        err_console.print(f"[red]{', '.join(dead)} stopped; stopping the rest[/]", highlight=False)
+        err_console.print(Text(f"{', '.join(dead)} stopped; stopping the rest", style="red"))
     except KeyboardInterrupt:
         pass
     processes.stop_services(settings, processes.service_names())
@@ -90,7 +93,7 @@ def _print_states(settings: Settings) -> bool:
     table = Table("process", "state", "pid", "log")
     states = processes.service_states(settings, processes.service_names())
     for state in states:
-        table.add_row(state.name, "[green]running[/]" if state.running else "[red]stopped[/]",
+        table.add_row(state.name, Text("running", "green") if state.running else Text("stopped", "red"),
                       str(state.pid or "-"), str(state.log))
     console.print(table)
     return all(state.running for state in states)
@@ -122,6 +125,9 @@ def reextract(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be re-extracted; start nothing.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Wait until the job ends; exit 1 unless it succeeded.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: print the estimate as JSON.")] = False,
+    idle_timeout: Annotated[float, typer.Option(
+        "--idle-timeout", help="With --wait: give up after this many seconds without a Dagster daemon or a "
+        "Celery worker to run the job (the job is kept).", metavar="SECONDS", min=1, max=86400)] = 60.0,
 ) -> None:
     """Start a re-extraction job on the `reprocessing` queue and print its id."""
     from lumikb_pipeline.reextraction.service import Selection, start_reextraction
@@ -143,9 +149,9 @@ def reextract(
         f"({mode.value}), backfill {job.dagster_backfill_id or '-'}; follow it with `lumikb progress {job.id} --watch`",
         highlight=False,
     )
-    typer.echo(job.id)
+    echo(job.id)
     if wait:
-        _wait(settings, job.id)
+        _wait(settings, job.id, idle_timeout)
 
 
 def _dry_run(settings: Settings, slug: str, selection: Selection, as_json: bool) -> None:
@@ -162,7 +168,7 @@ def _dry_run(settings: Settings, slug: str, selection: Selection, as_json: bool)
             session, kb, current_schema(session, kb), kb.current_schema_version, settings.llm_model, doc_ids
         )
     if as_json:
-        typer.echo(json.dumps(estimate.to_json()))
+        echo(json.dumps(estimate.to_json()))
         return
     cost = "unknown (LiteLLM has no price for this model)" if estimate.estimated_cost_usd is None \
         else f"${estimate.estimated_cost_usd:.4f}"
@@ -176,22 +182,59 @@ def _dry_run(settings: Settings, slug: str, selection: Selection, as_json: bool)
     )
 
 
-def _wait(settings: Settings, job_id: str) -> None:
+def missing_processes(settings: Settings, instance: DagsterInstance, heartbeat_max_age_s: float = 60.0) -> list[str]:
+    """What a job needs that is not running: the Dagster daemon (no recent heartbeat) and Celery
+    workers (none answers a ping on the broker)."""
+    from celery import Celery
+
+    from lumikb_pipeline.infra.redis_client import broker_url
+
+    missing = []
+    now = time.time()
+    heartbeats = instance.get_daemon_heartbeats()
+    if not any(now - beat.timestamp < heartbeat_max_age_s for beat in heartbeats.values()):
+        missing.append("the Dagster daemon")
+    url = broker_url(settings)
+    probe = Celery(broker=url, backend=url)
+    try:
+        if not probe.control.ping(timeout=1.0):
+            missing.append("a Celery worker")
+    except Exception:  # an unreachable broker: no worker can take the job's steps either
+        missing.append("a Celery worker (its broker does not answer)")
+    finally:
+        probe.close()
+    return missing
+
+
+def _wait(settings: Settings, job_id: str, idle_timeout: float = 60.0) -> None:
     from lumikb_pipeline.db.models import JobStatus
     from lumikb_pipeline.infra.dagster_instance import open_instance
     from lumikb_pipeline.reextraction.service import TERMINAL
     from lumikb_pipeline.reextraction.status import refresh_job_status
 
     instance = open_instance(settings)
+    asset_graph = _asset_graph()
     last = None
+    idle_since: float | None = None
     while True:
-        job = refresh_job_status(settings, job_id, instance, _asset_graph())
+        job = refresh_job_status(settings, job_id, instance, asset_graph)
         if job.status != last:
             err_console.print(f"job {job_id}: {job.status.value}", highlight=False)
             last = job.status
         if job.status in TERMINAL:
             break
-        time.sleep(2)
+        # Without a daemon nothing launches the job's runs, without a worker nothing runs their steps:
+        # say so after a bounded wait instead of printing "running" forever.
+        missing = missing_processes(settings, instance)
+        now = time.monotonic()
+        idle_since = (idle_since or now) if missing else None
+        if idle_since is not None and now - idle_since >= idle_timeout:
+            raise LumikbError(
+                f"job {job_id} is {job.status.value} but {' and '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not running (waited {idle_timeout:g} s); start them "
+                f"with `lumikb up` and the job continues; follow it with `lumikb progress {job_id}`"
+            )
+        time.sleep(min(2.0, max(0.1, idle_timeout / 4)))
     if job.status != JobStatus.SUCCEEDED:
         detail = job.error or f"see `lumikb progress {job_id}`"
         raise LumikbError(f"job {job_id} ended {job.status.value}: {detail}")

@@ -10,7 +10,7 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from lumikb_pipeline.cli.app import app, console, handle_errors
+from lumikb_pipeline.cli.app import app, console, echo, handle_errors
 from lumikb_pipeline.cli.catalog import ready_settings
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.infra import redis_client
@@ -42,7 +42,7 @@ def progress(
 
     current = read()
     if as_json and not watch:
-        typer.echo(json.dumps(current.contract_json()))
+        echo(json.dumps(current.contract_json()))
         return
     if not watch:
         console.print(render_progress(current))
@@ -53,7 +53,7 @@ def progress(
             current = read()
             live.update(render_progress(current))
             if as_json:
-                typer.echo(json.dumps(current.contract_json()))
+                echo(json.dumps(current.contract_json()))
 
 
 @app.command("cancel")
@@ -88,7 +88,7 @@ def drift(
     with session_scope(settings.effective_database_url) as session:
         report = drift_report(session, slug)
     if as_json:
-        typer.echo(json.dumps([item.to_json() for item in report]))
+        echo(json.dumps([item.to_json() for item in report]))
         return
     table = Table("KB", "schema version", "documents", "outdated")
     for item in report:

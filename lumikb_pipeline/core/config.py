@@ -8,6 +8,7 @@ the Dagster home) is resolved here and nowhere else.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -134,6 +135,14 @@ class Settings(BaseSettings):
     webserver_host: str = "127.0.0.1"
     webserver_port: int = Field(default=3000, ge=1, le=65535)
 
+    @field_validator("home")
+    @classmethod
+    def _check_home(cls, value: Path) -> Path:
+        path = value.expanduser()
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{str(value)!r} exists and is not a folder; point it at a folder (created if missing)")
+        return value
+
     @field_validator("llm_rate_limit")
     @classmethod
     def _check_rate(cls, value: str) -> str:
@@ -242,6 +251,21 @@ class Settings(BaseSettings):
         if self.llm_max_in_flight is not None:
             return self.llm_max_in_flight
         return max(1, min(500, math.ceil(self.rate_limit.per_second * 5)))
+
+
+def make_private_dir(path: Path) -> Path:
+    """Create `path` (and its parents) if missing; a folder this creates is private (0700)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def make_private_file(path: Path) -> Path:
+    """Create the empty file `path` as private (0600) if it is missing, in a private folder. SQLite
+    gives its journal and WAL files the mode of the database file, so those stay private too."""
+    make_private_dir(path.parent)
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    return path
 
 
 def _describe(error: ValidationError) -> str:

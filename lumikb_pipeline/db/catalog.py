@@ -105,11 +105,19 @@ def _files(paths: Iterable[Path], report: IngestReport) -> Iterator[Path]:
         if not path.exists():
             report.errors.append((str(path), "does not exist; pass existing files or folders"))
         elif path.is_dir():
-            files = sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            if not files:
+            root = path.resolve()
+            files, outside = [], 0
+            for p in sorted(path.rglob("*")):
+                if not p.is_file() or any(part.startswith(".") for part in p.relative_to(path).parts):
+                    continue
+                # A folder's files stay inside it: a symlink out of it could hand a private file to the LLM.
+                if not p.resolve().is_relative_to(root):
+                    report.errors.append((str(p), f"is a link to {p.resolve()}, outside {path}; not ingested "
+                                                   "(pass that file explicitly if it belongs in the KB)"))
+                    outside += 1
+                    continue
+                files.append(p)
+            if not files and not outside:
                 report.errors.append((str(path), "folder holds no files to ingest"))
             yield from files
         elif path.is_file():
@@ -135,16 +143,34 @@ def read_document_text(path: Path) -> str:
         raise UsageError(
             f"is not valid UTF-8 (byte {exc.start}); convert it, e.g. `iconv -f latin1 -t utf-8`"
         ) from None
+    if "\x00" in text:  # PostgreSQL text cannot hold NUL; a text file has none
+        raise UsageError("is a binary file (it holds NUL bytes); ingest only text or Markdown files")
     if not text.strip():
         raise UsageError("holds only whitespace; add text to it or leave it out")
     return text
 
 
+MAX_SOURCE_CHARS: int = Document.__table__.c.source.type.length  # type: ignore[attr-defined]  # String(2048)
+
+
+def check_source(source: str) -> str:
+    """A document's source path as it can be stored on every backend, else a UsageError."""
+    if len(source) > MAX_SOURCE_CHARS:
+        raise UsageError(f"has a path of {len(source)} characters, above the {MAX_SOURCE_CHARS} the catalog "
+                         "stores; move it to a shorter path")
+    try:
+        source.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("has a name that is not valid UTF-8; rename it") from None
+    return source
+
+
 def ingest_file(session: Session, kb: KnowledgeBase, path: Path, max_tokens: int) -> tuple[str, str]:
     """Add or update one document from a file; returns (status, document id) with status one of
     added | changed | unchanged."""
-    text = read_document_text(path)
     source = str(path.resolve())
+    check_source(source)
+    text = read_document_text(path)
     digest = content_hash(text)
     document = session.scalar(select(Document).where(Document.kb_id == kb.id, Document.source == source))
     if document is not None and document.content_hash == digest and document.deleted_at is None:
@@ -158,7 +184,7 @@ def ingest_file(session: Session, kb: KnowledgeBase, path: Path, max_tokens: int
         session.flush()
     else:
         session.execute(delete(Chunk).where(Chunk.document_id == document.id))
-    document.title = document_title(text, path.stem)
+    document.title = document_title(text, path.stem)[:512]
     document.content_hash = digest
     document.revision += 1
     document.updated_at = now

@@ -45,6 +45,36 @@ class Outcome:
     cost_usd: float = 0.0
 
 
+ACTIVE_JOB = (JobStatus.PENDING, JobStatus.RUNNING)
+
+
+def _not_held_by_another_job(job_id: str) -> ColumnElement[bool]:
+    """The row belongs to no job, to `job_id`, or to a job that has ended: another job that is still
+    going keeps its rows (taking one would leave that job waiting forever for a document it lost)."""
+    active = select(Job.id).where(Job.status.in_(ACTIVE_JOB), Job.id != job_id)
+    return or_(ExtractionRecord.job_id.is_(None), ExtractionRecord.job_id.not_in(active))
+
+
+def documents_in_other_jobs(
+    session: Session, doc_ids: Sequence[str], schema_version: int, job_id: str | None = None
+) -> dict[str, str]:
+    """Documents whose row at `schema_version` belongs to another job still going: {doc id: job id}."""
+    held: dict[str, str] = {}
+    for start in range(0, len(doc_ids), 1000):
+        rows = session.execute(
+            select(ExtractionRecord.document_id, ExtractionRecord.job_id)
+            .join(Job, Job.id == ExtractionRecord.job_id)
+            .where(
+                ExtractionRecord.document_id.in_(doc_ids[start : start + 1000]),
+                ExtractionRecord.schema_version == schema_version,
+                Job.status.in_(ACTIVE_JOB),
+                Job.id != (job_id or ""),
+            )
+        ).tuples()
+        held.update({doc_id: owner for doc_id, owner in rows if owner is not None})
+    return held
+
+
 def _insert(session: Session):  # noqa: ANN202 - returns the dialect's insert() construct
     return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
 
@@ -89,6 +119,7 @@ def ensure_records(
             ExtractionRecord.document_id.in_(doc_ids),
             ExtractionRecord.schema_version == schema_version,
             ExtractionRecord.status.in_(taken_over),
+            _not_held_by_another_job(job_id),
         )
         .values(job_id=job_id, status=ExtractionStatus.PENDING, updated_at=now)
         .execution_options(synchronize_session=False)
@@ -135,6 +166,7 @@ def claim(
     }
     if job_id is not None:
         values["job_id"] = job_id
+        condition = and_(condition, _not_held_by_another_job(job_id))
     result = session.execute(
         update(ExtractionRecord)
         .where(

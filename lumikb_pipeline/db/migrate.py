@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
@@ -27,13 +32,55 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    """Apply migrations up to `revision`."""
-    command.upgrade(alembic_config(url), revision)
+    """Apply migrations up to `revision`; an unreachable database is a one-line LumikbError."""
+    try:
+        with migration_lock(url):
+            command.upgrade(alembic_config(url), revision)
+    except OperationalError as exc:
+        raise LumikbError(f"cannot reach the app database {scrub(url)}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: OperationalError) -> str:
+    return scrub(str(exc.orig)).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
 
 
 def downgrade(url: str, revision: str = "base") -> None:
     """Revert migrations down to `revision`."""
-    command.downgrade(alembic_config(url), revision)
+    with migration_lock(url):
+        command.downgrade(alembic_config(url), revision)
+
+
+# One key for every process migrating this application's database (pg_advisory_lock takes a bigint).
+_PG_LOCK_KEY = zlib.crc32(b"lumikb_pipeline.migrations")
+
+
+@contextmanager
+def migration_lock(url: str) -> Iterator[None]:
+    """Serialise migrations across processes: a file lock beside a SQLite database, a session-level
+    `pg_advisory_lock` on PostgreSQL. Commands started at once on a fresh database then migrate it
+    once, one after the other, instead of racing to create the same tables."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            yield
+            return
+        lock_path = Path(parsed.database + ".migrate.lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(lock_path, "a") as handle:  # noqa: PTH123
+            lock_path.chmod(0o600)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    with get_engine(url).connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _PG_LOCK_KEY})
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _PG_LOCK_KEY})
+            connection.commit()
 
 
 def head_revision() -> str | None:
@@ -45,7 +92,7 @@ def current_revision(url: str) -> str | None:
         with get_engine(url).connect() as connection:
             return MigrationContext.configure(connection).get_current_revision()
     except OperationalError as exc:
-        raise LumikbError(f"cannot reach the app database {scrub(url)}: {scrub(str(exc.orig))}") from None
+        raise LumikbError(f"cannot reach the app database {scrub(url)}: {_first_line(exc)}") from None
 
 
 def ensure_database(url: str) -> None:
@@ -54,6 +101,6 @@ def ensure_database(url: str) -> None:
     if current_revision(url) == head_revision():
         return
     if make_url(url).get_backend_name() == "sqlite":
-        upgrade(url)
+        upgrade(url)  # under the migration lock: a second process finds the work done
         return
     raise LumikbError("the app database is not up to date; run `lumikb db upgrade` first")

@@ -15,6 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy import func, select
 
 from lumikb_pipeline.core.config import Settings
@@ -89,7 +90,7 @@ def run_demo(settings: Settings, console: Console) -> DemoSummary:
     from lumikb_pipeline.tracking.display import render_progress
 
     started = time.monotonic()
-    console.rule("[bold]lumikb demo")
+    console.rule(Text("lumikb demo", style="bold"))
     console.print(
         f"app database  {scrub(settings.effective_database_url)}\n"
         f"graph store   {'embedded, ' + str(settings.home_dir / 'graph.sqlite3') if settings.uses_embedded_graph else scrub(settings.neo4j_uri or '')}\n"  # noqa: E501

@@ -6,7 +6,10 @@ rules of PRODUCT.md section 1 with a message that points at the line.
 
 from __future__ import annotations
 
+import gc
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,9 @@ from lumikb_pipeline.core.errors import SchemaFileError
 ENTITY_TYPE_PATTERN = re.compile(r"^[A-Z][A-Za-z0-9_]{0,63}$")
 RELATIONSHIP_TYPE_PATTERN = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 KB_SLUG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+# The graph model's own relationships (docs/graph-model.md): a schema type with one of these names
+# would be confused with a document's chunks and their mentions.
+RESERVED_RELATIONSHIP_TYPES = frozenset({"HAS_CHUNK", "MENTIONS"})
 
 
 class EntityType(BaseModel):
@@ -73,11 +79,20 @@ def check_kb_slug(slug: str) -> str:
     return slug
 
 
-class _LineLoader(yaml.SafeLoader):
+class _LineLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]  # libyaml when built in
     """A YAML loader that remembers the line of every mapping, so errors can point at it."""
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[str, Any]:
+    seen: dict[str, int] = {}
+    for key_node, _ in node.value:
+        key = str(loader.construct_object(key_node, deep=True))
+        if key in seen:
+            # YAML would keep the last value silently; a schema that says a thing twice is a mistake.
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice (first on line {seen[key]})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line + 1
     mapping = {str(key): value for key, value in loader.construct_mapping(node, deep=True).items()}
     mapping["__line__"] = node.start_mark.line + 1
     return mapping
@@ -113,6 +128,8 @@ def _type_list(item: dict[str, Any], key: str, where: str, line: int | None) -> 
 
 def parse_schema_text(text: str, where: str = "schema") -> DomainSchema:
     """Parse and validate a schema document; `where` names it in error messages."""
+    collecting = gc.isenabled()
+    gc.disable()  # the loader makes a million small objects; collecting between them makes it quadratic
     try:
         data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
@@ -122,6 +139,9 @@ def parse_schema_text(text: str, where: str = "schema") -> DomainSchema:
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
         raise _fail(where, line, f"not valid YAML or JSON ({problem})") from None
+    finally:
+        if collecting:
+            gc.enable()
     if not isinstance(data, dict):
         raise _fail(where, None, "must be a mapping with 'entity_types' and 'relationship_types'")
     top_line = data.pop("__line__", None)
@@ -136,6 +156,7 @@ def parse_schema_text(text: str, where: str = "schema") -> DomainSchema:
     if not isinstance(raw_entities, list) or not raw_entities:
         raise _fail(where, top_line, "'entity_types' must be a non-empty list")
     entities: list[EntityType] = []
+    entity_names: set[str] = set()
     for raw in raw_entities:
         if not isinstance(raw, dict):
             raise _fail(where, top_line, "each entity type must be a mapping with 'name' and 'description'")
@@ -143,15 +164,16 @@ def parse_schema_text(text: str, where: str = "schema") -> DomainSchema:
         name = _text(raw, "name", where, line, required=True)
         if not ENTITY_TYPE_PATTERN.match(name):
             raise _fail(where, line, f"entity type name {name!r} must match {ENTITY_TYPE_PATTERN.pattern}")
-        if any(e.name == name for e in entities):
+        if name in entity_names:
             raise _fail(where, line, f"entity type {name!r} is defined twice")
+        entity_names.add(name)
         entities.append(EntityType(name=name, description=_text(raw, "description", where, line, False)))
 
     raw_relationships = data.get("relationship_types") or []
     if not isinstance(raw_relationships, list):
         raise _fail(where, top_line, "'relationship_types' must be a list")
-    entity_names = {e.name for e in entities}
     relationships: list[RelationshipType] = []
+    relationship_names: set[str] = set()
     for raw in raw_relationships:
         if not isinstance(raw, dict):
             raise _fail(where, top_line, "each relationship type must be a mapping with name, source, target")
@@ -161,15 +183,21 @@ def parse_schema_text(text: str, where: str = "schema") -> DomainSchema:
             raise _fail(
                 where, line, f"relationship type name {name!r} must match {RELATIONSHIP_TYPE_PATTERN.pattern}"
             )
-        if any(r.name == name for r in relationships):
+        if name in RESERVED_RELATIONSHIP_TYPES:
+            raise _fail(where, line, f"relationship type {name!r} is reserved: the graph model links documents, "
+                        f"chunks and entities with {' and '.join(sorted(RESERVED_RELATIONSHIP_TYPES))}; "
+                        "choose another name")
+        if name in relationship_names:
             raise _fail(where, line, f"relationship type {name!r} is defined twice")
+        relationship_names.add(name)
         source = _type_list(raw, "source", where, line)
         target = _type_list(raw, "target", where, line)
         for end in (*source, *target):
             if end not in entity_names:
+                known = sorted(entity_names)
                 raise _fail(
                     where, line, f"relationship type {name!r} names unknown entity type {end!r}; "
-                    f"known: {', '.join(sorted(entity_names))}"
+                    f"known: {', '.join(known[:50])}{', ...' if len(known) > 50 else ''}"
                 )
         relationships.append(
             RelationshipType(
@@ -186,12 +214,26 @@ def parse_schema_text(text: str, where: str = "schema") -> DomainSchema:
     )
 
 
+MAX_SCHEMA_BYTES = 8 * 1024 * 1024
+
+
 def parse_schema_file(path: Path) -> DomainSchema:
     """Read and validate a schema file; every problem is a SchemaFileError naming the file and line."""
     try:
-        text = path.read_text(encoding="utf-8")
+        # Opened without blocking and checked before reading: a FIFO or device would hang or never end.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise SchemaFileError(f"schema file {path} is not a regular file; pass the path of a YAML or JSON file")
+            data = handle.read(MAX_SCHEMA_BYTES + 1)
+        if len(data) > MAX_SCHEMA_BYTES:
+            raise SchemaFileError(f"schema file {path} is larger than {MAX_SCHEMA_BYTES // 1024 // 1024} MiB; "
+                                  "a schema is a list of types, not data")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise SchemaFileError(f"schema file {path} does not exist; pass the path of a YAML or JSON file") from None
+    except IsADirectoryError:
+        raise SchemaFileError(f"schema file {path} is a folder; pass the path of a YAML or JSON file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SchemaFileError(f"schema file {path} cannot be read as UTF-8 text ({exc})") from None
     return parse_schema_text(text, where=str(path))

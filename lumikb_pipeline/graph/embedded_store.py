@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lumikb_pipeline.core.config import make_private_file
 from lumikb_pipeline.domain.modes import WriteMode
 from lumikb_pipeline.domain.results import DocumentGraph
 from lumikb_pipeline.domain.schema import DomainSchema
@@ -174,7 +175,7 @@ class EmbeddedGraphStore:
         with self._lock:
             if self._schema_ready:
                 return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_private_file(self.path)  # 0600 in a 0700 folder; SQLite's WAL files inherit the mode
             conn = self._connect()
             try:
                 conn.execute("PRAGMA journal_mode = WAL")

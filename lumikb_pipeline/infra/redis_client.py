@@ -12,7 +12,7 @@ from pathlib import Path
 
 import redis
 
-from lumikb_pipeline.core.config import Settings
+from lumikb_pipeline.core.config import Settings, make_private_dir
 from lumikb_pipeline.core.errors import LumikbError
 
 
@@ -24,8 +24,7 @@ def _redis_server_binary() -> str:
 
 def ensure_embedded_redis(home: Path) -> str:
     """Start the embedded Redis under `home` unless it already answers; return its URL."""
-    folder = home / "redis"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_private_dir(home / "redis")
     socket = folder / "redis.sock"
     url = f"unix://{socket}"
     if socket.exists() and _answers(url):
@@ -52,6 +51,28 @@ def ensure_embedded_redis(home: Path) -> str:
             return url
         time.sleep(0.05)
     raise LumikbError(f"the embedded Redis did not start; see {folder / 'redis.log'} or set LUMIKB_REDIS_URL")
+
+
+def embedded_redis_running(home: Path) -> bool:
+    """True when the embedded Redis of this installation answers on its socket."""
+    socket = home / "redis" / "redis.sock"
+    return socket.exists() and _answers(f"unix://{socket}")
+
+
+def stop_embedded_redis(home: Path) -> bool:
+    """Shut the embedded Redis of this installation down (through its own socket, so no stale pid
+    can point the signal at another process); returns True if one was running."""
+    socket = home / "redis" / "redis.sock"
+    if not (socket.exists() and _answers(f"unix://{socket}")):
+        return False
+    try:
+        redis.Redis.from_url(f"unix://{socket}", socket_timeout=5).shutdown(nosave=True)
+    except (redis.ConnectionError, OSError):
+        pass  # the server closes the connection as it exits
+    deadline = time.monotonic() + 10
+    while socket.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return True
 
 
 def _answers(url: str) -> bool:

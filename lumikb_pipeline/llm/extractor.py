@@ -34,7 +34,8 @@ import litellm
 import redis.asyncio as aioredis
 
 from lumikb_pipeline.core.config import Settings
-from lumikb_pipeline.core.scrub import protect_loggers, scrub
+from lumikb_pipeline.core.scrub import install as install_log_scrubbing
+from lumikb_pipeline.core.scrub import register_secret, scrub
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure, ChunkInput
 from lumikb_pipeline.domain.schema import DomainSchema
@@ -55,8 +56,12 @@ warnings.filterwarnings("ignore", message=r"Items .* are using the `ReadOnly` qu
 
 _SLOW_SHOULD_STOP_S = 0.005
 
-# LiteLLM and the HTTP clients log requests and errors; the key must never reach those records.
-_LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "litellm", "httpx", "openai")
+
+
+def _protect_logs(secret: str | None) -> None:
+    """Scrub the API key (and key-shaped tokens) from every log record, LiteLLM's included."""
+    register_secret(secret)
+    install_log_scrubbing()
 
 
 class ChunkExtractor:
@@ -96,7 +101,7 @@ class ChunkExtractor:
         self.max_send_late_s = 0.0
         litellm.suppress_debug_info = True  # its "Give Feedback" banner on every error is noise in job logs
         register_offline_model()
-        protect_loggers(_LITELLM_LOGGERS, self._api_key)
+        _protect_logs(self._api_key)
 
     # --- public API -----------------------------------------------------------------------------
 

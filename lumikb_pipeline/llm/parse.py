@@ -18,7 +18,11 @@ Two steps, with different failure modes:
    - `empty_name`: an entity, source or target without a name;
    - `unknown_type`: an entity or relationship type (or an endpoint's type) the schema lacks;
    - `endpoint_not_allowed`: a relationship type used between entity types it does not allow;
-   - `truncated`: the item the answer was cut in.
+   - `truncated`: the item the answer was cut in;
+   - `invalid_text`: a name longer than `MAX_NAME_CHARS`, a description longer than
+     `MAX_DESCRIPTION_CHARS`, a lone surrogate, or a control character (other than tab and newline in
+     a description). Such an item could never be written; refusing it here keeps it out of the
+     chunk's checkpoint, so it cannot fail the document on every retry.
    Types are matched exactly, else case-insensitively when that names exactly one schema type.
    Duplicate entities (same type and case-folded name) and relationships are merged; a
    relationship endpoint not listed among the entities is added as an entity, because the
@@ -39,6 +43,13 @@ from lumikb_pipeline.domain.schema import DomainSchema
 
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```\s*$", re.DOTALL)
 _DETAIL_CHARS = 200
+# A name is an entity's name, not a passage: the graph keys entities by at most 512 characters.
+MAX_NAME_CHARS = 512
+# One description; the graph bounds a merged description at the same size.
+MAX_DESCRIPTION_CHARS = 16_384
+# Control characters (C0, DEL, C1) and lone surrogates; tab and newline are allowed in descriptions.
+_BAD_NAME_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_BAD_DESCRIPTION_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 class UnusableAnswer(Exception):
@@ -125,6 +136,8 @@ def parse_answer(content: str | None, schema: DomainSchema, finish_reason: str |
     repaired = False
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise UnusableAnswer("wrong_shape", "the answer nests too deeply to be an extraction") from None
     except ValueError:
         start = text.find("{")
         if start < 0:
@@ -133,7 +146,10 @@ def parse_answer(content: str | None, schema: DomainSchema, finish_reason: str |
             ) from None
         # A JSON answer that does not end with its closing brace was cut off, whatever the reason said.
         truncated = truncated or not text.rstrip().endswith("}")
-        data = json_repair.loads(text[start:])
+        try:
+            data = json_repair.loads(text[start:])
+        except RecursionError:
+            raise UnusableAnswer("wrong_shape", "the answer nests too deeply to be an extraction") from None
         repaired = True
     cut_off = UnusableAnswer("truncated_answer", "the answer was cut off before any usable part "
                              "(finish_reason=length); raise the model's max_tokens or use smaller chunks")
@@ -198,11 +214,13 @@ def validate_items(data: dict[str, Any], schema: DomainSchema, *, truncated: boo
             out.dropped.append(DroppedItem(kind="entity", reason="malformed_item", detail=_describe(raw)))
             continue
         name, type_name = fields["name"].strip(), entity_type(fields["type"])
-        if not name:
+        if problem := _text_problem(fields, ("name",), ("description",)):
+            out.dropped.append(DroppedItem(kind="entity", reason="invalid_text", detail=f"{problem}: {_describe(raw)}"))
+        elif not name:
             out.dropped.append(DroppedItem(kind="entity", reason="empty_name", detail=_describe(raw)))
         elif type_name is None:
             out.dropped.append(DroppedItem(kind="entity", reason="unknown_type",
-                                           detail=f"{name!r} has type {fields['type']!r}"))
+                                           detail=_safe(f"{name!r} has type {fields['type']!r}")))
         else:
             key = (type_name, name.casefold())
             if key not in entities or len(fields["description"]) > len(entities[key].description):
@@ -221,9 +239,11 @@ def validate_items(data: dict[str, Any], schema: DomainSchema, *, truncated: boo
         source, target = fields["source"].strip(), fields["target"].strip()
         rel = relationship_type(fields["type"])
         source_type, target_type = entity_type(fields["source_type"]), entity_type(fields["target_type"])
-        summary = (f"{source!r} ({fields['source_type']}) -{fields['type']}-> "
-                   f"{target!r} ({fields['target_type']})")
-        if not source or not target:
+        summary = _safe(f"{source!r} ({fields['source_type']}) -{fields['type']}-> "
+                        f"{target!r} ({fields['target_type']})")
+        if problem := _text_problem(fields, ("source", "target"), ("description",)):
+            out.dropped.append(DroppedItem(kind="relationship", reason="invalid_text", detail=f"{problem}: {summary}"))
+        elif not source or not target:
             out.dropped.append(DroppedItem(kind="relationship", reason="empty_name", detail=summary))
         elif rel is None or source_type is None or target_type is None:
             out.dropped.append(DroppedItem(kind="relationship", reason="unknown_type", detail=summary))
@@ -260,5 +280,28 @@ def _text_fields(raw: Any, names: tuple[str, ...]) -> dict[str, str] | None:
     return fields
 
 
+def _text_problem(fields: dict[str, str], names: tuple[str, ...], descriptions: tuple[str, ...]) -> str | None:
+    """Why an item's text could not be stored as written, or None."""
+    for key in names:
+        if len(fields[key]) > MAX_NAME_CHARS:
+            return f"'{key}' is {len(fields[key])} characters long; a name has at most {MAX_NAME_CHARS}"
+        if bad := _BAD_NAME_CHARS.search(fields[key]):
+            return f"'{key}' holds the character U+{ord(bad.group()):04X} (a control character or lone surrogate)"
+    for key in descriptions:
+        if len(fields[key]) > MAX_DESCRIPTION_CHARS:
+            return f"'{key}' is {len(fields[key])} characters long; at most {MAX_DESCRIPTION_CHARS} are kept"
+        if bad := _BAD_DESCRIPTION_CHARS.search(fields[key]):
+            return f"'{key}' holds the character U+{ord(bad.group()):04X} (a control character or lone surrogate)"
+    return None
+
+
+def _safe(text: str) -> str:
+    """`text` cut to an excerpt, with lone surrogates escaped so that it can be stored anywhere."""
+    return _excerpt(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _describe(raw: Any) -> str:
-    return _excerpt(json.dumps(raw, ensure_ascii=False, default=str))
+    try:
+        return _safe(json.dumps(raw, ensure_ascii=False, default=str)[: _DETAIL_CHARS + 3])
+    except (RecursionError, ValueError):
+        return f"(an unprintable {type(raw).__name__})"

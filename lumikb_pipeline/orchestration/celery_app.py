@@ -11,9 +11,11 @@ code are imported here, in the parent, so every forked worker process starts war
 from dagster_celery.make_app import make_app
 from dagster_celery.tasks import create_task
 
+from lumikb_pipeline.core import scrub
 from lumikb_pipeline.core.config import get_settings
 from lumikb_pipeline.infra.celery_config import worker_app_args
 
+scrub.install()  # before Celery logs anything (the broker URL in its banner, task errors)
 app = make_app(worker_app_args(get_settings()))
 execute_plan = create_task(app)
 

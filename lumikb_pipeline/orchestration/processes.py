@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from lumikb_pipeline.core.config import Settings
+from lumikb_pipeline.core.config import Settings, make_private_dir
 from lumikb_pipeline.core.names import (
     CELERY_APP_MODULE,
     DEFINITIONS_MODULE,
@@ -28,7 +28,6 @@ from lumikb_pipeline.infra.dagster_instance import apply_pool_limits, ensure_ins
 from lumikb_pipeline.infra.redis_client import broker_url
 
 LOCATION_NAME = "lumikb_pipeline"
-CODE_SERVER_PORT = 4266
 STOP_TIMEOUT_S = 30.0
 
 
@@ -65,8 +64,37 @@ def run_dir(settings: Settings) -> Path:
     return settings.home_dir / "run"
 
 
-def write_workspace(settings: Settings, host: str = "127.0.0.1", port: int = CODE_SERVER_PORT) -> Path:
+def _port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def choose_code_server_port(settings: Settings) -> int:
+    """The code server's port for this LUMIKB_HOME: the one recorded in `run/code-server.port` while
+    it is free or this installation's code server holds it, else a new free port (then recorded).
+    Two installations on one host never share a code server."""
+    path = run_dir(settings) / "code-server.port"
+    try:
+        recorded = int(path.read_text().strip())
+    except (OSError, ValueError):
+        recorded = None
+    if recorded is not None and (_port_is_free(recorded) or read_pid(settings, "code-server") is not None):
+        return recorded
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    make_private_dir(run_dir(settings))
+    path.write_text(str(port))
+    return port
+
+
+def write_workspace(settings: Settings, host: str = "127.0.0.1", port: int | None = None) -> Path:
     """The workspace the webserver and the daemon load: the code server of `lumikb up`."""
+    port = choose_code_server_port(settings) if port is None else port
     path = settings.home_dir / "workspace.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     workspace = {"load_from": [{"grpc_server": {"host": host, "port": port, "location_name": LOCATION_NAME}}]}
@@ -97,10 +125,12 @@ def service_specs(
     settings: Settings,
     workspace: Path,
     *,
-    code_server_port: int = CODE_SERVER_PORT,
+    code_server_port: int | None = None,
     webserver: bool = True,
 ) -> list[ServiceSpec]:
     """Every process of a local deployment, in start order."""
+    if code_server_port is None:
+        code_server_port = choose_code_server_port(settings)
     specs = [
         ServiceSpec(
             "code-server",
@@ -153,25 +183,58 @@ def _alive(pid: int) -> bool:
     return status != "Z"
 
 
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def write_pid(settings: Settings, name: str, pid: int) -> None:
+    """Record a process as `pid start-time`, so a later reader can tell it from a process that
+    merely got the same pid after it ended."""
+    make_private_dir(run_dir(settings))
+    _pidfile(settings, name).write_text(f"{pid} {_start_time(pid) or ''}".strip())
+
+
 def read_pid(settings: Settings, name: str) -> int | None:
-    """The pid recorded for a process, if its pid file exists."""
+    """The pid of a recorded process that is still that process: None when the pid file is missing,
+    or the pid is gone or now belongs to another process (a different start time)."""
     path = _pidfile(settings, name)
     try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
+        fields = path.read_text().split()
+        pid = int(fields[0])
+    except (OSError, ValueError, IndexError):
         return None
+    if not _alive(pid):
+        return None
+    now = _start_time(pid)
+    if len(fields) > 1 and now is not None and fields[1] != now:
+        return None  # a stale pid file: the pid was reused by an unrelated process
+    if len(fields) == 1 and not _is_ours(pid):
+        return None
+    return pid
+
+
+def _is_ours(pid: int) -> bool:
+    """A pid file of an older version (no start time): trust it only for a Dagster or Celery process."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return True  # no /proc: nothing better to go by
+    return any(word in cmdline for word in ("dagster", "celery"))
 
 
 def start_services(
     settings: Settings, specs: Sequence[ServiceSpec], env: Mapping[str, str]
 ) -> dict[str, subprocess.Popen[bytes]]:
     """Start each process (in its own session, output to its log file) unless it already runs."""
-    logs_dir(settings).mkdir(parents=True, exist_ok=True)
-    run_dir(settings).mkdir(parents=True, exist_ok=True)
+    make_private_dir(logs_dir(settings))
+    make_private_dir(run_dir(settings))
     started: dict[str, subprocess.Popen[bytes]] = {}
     for spec in specs:
-        pid = read_pid(settings, spec.name)
-        if pid is not None and _alive(pid):
+        if read_pid(settings, spec.name) is not None:
             continue
         log = open(logs_dir(settings) / f"{spec.name}.log", "ab")  # noqa: SIM115 - owned by the child
         process = subprocess.Popen(
@@ -179,7 +242,7 @@ def start_services(
             env={**env, **spec.env}, start_new_session=True, cwd=str(settings.home_dir),
         )
         log.close()
-        _pidfile(settings, spec.name).write_text(str(process.pid))
+        write_pid(settings, spec.name, process.pid)
         started[spec.name] = process
         if spec.name == "code-server":
             wait_for_port("127.0.0.1", int(spec.argv[spec.argv.index("-p") + 1]), timeout_s=120, process=process)
@@ -187,24 +250,70 @@ def start_services(
 
 
 def wait_for_port(host: str, port: int, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
-    """Wait until something accepts connections on host:port (or the process exits)."""
+    """Wait until `process` (or, without one, anything) listens on host:port; raise when the process
+    exits first, or when the port is held by another process (another installation's server)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"process {process.args!r} exited with {process.returncode} before listening")
         with socket.socket() as sock:
             sock.settimeout(1)
-            if sock.connect_ex((host, port)) == 0:
+            accepting = sock.connect_ex((host, port)) == 0
+        if accepting:
+            if process is None:
                 return
+            owners = listening_pids(port)
+            if owners is None or any(_group_of(pid) == process.pid for pid in owners):
+                return
+            if owners:
+                # Someone else's listener: connecting to it would use another installation's code.
+                raise RuntimeError(f"port {port} on {host} is held by another process (pid "
+                                   f"{', '.join(map(str, sorted(owners)))}), not by the one started here")
         time.sleep(0.3)
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s:.0f}s")
+
+
+def listening_pids(port: int) -> set[int] | None:
+    """The pids with a TCP socket listening on `port` (Linux /proc), or None when that cannot be
+    told (no /proc): the caller then trusts the connection alone. Processes of other users are not
+    visible, so an empty set means "not one of ours"."""
+    inodes: set[str] = set()
+    try:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as handle:  # noqa: PTH123
+                next(handle)
+                for line in handle:
+                    fields = line.split()
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(f"socket:[{fields[9]}]")
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+    pids: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                if os.readlink(f"/proc/{entry}/fd/{fd}") in inodes:
+                    pids.add(int(entry))
+                    break
+        except OSError:
+            continue
+    return pids
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 def stop_services(settings: Settings, names: Sequence[str]) -> list[str]:
     """Stop the recorded processes (their whole process groups): SIGTERM, then SIGKILL after a
     grace period. Returns the names that were running."""
     stopped = []
-    pids = {name: read_pid(settings, name) for name in names}
+    pids = {name: read_pid(settings, name) for name in names}  # None for a stale pid file
     for name, pid in pids.items():
         if pid is not None and _alive(pid):
             _signal_group(pid, signal.SIGTERM)
@@ -234,7 +343,7 @@ def service_states(settings: Settings, names: Sequence[str]) -> list[ServiceStat
     states = []
     for name in names:
         pid = read_pid(settings, name)
-        states.append(ServiceState(name, pid, pid is not None and _alive(pid), logs_dir(settings) / f"{name}.log"))
+        states.append(ServiceState(name, pid, pid is not None, logs_dir(settings) / f"{name}.log"))
     return states
 
 
@@ -255,6 +364,6 @@ def prepare_instance(settings: Settings) -> Path:
 
 __all__ = [
     "QUEUE_REPROCESSING", "ServiceSpec", "ServiceState", "prepare_instance", "service_env", "service_names",
-    "service_specs", "service_states", "start_services", "stop_services", "wait_for_port", "worker_argv",
-    "write_workspace",
+    "choose_code_server_port", "listening_pids", "read_pid", "service_specs", "service_states", "start_services",
+    "stop_services", "wait_for_port", "worker_argv", "write_pid", "write_workspace",
 ]

@@ -136,6 +136,15 @@ def start_reextraction(
                 return existing
         kb = get_kb(session, kb_slug)
         doc_ids = select_documents(session, kb, selection)
+        if held := ledger.documents_in_other_jobs(session, doc_ids, kb.current_schema_version):
+            # Two jobs never share a ledger row: the second would take it and the first would wait forever.
+            examples = ", ".join(f"{doc_id} (job {job_id})" for doc_id, job_id in list(held.items())[:3])
+            jobs_ = sorted(set(held.values()))
+            raise UsageError(
+                f"{len(held)} of the {len(doc_ids)} selected document(s) of KB {kb_slug} are already in a job "
+                f"that is still going: {examples}; wait for it to end (`lumikb progress {jobs_[0]}`) or cancel it "
+                f"(`lumikb cancel {jobs_[0]}`), then start this job again"
+            )
         now = utcnow()
         job = Job(
             kb_id=kb.id, target_schema_version=kb.current_schema_version, mode=mode,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from lumikb_pipeline.tracking.progress import JobProgress
 
@@ -18,7 +19,7 @@ def _duration(seconds: float | None) -> str:
 
 def render_progress(progress: JobProgress) -> Table:
     """The human view of a job's progress: bar, rate, ETA, spend and recent errors."""
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), expand=True)
+    bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), expand=True)
     bar.add_task(
         f"job {progress.job_id[:8]} [{progress.status}]",
         total=max(progress.total, 1),
@@ -26,11 +27,11 @@ def render_progress(progress: JobProgress) -> Table:
     )
     grid = Table.grid(padding=(0, 2))
     grid.add_row(bar)
-    grid.add_row(
+    grid.add_row(Text(
         f"completed {progress.completed}  failed {progress.failed}  remaining {progress.remaining}  "
         f"rate {progress.rate_per_s:.2f} docs/s  ETA {_duration(progress.eta_seconds)}  "
         f"spend ${progress.spend_usd:.4f}"
-    )
+    ))
     for error in progress.recent_errors:
-        grid.add_row(f"[red]{error['at'][11:19]} {error['doc_id'][:8]}[/] {error['error'][:160]}")
+        grid.add_row(Text.assemble((f"{error['at'][11:19]} {error['doc_id'][:8]}", "red"), " ", error["error"][:160]))
     return grid

@@ -104,6 +104,44 @@ def schema_show(
     echo(json.dumps(schema.to_json(), indent=2))
 
 
+@schema_app.command("diff")
+@handle_errors
+def schema_diff(
+    slug: Annotated[str, typer.Argument(help="The KB's slug.")],
+    from_version: Annotated[
+        int | None, typer.Option("--from", help="The older version (default: the one before --to).")
+    ] = None,
+    to_version: Annotated[
+        int | None, typer.Option("--to", help="The newer version (default: the current one).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """What changed between two schema versions, and the re-extraction strategy it implies."""
+    settings = ready_settings()
+    with session_scope(settings.effective_database_url) as session:
+        kb = catalog.get_kb(session, slug)
+        to_v = to_version or kb.current_schema_version
+        from_v = from_version if from_version is not None else max(1, to_v - 1)
+        diff = catalog.schema_diff(session, kb, from_v, to_v)
+    if as_json:
+        typer.echo(json.dumps(diff.to_json(slug), indent=2))
+        return
+    console.print(f"KB {slug}: schema version {from_v} -> {to_v}", highlight=False)
+    for kind, changes in (("entity types", diff.entity_types), ("relationship types", diff.relationship_types)):
+        lines = [f"  added: {', '.join(changes.added)}" if changes.added else "",
+                 f"  removed: {', '.join(changes.removed)}" if changes.removed else "",
+                 "  renamed: " + ", ".join(f"{old} -> {new}" for old, new in changes.renamed.items())
+                 if changes.renamed else "",
+                 f"  changed: {', '.join(changes.changed)}" if changes.changed else ""]
+        lines = [line for line in lines if line]
+        console.print(f"{kind}:" + ("" if lines else " unchanged"), highlight=False)
+        for line in lines:
+            console.print(line, highlight=False, markup=False)
+    console.print(f"prompt changed: {'yes' if diff.prompt_changed else 'no'}", highlight=False)
+    why = f" ({'; '.join(diff.full_reasons)})" if diff.full_reasons else ""
+    console.print(f"strategy: {diff.strategy}{why}", highlight=False, markup=False)
+
+
 @app.command("ingest")
 @handle_errors
 def ingest(

@@ -18,6 +18,7 @@ from lumikb_pipeline.db.models import Chunk, Document, KnowledgeBase, SchemaVers
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.chunking import chunk_text, content_hash, document_title
 from lumikb_pipeline.domain.schema import DomainSchema, check_kb_slug, schema_from_json
+from lumikb_pipeline.domain.schema_diff import SchemaDiff, check_renames, diff_schemas
 
 # Chunk ids are derived from (document, ordinal), so re-ingesting gives the same ids.
 _CHUNK_NAMESPACE = uuid.UUID("6f2d0c1e-6a4b-4c55-9a53-4c1b0f9d7e21")
@@ -55,6 +56,18 @@ def schema_at(session: Session, kb: KnowledgeBase, version: int) -> DomainSchema
     return schema_from_json(definition)
 
 
+def schema_diff(session: Session, kb: KnowledgeBase, from_version: int, to_version: int) -> SchemaDiff:
+    """The diff between two schema versions of `kb` (renames composed over the versions between).
+
+    `from_version` may be above `to_version` only as the same version (an empty diff); versions that
+    do not exist are a NotFoundError.
+    """
+    if from_version > to_version:
+        raise UsageError(f"--from {from_version} is after --to {to_version}; give the older version first")
+    chain = [schema_at(session, kb, version) for version in range(from_version, to_version + 1)]
+    return diff_schemas(chain, from_version, to_version)
+
+
 def create_kb(session: Session, slug: str, schema: DomainSchema, name: str | None = None) -> KnowledgeBase:
     """Create a KB at schema version 1; a slug that exists already is a UsageError."""
     check_kb_slug(slug)
@@ -73,12 +86,17 @@ def create_kb(session: Session, slug: str, schema: DomainSchema, name: str | Non
 
 
 def set_schema(session: Session, slug: str, schema: DomainSchema) -> tuple[int, bool]:
-    """Add a schema version if `schema` differs from the current one; returns (version, created)."""
+    """Add a schema version if `schema` differs from the current one; returns (version, created).
+
+    Its `renamed_from` names are checked against the current version (`schema_diff.check_renames`).
+    """
     kb = session.scalar(select(KnowledgeBase).where(KnowledgeBase.slug == check_kb_slug(slug)).with_for_update())
     if kb is None:
         get_kb(session, slug)  # raises with the hint
         raise AssertionError("unreachable")
-    if current_schema(session, kb) == schema:
+    current = current_schema(session, kb)
+    schema = check_renames(current, schema)
+    if current.without_renames() == schema:
         return kb.current_schema_version, False
     version = (session.scalar(select(func.max(SchemaVersion.version)).where(SchemaVersion.kb_id == kb.id)) or 0) + 1
     session.add(

@@ -31,6 +31,7 @@ class EntityType(BaseModel):
 
     name: str
     description: str = ""
+    renamed_from: str | None = None  # the name this type had in the version before (schema evolution)
 
 
 class RelationshipType(BaseModel):
@@ -40,6 +41,7 @@ class RelationshipType(BaseModel):
     source: tuple[str, ...]
     target: tuple[str, ...]
     description: str = ""
+    renamed_from: str | None = None
 
 
 class DomainSchema(BaseModel):
@@ -65,6 +67,15 @@ class DomainSchema(BaseModel):
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def without_renames(self) -> DomainSchema:
+        """The same types without their `renamed_from` (which only relates a version to the one before)."""
+        return self.model_copy(update={
+            "entity_types": tuple(t.model_copy(update={"renamed_from": None}) for t in self.entity_types),
+            "relationship_types": tuple(
+                t.model_copy(update={"renamed_from": None}) for t in self.relationship_types
+            ),
+        })
 
 
 def check_kb_slug(slug: str) -> str:
@@ -117,6 +128,26 @@ def _text(item: dict[str, Any], key: str, where: str, line: int | None, required
     return value
 
 
+def _renamed_from(
+    item: dict[str, Any], name: str, pattern: re.Pattern[str], claimed: dict[str, tuple[str, int | None]],
+    where: str, line: int | None,
+) -> str | None:
+    """The optional `renamed_from` of a type: the form of a type name, not the type's own name, and
+    not claimed by another type of the file (whether the old name existed is checked by `schema set`)."""
+    if item.get("renamed_from") is None:
+        return None
+    old = _text(item, "renamed_from", where, line, required=True)
+    if not pattern.match(old):
+        raise _fail(where, line, f"renamed_from {old!r} of {name!r} must match {pattern.pattern}")
+    if old == name:
+        raise _fail(where, line, f"{name!r} has renamed_from {old!r}, its own name; remove renamed_from")
+    if old in claimed:
+        raise _fail(where, line, f"{name!r} and {claimed[old][0]!r} both say renamed_from {old!r}; a type can be "
+                                 "renamed to one name only")
+    claimed[old] = (name, line)
+    return old
+
+
 def _type_list(item: dict[str, Any], key: str, where: str, line: int | None) -> tuple[str, ...]:
     value = item.get(key)
     if isinstance(value, str):
@@ -157,6 +188,7 @@ def parse_schema_text(text: str, where: str = "schema") -> DomainSchema:
         raise _fail(where, top_line, "'entity_types' must be a non-empty list")
     entities: list[EntityType] = []
     entity_names: set[str] = set()
+    entity_renames: dict[str, tuple[str, int | None]] = {}
     for raw in raw_entities:
         if not isinstance(raw, dict):
             raise _fail(where, top_line, "each entity type must be a mapping with 'name' and 'description'")
@@ -167,13 +199,17 @@ def parse_schema_text(text: str, where: str = "schema") -> DomainSchema:
         if name in entity_names:
             raise _fail(where, line, f"entity type {name!r} is defined twice")
         entity_names.add(name)
-        entities.append(EntityType(name=name, description=_text(raw, "description", where, line, False)))
+        entities.append(EntityType(
+            name=name, description=_text(raw, "description", where, line, False),
+            renamed_from=_renamed_from(raw, name, ENTITY_TYPE_PATTERN, entity_renames, where, line),
+        ))
 
     raw_relationships = data.get("relationship_types") or []
     if not isinstance(raw_relationships, list):
         raise _fail(where, top_line, "'relationship_types' must be a list")
     relationships: list[RelationshipType] = []
     relationship_names: set[str] = set()
+    relationship_renames: dict[str, tuple[str, int | None]] = {}
     for raw in raw_relationships:
         if not isinstance(raw, dict):
             raise _fail(where, top_line, "each relationship type must be a mapping with name, source, target")
@@ -203,8 +239,21 @@ def parse_schema_text(text: str, where: str = "schema") -> DomainSchema:
             RelationshipType(
                 name=name, source=source, target=target,
                 description=_text(raw, "description", where, line, False),
+                renamed_from=_renamed_from(raw, name, RELATIONSHIP_TYPE_PATTERN, relationship_renames, where, line),
             )
         )
+    defined: list[tuple[str, dict[str, tuple[str, int | None]], list[str]]] = [
+        ("entity type", entity_renames, [e.name for e in entities]),
+        ("relationship type", relationship_renames, [r.name for r in relationships]),
+    ]
+    for kind, renames, names in defined:
+        for item_name in names:
+            if item_name in renames:
+                new_name, claim_line = renames[item_name]
+                raise _fail(
+                    where, claim_line, f"{new_name!r} says renamed_from {item_name!r}, but the file "
+                    f"also defines {kind} {item_name!r}; a renamed type has only its new name"
+                )
 
     prompt_version = data.get("prompt_version", 1)
     if not isinstance(prompt_version, int) or isinstance(prompt_version, bool) or prompt_version < 1:

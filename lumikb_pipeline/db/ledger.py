@@ -220,6 +220,12 @@ def mark_failed(
     return _finish(session, doc_id, schema_version, worker, ExtractionStatus.FAILED, last_error=error[:4000], **extra)
 
 
+def mark_skipped(session: Session, doc_id: str, schema_version: int, worker: str, reason: str) -> bool:
+    """Record that a claimed document was not written, and why (e.g. the graph already holds it at a
+    newer schema version); the ledger row says so rather than claiming success."""
+    return _finish(session, doc_id, schema_version, worker, ExtractionStatus.SKIPPED, last_error=reason[:4000])
+
+
 def mark_cancelled(session: Session, doc_id: str, schema_version: int, worker: str, reason: str) -> bool:
     """Record that a claimed document was stopped before its graph changed."""
     return _finish(session, doc_id, schema_version, worker, ExtractionStatus.CANCELLED, last_error=reason)

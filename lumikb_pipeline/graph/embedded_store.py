@@ -221,6 +221,13 @@ class EmbeddedGraphStore:
     def _write(
         self, conn: sqlite3.Connection, kb_id: str, doc_id: str, graph: DocumentGraph | None, mode: WriteMode
     ) -> WriteSummary:
+        if graph is not None:
+            held = conn.execute(
+                "SELECT schema_version FROM documents WHERE kb_id = ? AND id = ?", (kb_id, doc_id)
+            ).fetchone()
+            if held is not None and held[0] > graph.schema_version:
+                # Read under the write lock (BEGIN IMMEDIATE): no newer write can slip in after it.
+                return WriteSummary(kb_id=kb_id, doc_id=doc_id, mode=mode, newer_version_held=held[0])
         footprint = self._footprint(conn, kb_id, doc_id, graph)
         if graph is None and not footprint.exists:
             return WriteSummary(kb_id=kb_id, doc_id=doc_id, mode=mode)

@@ -292,9 +292,15 @@ _WRITE_BODY = (
     _FOOTPRINT + _LOCK_ENTITIES + _WRITE_CHUNKS + _WRITE_RELATIONSHIPS + _DROP_OLD_PROVENANCE + _RECOMPUTE_ENTITIES
 )
 
+# Writes are ordered by schema version: the document's lock is taken first (`SET d.kb_id`, a no-op
+# write), then its recorded version is read under it; a write older than that version yields no row
+# and changes nothing (the store then reads `DOCUMENT_VERSION` to say why, as it reads
+# `FOREIGN_CHUNKS` for the other no-row case).
 WRITE_DOCUMENT = (
     """
 MERGE (d:Document {kb_id: $kb_id, id: $doc_id})
+SET d.kb_id = $kb_id
+WITH d WHERE coalesce(d.schema_version, $schema_version) <= $schema_version
 SET d.schema_version = $schema_version
 """
     + _WRITE_BODY
@@ -309,6 +315,13 @@ SET d.kb_id = $kb_id
 """
     + _WRITE_BODY
 )
+
+# Run only after WRITE_DOCUMENT returned no row: the version the graph holds the document at (a newer
+# one refused the write), else the chunks of other documents that made it fail.
+DOCUMENT_VERSION = """
+MATCH (d:Document {kb_id: $kb_id, id: $doc_id})
+RETURN d.schema_version AS schema_version
+"""
 
 # Run only after WRITE_DOCUMENT returned no row, to name the offending chunks in the error.
 FOREIGN_CHUNKS = """

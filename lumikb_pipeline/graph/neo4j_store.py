@@ -172,6 +172,9 @@ class Neo4jGraphStore:
         if record is None:
             if graph is None:  # removal of a document that is not there
                 return WriteSummary(kb_id=kb_id, doc_id=doc_id, mode=mode)
+            held = tx.run(q.DOCUMENT_VERSION, kb_id=kb_id, doc_id=doc_id).single()
+            if held is not None and (held["schema_version"] or 0) > graph.schema_version:
+                return WriteSummary(kb_id=kb_id, doc_id=doc_id, mode=mode, newer_version_held=held["schema_version"])
             foreign = tx.run(
                 q.FOREIGN_CHUNKS, kb_id=kb_id, doc_id=doc_id, chunk_ids=[c.id for c in graph.chunks]
             ).values()

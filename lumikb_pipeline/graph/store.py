@@ -34,6 +34,10 @@ class WriteSummary(BaseModel):
 
     `chunks`, `entities`, `relationships` and `mentions` describe the document's contribution after
     the write; the other fields count the changes the write made to the graph.
+
+    `newer_version_held` is set when the write was *refused*: the graph holds the document at that
+    schema version, newer than the write's, and nothing was changed (writes are ordered by schema
+    version, so a late write of an older extraction never replaces a newer one).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -51,6 +55,12 @@ class WriteSummary(BaseModel):
     entities_deleted: int = 0
     relationships_created: int = 0
     relationships_deleted: int = 0
+    newer_version_held: int | None = None
+
+    @property
+    def refused(self) -> bool:
+        """True when the write changed nothing because the graph holds a newer schema version."""
+        return self.newer_version_held is not None
 
 
 class GraphCounts(BaseModel):
@@ -152,6 +162,10 @@ class GraphStore(Protocol):
 
     def write_document(self, graph: DocumentGraph, schema: DomainSchema, mode: WriteMode) -> WriteSummary:
         """Write one document's contribution in one transaction.
+
+        The graph records the schema version each document was written at; a write at an older
+        version than the recorded one is refused (nothing changes) and says so in
+        `WriteSummary.newer_version_held`. A write at the same or a newer version proceeds.
 
         Raises `SchemaViolation` (a type not in `schema`) or `InvalidDocumentGraph` before anything
         is written.

@@ -71,6 +71,15 @@ def write_documents(
                     extractions,
                 )
                 summary = graph_store.write_document(graph, item.schema, mode)
+                if summary.refused:  # a newer extraction was written first: keep it, say so
+                    outcome.status = "skipped"
+                    outcome.error = (
+                        f"not written: the graph already holds document {item.doc_id} at schema version "
+                        f"{summary.newer_version_held}, newer than this extraction's {item.schema_version}"
+                    )
+                    ledger.mark_skipped(session, item.doc_id, item.schema_version, claimant, outcome.error)
+                    results.append(outcome)
+                    continue
                 outcome.entities, outcome.relationships = summary.entities, summary.relationships
                 outcome.status = "succeeded"
                 outcome.duration_s += time.monotonic() - started

@@ -8,9 +8,10 @@ from collections.abc import Callable
 import pytest
 
 from lumikb_pipeline.core.errors import SchemaViolation
+from lumikb_pipeline.domain.modes import WriteMode
 from lumikb_pipeline.domain.results import DocumentGraph, EntityRef, GraphChunk, GraphEntity, GraphRelationship
 from lumikb_pipeline.domain.schema import DomainSchema, EntityType
-from lumikb_pipeline.graph.store import GraphStore, InvalidDocumentGraph, WriteMode, check_invariants
+from lumikb_pipeline.graph.store import GraphStore, InvalidDocumentGraph, check_invariants
 from lumikb_pipeline_tests.graph.factories import SCHEMA, doc_graph, without_kb
 
 ACME = EntityRef(type="Organization", key="acme corp")

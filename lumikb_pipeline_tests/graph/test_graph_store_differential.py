@@ -13,10 +13,11 @@ import random
 from pathlib import Path
 
 from lumikb_pipeline.domain.keys import normalise_key
+from lumikb_pipeline.domain.modes import WriteMode
 from lumikb_pipeline.domain.results import DocumentGraph, EntityRef, GraphChunk, GraphEntity, GraphRelationship
 from lumikb_pipeline.graph.embedded_store import EmbeddedGraphStore
 from lumikb_pipeline.graph.merging import MAX_MERGED_DESCRIPTION
-from lumikb_pipeline.graph.store import GraphStore, WriteMode, check_invariants
+from lumikb_pipeline.graph.store import GraphStore, check_invariants
 from lumikb_pipeline_tests.graph.factories import SCHEMA
 
 # Entities by type, each a list of names sharing one key. "Acme 𝔸" (U+1D538) and "Acme Ａ" (U+FF21)

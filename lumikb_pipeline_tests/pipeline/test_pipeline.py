@@ -79,3 +79,32 @@ def test_a_job_closes_when_its_last_document_is_final(demo_kb: list[str]) -> Non
     _run(demo_kb[2:4], job_id)
     with session_scope(settings.effective_database_url) as session:
         assert session.get_one(Job, job_id).status == JobStatus.SUCCEEDED
+
+
+def test_a_late_write_at_an_older_schema_version_is_skipped_and_keeps_the_newer_graph(demo_kb: list[str]) -> None:
+    """Normal processing extracts a document at v1; before it writes, the schema sensor's job extracts
+    and writes it at v2. The v1 write then lands last: it is refused, and its ledger row says so."""
+    settings = load_settings()
+    doc_id = demo_kb[0]
+    store = open_graph_store(settings)
+    try:
+        at_v1 = extract_documents(settings, ChunkExtractor(settings), [doc_id], claimant="normal", schema_version=1)
+        with session_scope(settings.effective_database_url) as session:
+            catalog.set_schema(session, "demo", parse_schema_file(DEMO / "schema_v2.yaml"))
+        at_v2 = extract_documents(settings, ChunkExtractor(settings), [doc_id], claimant="sensor", schema_version=2)
+        assert [o.status for o in write_documents(settings, store, at_v2, claimant="sensor")] == ["succeeded"]
+        v2_graph = store.dump("demo")
+
+        (late,) = write_documents(settings, store, at_v1, claimant="normal")
+
+        assert late.status == "skipped"
+        assert "schema version 2, newer than this extraction's 1" in (late.error or "")
+        assert store.dump("demo") == v2_graph
+        documents = [n["properties"] for n in v2_graph.nodes if n["labels"] == ["Document"]]
+        assert documents == [{"id": doc_id, "kb_id": "demo", "schema_version": 2}]
+    finally:
+        store.close()
+    with session_scope(settings.effective_database_url) as session:
+        rows = {r.schema_version: r for r in session.scalars(select(ExtractionRecord))}
+    assert rows[2].status == ExtractionStatus.SUCCEEDED
+    assert rows[1].status == ExtractionStatus.SKIPPED and "newer than" in (rows[1].last_error or "")

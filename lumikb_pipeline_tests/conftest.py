@@ -117,6 +117,6 @@ def lumikb_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path
 
     get_settings.cache_clear()
     yield home
-    from lumikb_pipeline.redis_client import stop_embedded_redis
+    from lumikb_pipeline.infra.redis_client import stop_embedded_redis
 
     stop_embedded_redis(home)

@@ -13,7 +13,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lumikb_pipeline import catalog
+from lumikb_pipeline.core.errors import SchemaFileError
+from lumikb_pipeline.db import catalog
 from lumikb_pipeline.db.models import Base
 from lumikb_pipeline.db.session import get_engine, session_scope
 from lumikb_pipeline.domain.schema import (
@@ -23,7 +24,6 @@ from lumikb_pipeline.domain.schema import (
     parse_schema_file,
     parse_schema_text,
 )
-from lumikb_pipeline.errors import SchemaFileError
 from lumikb_pipeline_tests.fuzz.strategies import hostile_text, json_values
 
 pytestmark = pytest.mark.fuzz

@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from lumikb_pipeline.cli import app
+from lumikb_pipeline.core.errors import SchemaFileError
 from lumikb_pipeline.domain.schema import parse_schema_file, parse_schema_text
-from lumikb_pipeline.errors import SchemaFileError
 
 runner = CliRunner()
 

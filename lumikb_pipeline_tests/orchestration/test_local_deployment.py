@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lumikb_pipeline.cli import app
-from lumikb_pipeline.config import Settings, load_settings
+from lumikb_pipeline.core.config import Settings, load_settings
 from lumikb_pipeline.orchestration import processes
 
 runner = CliRunner()
@@ -123,7 +123,7 @@ def test_an_old_pid_file_without_start_time_is_trusted_only_for_our_kind_of_proc
 
 def test_the_demo_stops_the_embedded_redis_it_started(lumikb_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lumikb_pipeline import demo
-    from lumikb_pipeline.redis_client import embedded_redis_running, redis_url
+    from lumikb_pipeline.infra.redis_client import embedded_redis_running, redis_url
 
     calls: list[str] = []
 
@@ -141,7 +141,7 @@ def test_the_demo_stops_the_embedded_redis_it_started(lumikb_env: Path, monkeypa
 def test_the_demo_leaves_an_embedded_redis_that_was_already_running(lumikb_env: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from lumikb_pipeline import demo
-    from lumikb_pipeline.redis_client import embedded_redis_running, ensure_embedded_redis
+    from lumikb_pipeline.infra.redis_client import embedded_redis_running, ensure_embedded_redis
 
     ensure_embedded_redis(lumikb_env)  # e.g. `lumikb up` runs
     monkeypatch.setattr(demo, "run_demo", lambda settings, console: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -10,10 +10,10 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from lumikb_pipeline.cli import app
-from lumikb_pipeline.config import load_settings
+from lumikb_pipeline.core.config import load_settings
+from lumikb_pipeline.core.errors import UsageError
 from lumikb_pipeline.db.models import ExtractionRecord, Job, JobStatus
 from lumikb_pipeline.db.session import session_scope
-from lumikb_pipeline.errors import UsageError
 
 runner = CliRunner()
 SCHEMA = Path(__file__).resolve().parents[2] / "lumikb_pipeline" / "demo" / "schema_v1.yaml"
@@ -47,7 +47,7 @@ def test_reextract_wait_without_daemon_or_workers_says_what_to_start(lumikb_env:
 def test_a_second_job_on_a_document_of_a_running_job_is_refused_and_the_first_keeps_it(
     lumikb_env: Path, tmp_path: Path
 ) -> None:
-    from lumikb_pipeline.orchestration.jobs import Selection, start_reextraction
+    from lumikb_pipeline.reextraction.service import Selection, start_reextraction
 
     _kb_with_a_document(tmp_path)
     settings = load_settings()
@@ -71,7 +71,7 @@ def test_a_second_job_on_a_document_of_a_running_job_is_refused_and_the_first_ke
 
 def test_the_ledger_never_hands_a_row_of_a_running_job_to_another(lumikb_env: Path, tmp_path: Path) -> None:
     from lumikb_pipeline.db import ledger
-    from lumikb_pipeline.orchestration.jobs import Selection, start_reextraction
+    from lumikb_pipeline.reextraction.service import Selection, start_reextraction
 
     _kb_with_a_document(tmp_path)
     settings = load_settings()

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from lumikb_pipeline.cli import app
 from lumikb_pipeline.cli.progress import render_progress
-from lumikb_pipeline.progress import JobProgress
+from lumikb_pipeline.tracking.progress import JobProgress
 
 runner = CliRunner()
 SCHEMA = Path(__file__).resolve().parents[2] / "lumikb_pipeline" / "demo" / "schema_v1.yaml"

@@ -8,8 +8,8 @@ from pathlib import Path
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from lumikb_pipeline import catalog
 from lumikb_pipeline.cli import app
+from lumikb_pipeline.db import catalog
 from lumikb_pipeline.db.models import Document
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.schema import parse_schema_text
@@ -40,7 +40,7 @@ def test_a_symlink_out_of_the_folder_is_reported_and_not_ingested(lumikb_env: Pa
     result = runner.invoke(app, ["ingest", "docs", str(folder), "--json"])
     assert result.exit_code == 2, result.output
     assert "outside" in result.output and "x.txt" in result.output
-    from lumikb_pipeline.config import load_settings
+    from lumikb_pipeline.core.config import load_settings
 
     sources = _sources(load_settings().effective_database_url)
     assert str(private.resolve()) not in sources

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lumikb_pipeline import scrub
 from lumikb_pipeline.cli import app
+from lumikb_pipeline.core import scrub
 
 runner = CliRunner()
 PASSWORD = "Sup3r/Se@c:re%t"
@@ -72,11 +72,11 @@ def test_every_log_record_is_scrubbed_once_installed_whichever_logger_and_handle
     assert "it broke" in output and "RuntimeError" in output
 
 
-def test_there_is_one_scrubbing_filter_the_extractor_has_no_copy_of_its_own() -> None:
-    from lumikb_pipeline.llm import extractor
-
-    assert not hasattr(extractor, "_SecretFilter")
-    assert not hasattr(extractor, "_secret_filter")
+def test_there_is_one_scrubbing_filter_in_the_package() -> None:
+    package = Path(scrub.__file__).resolve().parents[1]
+    filters = [path.relative_to(package).as_posix() for path in package.rglob("*.py")
+               if "(logging.Filter)" in path.read_text()]
+    assert filters == ["core/scrub.py"]
 
 
 def test_the_cli_prints_no_database_password_holding_a_slash(lumikb_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,7 +24,7 @@ arg_text = st.one_of(
     st.sampled_from([c for c in CYPHER_LIKE if "\x00" not in c] + ["demo", "k", "-", "--", "--help", "0", "nan"]),
     st.text(st.sampled_from("abc-[]/:%@_0"), min_size=1, max_size=12),
 )
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                         HealthCheck.too_slow])
 
 

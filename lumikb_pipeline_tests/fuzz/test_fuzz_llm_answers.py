@@ -73,7 +73,7 @@ def _parse(content: str, finish_reason: str | None) -> Any:
         return exc
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.one_of(answer_object, json_values), style=st.integers(0, 3),
        finish_reason=st.sampled_from([None, "stop", "length"]))
 def test_every_answer_is_a_validated_result_or_a_rejection_with_a_reason(data: Any, style: int,

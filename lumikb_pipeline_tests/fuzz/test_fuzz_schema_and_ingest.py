@@ -48,7 +48,7 @@ def _as_yaml(data: Any) -> str:
         return str(data)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(document=st.one_of(schema_like.map(_as_yaml), json_values.map(_as_yaml), hostile_text,
                           st.text(st.sampled_from("{}[]:,-\n #&*!|>'\"%@`ab1"), max_size=60)))
 def test_any_schema_text_is_a_valid_schema_or_an_error_naming_the_file(document: str) -> None:

@@ -105,8 +105,9 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def lumikb_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """A private LUMIKB_HOME with every LUMIKB_ variable cleared (embedded defaults)."""
+def lumikb_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """A private LUMIKB_HOME with every LUMIKB_ variable cleared (embedded defaults); the embedded
+    Redis a test started there is stopped afterwards."""
     for name in list(os.environ):
         if name.startswith("LUMIKB_") or name in ("CELERY_BROKER_URL", "DAGSTER_HOME"):
             monkeypatch.delenv(name)
@@ -115,4 +116,7 @@ def lumikb_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     from lumikb_pipeline.core.config import get_settings
 
     get_settings.cache_clear()
-    return home
+    yield home
+    from lumikb_pipeline.infra.redis_client import stop_embedded_redis
+
+    stop_embedded_redis(home)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.text import Text
 
 from lumikb_pipeline.core import scrub as scrubber
-from lumikb_pipeline.core.errors import LumikbError
+from lumikb_pipeline.core.errors import LumikbError, UsageError
 
 app = typer.Typer(
     name="lumikb",
@@ -55,6 +55,20 @@ def echo(text: str) -> None:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def check_argument(name: str, value: str) -> str:
+    """Refuse a text argument that no database or file can hold: bytes that were not valid UTF-8
+    (lone surrogates in argv) or a NUL character."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = value.encode("utf-8", "backslashreplace").decode()[:80]
+        raise UsageError(f"{name.rstrip('_').replace('_', '-')} {shown!r} is not valid UTF-8 text; "
+                         "pass it as UTF-8") from None
+    if "\x00" in value:
+        raise UsageError(f"{name.rstrip('_').replace('_', '-')} {value[:80]!r} holds a NUL character")
+    return value
+
+
 def handle_errors(command: F) -> F:
     """Turn the pipeline's errors into a scrubbed message on stderr and the right exit code
     (2 for bad usage or input, 1 for failures)."""
@@ -62,6 +76,10 @@ def handle_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            for name, value in kwargs.items():
+                for text in value if isinstance(value, list) else [value]:
+                    if isinstance(text, str):
+                        check_argument(name, text)
             return command(*args, **kwargs)
         except LumikbError as exc:
             print_error(str(exc))

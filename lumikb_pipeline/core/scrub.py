@@ -140,7 +140,14 @@ class ScrubbedStream:
         self._stream = stream
 
     def write(self, text: str) -> int:
-        self._stream.write(scrub(text))
+        cleaned = scrub(text)
+        try:
+            self._stream.write(cleaned)
+        except UnicodeEncodeError:
+            # A lone surrogate (a file name or argument that was not valid UTF-8) is shown escaped
+            # rather than crashing the command.
+            encoding = getattr(self._stream, "encoding", None) or "utf-8"
+            self._stream.write(cleaned.encode(encoding, "backslashreplace").decode(encoding))
         return len(text)
 
     def writelines(self, lines: Any) -> None:

@@ -159,6 +159,9 @@ def _type_list(item: dict[str, Any], key: str, where: str, line: int | None) -> 
 
 def parse_schema_text(text: str, where: str = "schema") -> DomainSchema:
     """Parse and validate a schema document; `where` names it in error messages."""
+    if (bad := re.search(r"[\ud800-\udfff]", text)) is not None:
+        at_line = text.count("\n", 0, bad.start()) + 1
+        raise _fail(where, at_line, "holds a lone surrogate, not valid Unicode text; fix the text at its source")
     collecting = gc.isenabled()
     gc.disable()  # the loader makes a million small objects; collecting between them makes it quadratic
     try:

@@ -1,0 +1,149 @@
+"""The local deployment of `lumikb up`/`demo`: private files, its own code-server port, pid files that
+cannot point `down` at an unrelated process, an embedded Redis that the demo stops (issue 15)."""
+
+from __future__ import annotations
+
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lumikb_pipeline.cli import app
+from lumikb_pipeline.core.config import Settings, load_settings
+from lumikb_pipeline.orchestration import processes
+
+runner = CliRunner()
+SCHEMA = Path(__file__).resolve().parents[2] / "lumikb_pipeline" / "demo" / "schema_v1.yaml"
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_embedded_defaults_create_private_files(lumikb_env: Path, tmp_path: Path) -> None:
+    from lumikb_pipeline.graph.embedded_store import EmbeddedGraphStore
+
+    assert runner.invoke(app, ["kb", "create", "k", "--schema", str(SCHEMA)]).exit_code == 0
+    settings = load_settings()
+    store = EmbeddedGraphStore(settings.home_dir / "graph.sqlite3")
+    store.ensure_schema()
+    assert _mode(lumikb_env) == 0o700
+    for name in ("lumikb.sqlite3", "graph.sqlite3"):
+        assert _mode(lumikb_env / name) == 0o600, name
+    for extra in lumikb_env.glob("*.sqlite3-*"):
+        assert _mode(extra) & 0o077 == 0, extra
+
+
+def _settings(home: Path) -> Settings:
+    return Settings(home=home)
+
+
+def test_each_installation_gets_its_own_recorded_code_server_port(tmp_path: Path) -> None:
+    first, second = _settings(tmp_path / "one"), _settings(tmp_path / "two")
+    port_one = processes.choose_code_server_port(first)
+    with socket.socket() as holder:  # the first installation's code server holds its port
+        holder.bind(("127.0.0.1", port_one))
+        holder.listen()
+        port_two = processes.choose_code_server_port(second)
+        assert port_two != port_one
+    assert processes.choose_code_server_port(first) == port_one  # recorded, reused while free
+    assert (tmp_path / "one" / "run" / "code-server.port").read_text() == str(port_one)
+    workspace = processes.write_workspace(second, port=port_two)
+    assert f"port: {port_two}" in workspace.read_text()
+
+
+def _listen_forever(port: int) -> subprocess.Popen[bytes]:
+    code = ("import socket,time\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+            f"s.bind(('127.0.0.1',{port}))\ns.listen()\ntime.sleep(120)\n")
+    return subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_wait_for_port_refuses_a_listener_that_is_not_our_process() -> None:
+    port = _free_port()
+    stranger = _listen_forever(port)  # another installation's code server
+    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    try:
+        processes.wait_for_port("127.0.0.1", port, timeout_s=20, process=None)  # something listens
+        with pytest.raises(RuntimeError, match="held by another process"):
+            processes.wait_for_port("127.0.0.1", port, timeout_s=20, process=ours)
+        processes.wait_for_port("127.0.0.1", port, timeout_s=20, process=stranger)  # its own listener is fine
+    finally:
+        for process in (stranger, ours):
+            process.kill()
+            process.wait()
+
+
+def test_down_never_signals_a_process_that_merely_reuses_a_recorded_pid(tmp_path: Path) -> None:
+    settings = _settings(tmp_path / "home")
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    try:
+        time.sleep(0.1)
+        run = tmp_path / "home" / "run"
+        run.mkdir(parents=True)
+        # A stale pid file: the pid, with the start time of the process that had it before.
+        (run / "daemon.pid").write_text(f"{bystander.pid} 1")
+        assert processes.read_pid(settings, "daemon") is None
+        assert processes.stop_services(settings, ["daemon"]) == []
+        assert bystander.poll() is None, "an unrelated process was signalled"
+        # The same pid recorded as this very process: it is ours and is stopped.
+        processes.write_pid(settings, "daemon", bystander.pid)
+        assert processes.read_pid(settings, "daemon") == bystander.pid
+        assert processes.stop_services(settings, ["daemon"]) == ["daemon"]
+        bystander.wait(10)
+    finally:
+        if bystander.poll() is None:
+            bystander.kill()
+            bystander.wait()
+
+
+def test_an_old_pid_file_without_start_time_is_trusted_only_for_our_kind_of_process(tmp_path: Path) -> None:
+    settings = _settings(tmp_path / "home")
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    try:
+        (tmp_path / "home" / "run").mkdir(parents=True)
+        (tmp_path / "home" / "run" / "webserver.pid").write_text(str(bystander.pid))
+        assert processes.read_pid(settings, "webserver") is None
+        assert processes.stop_services(settings, ["webserver"]) == []
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_the_demo_stops_the_embedded_redis_it_started(lumikb_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lumikb_pipeline import demo
+    from lumikb_pipeline.infra.redis_client import embedded_redis_running, redis_url
+
+    calls: list[str] = []
+
+    def short_demo(settings: Settings, console: object) -> demo.DemoSummary:
+        redis_url(settings)  # the demo's first use of Redis starts the embedded server
+        calls.append("ran")
+        raise RuntimeError("the demo failed half-way")
+
+    monkeypatch.setattr(demo, "run_demo", short_demo)
+    result = runner.invoke(app, ["demo"])
+    assert calls == ["ran"] and isinstance(result.exception, RuntimeError)
+    assert not embedded_redis_running(lumikb_env)
+
+
+def test_the_demo_leaves_an_embedded_redis_that_was_already_running(lumikb_env: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from lumikb_pipeline import demo
+    from lumikb_pipeline.infra.redis_client import embedded_redis_running, ensure_embedded_redis
+
+    ensure_embedded_redis(lumikb_env)  # e.g. `lumikb up` runs
+    monkeypatch.setattr(demo, "run_demo", lambda settings, console: (_ for _ in ()).throw(KeyboardInterrupt()))
+    runner.invoke(app, ["demo"])
+    assert embedded_redis_running(lumikb_env)

@@ -248,7 +248,7 @@ def _writable(
     return ready
 
 
-def _materialization(outcome: "DocumentOutcome", scope: RunScope) -> AssetMaterialization:
+def _materialization(settings: Settings, outcome: "DocumentOutcome", scope: RunScope) -> AssetMaterialization:
     metadata: dict[str, object] = {
         "schema_version": outcome.schema_version,
         "entities": outcome.entities,
@@ -262,7 +262,11 @@ def _materialization(outcome: "DocumentOutcome", scope: RunScope) -> AssetMateri
         "reused": False,
     }
     if job_id := scope.jobs.get(outcome.doc_id):
+        from lumikb_pipeline.progress import job_metadata
+
         metadata["job_id"] = job_id
+        # The job's progress as of this document (null rate and ETA while there is no pace yet).
+        metadata.update({key: value for key, value in job_metadata(settings, job_id).items() if value is not None})
     return AssetMaterialization(asset_key=DOCUMENT_ENTITIES, partition=outcome.doc_id, metadata=metadata)  # type: ignore[arg-type]
 
 
@@ -341,7 +345,7 @@ def write_document_entities(
             )
             results.append(result)
             if result.status == "succeeded":
-                yield _materialization(result, scope)
+                yield _materialization(settings, result, scope)
     written = sum(1 for o in results if o.status == "succeeded")
     context.log.info(f"wrote {written} of {len(ready)} document(s) ({scope.mode}); {len(current)} already current")
     failed = _failures(results)
@@ -354,8 +358,8 @@ def write_document_entities(
     backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=get_settings().reextract_batch_size),
     group_name="extraction",
     description=(
-        "One partition per document: its entities and relationships in the graph at a schema version. "
-        "Materialized per document with its metadata; a failed document shows failed with its error."
+        "One partition per document: its entities and relationships in the graph at a schema version, "
+        "materialized per document (a failed one shows failed with its error)."
     ),
 )
 def document_entities() -> object:

@@ -134,6 +134,13 @@ def reextract(
     if dry_run:
         _dry_run(settings, slug, selection, as_json)
         return
+    if not _selected_count(settings, slug, selection):
+        which = "outdated" if selection.kind == "outdated" else "selected"
+        err_console.print(
+            f"nothing to re-extract: no document of {slug} is {which}; no job was started",
+            highlight=False,
+        )
+        return
     job = start_reextraction(settings, slug, selection, mode=mode.value, trigger="cli", max_cost=max_cost)
     err_console.print(
         f"job {job.id}: {job.total_documents} document(s) of {slug} to schema version {job.target_schema_version} "
@@ -143,6 +150,15 @@ def reextract(
     typer.echo(job.id)
     if wait:
         _wait(settings, job.id)
+
+
+def _selected_count(settings: Settings, slug: str, selection: Selection) -> int:
+    from lumikb_pipeline.catalog import get_kb
+    from lumikb_pipeline.db.session import session_scope
+    from lumikb_pipeline.orchestration.jobs import select_documents
+
+    with session_scope(settings.effective_database_url) as session:
+        return len(select_documents(session, get_kb(session, slug), selection))
 
 
 def _dry_run(settings: Settings, slug: str, selection: Selection, as_json: bool) -> None:

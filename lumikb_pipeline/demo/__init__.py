@@ -8,6 +8,7 @@ that a re-run is served from the chunk checkpoints, and prints a summary.
 
 from __future__ import annotations
 
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,12 +178,22 @@ def print_summary(summary: DemoSummary, settings: Settings, console: Console) ->
     table.add_row("checkpoints reused", str(summary.checkpoints_reused))
     table.add_row("time", f"{summary.seconds:.1f} s")
     console.print(table)
-    hints = Table.grid(padding=(0, 2))
-    hints.add_row(f"lumikb progress {summary.job_id}", "the re-extraction job's progress")
-    hints.add_row("lumikb drift", "outdated documents per KB")
-    hints.add_row(
-        f"DAGSTER_HOME={settings.effective_dagster_home} dagster dev -w workspace.yaml",
-        "the runs, partitions and asset checks in the Dagster UI",
+    console.print(
+        "where to look next: run these commands as they are, from the repository root (where workspace.yaml is);\n"
+        "they name the demo's state, which lives in LUMIKB_HOME, so they work from any shell:",
+        highlight=False, soft_wrap=True,
     )
-    console.print("where to look next (state lives in LUMIKB_HOME: " f"{settings.home_dir}):", highlight=False)
-    console.print(hints, highlight=False)
+    for command, what in next_steps(summary, settings):
+        console.print(f"  # {what}\n  {command}", highlight=False, soft_wrap=True, markup=False)
+
+
+def next_steps(summary: DemoSummary, settings: Settings) -> list[tuple[str, str]]:
+    """The demo's hint: complete commands (with the environment they need) and what each shows."""
+    env = f"LUMIKB_HOME={shlex.quote(str(settings.home_dir))}"
+    dagster_env = f"{env} DAGSTER_HOME={shlex.quote(str(settings.effective_dagster_home))}"
+    return [
+        (f"{env} lumikb progress {summary.job_id}", "the re-extraction job's progress"),
+        (f"{env} lumikb drift", "outdated documents per KB"),
+        (f"{dagster_env} dagster dev -w workspace.yaml",
+         "the Dagster UI (http://localhost:3000): runs, partitions, asset checks, the drift schedule"),
+    ]

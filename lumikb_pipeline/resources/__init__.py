@@ -28,10 +28,14 @@ class DatabaseResource(ConfigurableResource):
     database_url: str | None = None
 
     def app_settings(self) -> Settings:
-        """The pipeline's settings with this resource's overrides applied."""
+        """The pipeline's settings with this resource's overrides applied; raises a clear error
+        naming `LUMIKB_HOME` when the app database is missing or empty (none is created here)."""
+        from lumikb_pipeline.db.migrate import require_database
+
         settings = get_settings()
         if self.database_url:
-            return settings.model_copy(update={"database_url": self.database_url})
+            settings = settings.model_copy(update={"database_url": self.database_url})
+        require_database(settings.effective_database_url, settings.home_dir)
         return settings
 
     @property

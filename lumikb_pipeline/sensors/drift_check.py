@@ -22,7 +22,7 @@ TICK_TAG = "lumikb/drift_tick"
     job=drift_check_job,
     minimum_interval_seconds=get_orchestration_settings().drift_sensor_interval_s,
     default_status=DefaultSensorStatus.RUNNING,
-    description=__doc__,
+    description="Runs drift_check_job at the cron stored in the app database (`lumikb schedule`).",
 )
 def drift_check_sensor(context: SensorEvaluationContext, database: DatabaseResource) -> SensorResult:
     now = datetime.now(UTC)

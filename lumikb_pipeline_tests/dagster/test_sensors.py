@@ -110,6 +110,21 @@ def test_a_schema_change_starts_exactly_one_job_across_ticks_and_lost_cursors(
         assert len(session.scalars(select(Job)).all()) == 1
 
 
+def test_a_schema_change_with_no_outdated_document_starts_no_job(pg_url: str, instance: DagsterInstance) -> None:
+    slug = unique_slug("empty")
+    with session_scope(pg_url) as session:
+        catalog.create_kb(session, slug, parse_schema_file(SCHEMA_V1))
+    quiet = _schema_tick(instance, pg_url, None)
+    with session_scope(pg_url) as session:
+        catalog.set_schema(session, slug, parse_schema_file(SCHEMA_V2))
+        jobs_before = len(session.scalars(select(Job)).all())
+    tick = _schema_tick(instance, pg_url, quiet.cursor)
+    assert not instance.get_backfills()
+    with session_scope(pg_url) as session:
+        assert len(session.scalars(select(Job)).all()) == jobs_before
+    assert _schema_tick(instance, pg_url, tick.cursor).skip_reason is not None
+
+
 def _store_sensor_status(instance: DagsterInstance, status: str) -> None:
     """Store the schema sensor's status as the webserver does when it is stopped or started."""
     from dagster._core.remote_origin import GrpcServerCodeLocationOrigin, RemoteInstigatorOrigin, RemoteRepositoryOrigin

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.live import Live
@@ -21,13 +23,18 @@ from sqlalchemy import func, select
 from lumikb_pipeline import catalog, redis_client
 from lumikb_pipeline.config import Settings
 from lumikb_pipeline.db import migrate
-from lumikb_pipeline.db.models import Document, ExtractionRecord, KnowledgeBase
+from lumikb_pipeline.db.models import Document, ExtractionRecord, ExtractionStatus, Job, KnowledgeBase
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.schema import parse_schema_file
 from lumikb_pipeline.drift import drift_report
 from lumikb_pipeline.graph.store import open_graph_store
 from lumikb_pipeline.progress import job_progress
 from lumikb_pipeline.scrub import scrub
+
+if TYPE_CHECKING:
+    from dagster import DagsterInstance
+
+    from lumikb_pipeline.orchestration.in_process import InProcessRun
 
 DEMO_DIR = Path(__file__).resolve().parent
 CORPUS = DEMO_DIR / "corpus"
@@ -82,12 +89,42 @@ def _ledger_totals(settings: Settings, kb_id: int, schema_version: int) -> tuple
     return int(calls), int(cached)
 
 
+def _run_job_as_backfill(
+    settings: Settings, instance: DagsterInstance, job: Job, doc_ids: list[str], *, batch_size: int | None = None,
+    on_batch: Callable[[InProcessRun], None] | None = None,
+) -> list[InProcessRun]:
+    """A re-extraction job's runs, here in this process, as the backfill of `document_entities` the
+    job would launch: the runs carry its tags and the Backfills page lists it once they have run."""
+    from lumikb_pipeline.orchestration.in_process import run_documents_in_process
+    from lumikb_pipeline.orchestration.jobs import backfill_id_for, in_process_backfill_tags, record_in_process_backfill
+
+    started = time.time()
+    runs = run_documents_in_process(
+        settings, doc_ids, instance=instance, job_id=job.id, schema_version=job.target_schema_version,
+        batch_size=batch_size, on_batch=on_batch, backfill_id=backfill_id_for(job.id),
+        tags=in_process_backfill_tags(job, KB),
+    )
+    with session_scope(settings.effective_database_url) as session:
+        succeeded = list(session.scalars(
+            select(ExtractionRecord.document_id).where(
+                ExtractionRecord.job_id == job.id, ExtractionRecord.status == ExtractionStatus.SUCCEEDED
+            )
+        ))
+    record_in_process_backfill(
+        settings, instance, job, doc_ids, kb_slug=KB, run_ids=[run.run_id for run in runs], succeeded=succeeded,
+        started_at=started,
+    )
+    return runs
+
+
 def run_demo(settings: Settings, console: Console) -> DemoSummary:
     """Run the demo end to end; returns the figures of its summary."""
     from lumikb_pipeline.cli.progress import render_progress
     from lumikb_pipeline.orchestration.in_process import run_documents_in_process
     from lumikb_pipeline.orchestration.instance import open_instance
     from lumikb_pipeline.orchestration.jobs import Selection, start_reextraction
+    from lumikb_pipeline.orchestration.names import DOCUMENT_PROCESSING_JOB
+    from lumikb_pipeline.orchestration.tags import document_processing_tags
 
     started = time.monotonic()
     console.rule("[bold]lumikb demo")
@@ -114,7 +151,10 @@ def run_demo(settings: Settings, console: Console) -> DemoSummary:
     console.print(f"KB {KB!r} at schema version 1; ingested {len(report.added)} documents ({chunks} chunks)")
 
     console.rule("2. extraction (normal processing)")
-    runs = run_documents_in_process(settings, report.document_ids, instance=instance)
+    runs = run_documents_in_process(
+        settings, report.document_ids, instance=instance, job_name=DOCUMENT_PROCESSING_JOB,
+        tags=document_processing_tags(),
+    )
     calls_v1, cached_v1 = _ledger_totals(settings, kb_id, 1)
     console.print(f"{len(runs)} Dagster runs, {calls_v1} LLM calls")
 
@@ -127,7 +167,7 @@ def run_demo(settings: Settings, console: Console) -> DemoSummary:
         f"{drift.outdated} of {drift.documents} documents are outdated"
     )
 
-    console.rule("4. re-extraction of the outdated documents, as a job")
+    console.rule("4. re-extraction of the outdated documents, as a job (a backfill of document_entities)")
     job = start_reextraction(settings, KB, Selection.outdated(), launch=False, instance=instance)
     client = redis_client.connect(settings)
 
@@ -136,19 +176,15 @@ def run_demo(settings: Settings, console: Console) -> DemoSummary:
             return render_progress(job_progress(session, client, job.id))
 
     with Live(show(), console=console, refresh_per_second=4) as live:
-        run_documents_in_process(
-            settings, report.document_ids, instance=instance, job_id=job.id,
-            schema_version=job.target_schema_version, batch_size=6, on_batch=lambda _run: live.update(show()),
-        )
+        _run_job_as_backfill(settings, instance, job, report.document_ids, batch_size=6,
+                             on_batch=lambda _run: live.update(show()))
         live.update(show())
     console.print()
 
     console.rule("5. the same job again: every chunk comes from its checkpoint")
     calls_v2, cached_v2 = _ledger_totals(settings, kb_id, version)
     rerun = start_reextraction(settings, KB, Selection.all(), launch=False, instance=instance)
-    run_documents_in_process(
-        settings, report.document_ids, instance=instance, job_id=rerun.id, schema_version=rerun.target_schema_version,
-    )
+    _run_job_as_backfill(settings, instance, rerun, report.document_ids)
     rerun_calls, rerun_cached = _ledger_totals(settings, kb_id, version)
     console.print(
         f"re-run of all {rerun.total_documents} documents: {rerun_calls} LLM calls, "

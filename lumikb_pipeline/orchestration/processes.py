@@ -21,6 +21,7 @@ from lumikb_pipeline.orchestration.instance import apply_pool_limits, ensure_ins
 from lumikb_pipeline.orchestration.names import (
     CELERY_APP_MODULE,
     DEFINITIONS_MODULE,
+    LOCATION_NAME,
     QUEUE_DOCUMENT_PROCESSING,
     QUEUE_REPROCESSING,
     QUEUES,
@@ -28,7 +29,6 @@ from lumikb_pipeline.orchestration.names import (
 )
 from lumikb_pipeline.orchestration.settings import OrchestrationSettings, pin_dagster_storage_driver
 
-LOCATION_NAME = "lumikb_pipeline"
 CODE_SERVER_PORT = 4266
 STOP_TIMEOUT_S = 30.0
 

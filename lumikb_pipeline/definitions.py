@@ -14,6 +14,7 @@ from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource, LLMR
 from lumikb_pipeline.sensors import (
     document_partitions_sensor,
     drift_check_sensor,
+    graph_checks_sensor,
     job_status_sensor,
     schema_version_sensor,
 )
@@ -22,7 +23,8 @@ defs = Definitions(
     assets=[document_entities, knowledge_graph, kb_schema_drift],
     asset_checks=[graph_invariants],
     jobs=[document_processing_job, reextraction_job, drift_check_job, graph_invariants_job],
-    sensors=[document_partitions_sensor, schema_version_sensor, drift_check_sensor, job_status_sensor],
+    sensors=[document_partitions_sensor, schema_version_sensor, drift_check_sensor, job_status_sensor,
+             graph_checks_sensor],
     resources={
         "database": DatabaseResource(),
         "graph_store": GraphStoreResource(),

@@ -191,6 +191,14 @@ def run_demo(settings: Settings, console: Console) -> DemoSummary:
         f"{rerun_cached} chunks from checkpoints"
     )
 
+    console.rule("6. the graph invariant checks (knowledge_graph's asset checks)")
+    from lumikb_pipeline.orchestration.in_process import run_graph_checks_in_process
+
+    checks = run_graph_checks_in_process(instance)
+    console.print(
+        ", ".join(f"{name}: {'passed' if passed else 'FAILED'}" for name, passed in checks.items()), highlight=False
+    )
+
     store = open_graph_store(settings)
     try:
         counts = store.counts(KB)

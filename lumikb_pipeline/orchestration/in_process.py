@@ -19,6 +19,7 @@ from lumikb_pipeline.orchestration.batching import PartitionBatch, contiguous_ba
 from lumikb_pipeline.orchestration.names import (
     DOCUMENT_PROCESSING_JOB,
     DOCUMENTS_PARTITIONS,
+    GRAPH_INVARIANTS_JOB,
     REEXTRACTION_JOB,
     REPOSITORY_LABEL,
     TAG_BACKFILL,
@@ -57,10 +58,30 @@ def in_process_document_processing_job() -> JobDefinition:
     return _with_in_process_executor(DOCUMENT_PROCESSING_JOB)
 
 
+def in_process_graph_invariants_job() -> JobDefinition:
+    """The graph invariant checks' job with the in-process executor."""
+    return _with_in_process_executor(GRAPH_INVARIANTS_JOB)
+
+
 _IN_PROCESS_JOBS: dict[str, Callable[[], JobDefinition]] = {
     REEXTRACTION_JOB: in_process_job,
     DOCUMENT_PROCESSING_JOB: in_process_document_processing_job,
 }
+
+
+def run_graph_checks_in_process(instance: DagsterInstance, tags: dict[str, str] | None = None) -> dict[str, bool]:
+    """Run `graph_invariants_job` (the invariant checks of `knowledge_graph`) here and now, as a
+    Dagster run the UI shows under its job and on the checks' tabs; returns {check name: passed}."""
+    run_tags = {**(tags or {}), TAG_REPOSITORY_LABEL: REPOSITORY_LABEL}
+    run_config = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    with execute_job(
+        reconstructable(in_process_graph_invariants_job), instance, run_config=run_config, tags=run_tags,
+        raise_on_error=False,
+    ) as result:
+        return {
+            evaluation.check_name: evaluation.passed
+            for evaluation in result.get_asset_check_evaluations()
+        }
 
 
 def run_documents_in_process(

@@ -1,6 +1,6 @@
 """The Dagster code location of lumikb_pipeline: the one place where assets, checks, jobs, sensors,
 resources and the executor are wired (`dagster dev -m lumikb_pipeline.definitions`,
-`dagster api grpc -m lumikb_pipeline.definitions`)."""
+`dagster code-server start -m lumikb_pipeline.definitions`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from lumikb_pipeline.jobs import document_processing_job, drift_check_job, graph
 from lumikb_pipeline.orchestration.executor import celery_executor_for
 from lumikb_pipeline.orchestration.names import QUEUE_REPROCESSING
 from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource, LLMResource, RedisResource
+from lumikb_pipeline.schedules.drift_check import drift_check_schedule
 from lumikb_pipeline.sensors import (
     document_partitions_sensor,
-    drift_check_sensor,
     graph_checks_sensor,
     job_status_sensor,
     schema_version_sensor,
@@ -23,8 +23,8 @@ defs = Definitions(
     assets=[document_entities, knowledge_graph, kb_schema_drift],
     asset_checks=[graph_invariants],
     jobs=[document_processing_job, reextraction_job, drift_check_job, graph_invariants_job],
-    sensors=[document_partitions_sensor, schema_version_sensor, drift_check_sensor, job_status_sensor,
-             graph_checks_sensor],
+    sensors=[document_partitions_sensor, schema_version_sensor, job_status_sensor, graph_checks_sensor],
+    schedules=[drift_check_schedule],
     resources={
         "database": DatabaseResource(),
         "graph_store": GraphStoreResource(),

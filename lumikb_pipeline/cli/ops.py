@@ -241,35 +241,54 @@ def schedule_show() -> None:
 @handle_errors
 def schedule_set_cron(
     cron: Annotated[str, typer.Argument(help="Five cron fields in UTC, e.g. '0 2 * * *'.", metavar="CRON")],
+    webserver: Annotated[str | None, typer.Option(
+        "--webserver", help="The Dagster webserver to reload the code location in (default: the configured one).",
+        metavar="URL")] = None,
 ) -> None:
-    """Change the drift check's cron; the running daemon applies it at its next sensor tick."""
+    """Change the drift check's cron: stored, then the code location is reloaded in the Dagster
+    webserver so drift_check_schedule carries it (the daemon ticks on it within a minute)."""
     from lumikb_pipeline.db.session import session_scope
+    from lumikb_pipeline.orchestration.schedule_control import reload_code_location, webserver_url
     from lumikb_pipeline.schedules.drift_schedule import set_drift_cron, validate_cron
 
     validate_cron(cron)  # bad input is refused before touching the database
     settings = ready_settings()
     with session_scope(settings.effective_database_url) as session:
         _show(set_drift_cron(session, cron))
+    outcome = reload_code_location(webserver or webserver_url(settings))
+    if outcome.reloaded:
+        console.print(f"{outcome.message}: drift_check_schedule now runs at the new cron", highlight=False)
+    else:
+        err_console.print(
+            f"{outcome.message}; the new cron applies when the code location next loads "
+            "(Reload in the UI's Deployment page, or a restart)", highlight=False, soft_wrap=True,
+        )
 
 
 @schedule_app.command("enable")
 @handle_errors
 def schedule_enable() -> None:
-    """Turn the drift check on."""
+    """Turn the drift check on (starts drift_check_schedule)."""
     _set_enabled(True)
 
 
 @schedule_app.command("disable")
 @handle_errors
 def schedule_disable() -> None:
-    """Turn the drift check off (its cron is kept)."""
+    """Turn the drift check off (stops drift_check_schedule; its cron is kept)."""
     _set_enabled(False)
 
 
 def _set_enabled(enabled: bool) -> None:
+    """Store the switch (the schedule's default status when the code loads) and start or stop the
+    schedule in the Dagster instance, where the daemon reads it."""
     from lumikb_pipeline.db.session import session_scope
+    from lumikb_pipeline.orchestration.schedule_control import set_schedule_running
     from lumikb_pipeline.schedules.drift_schedule import set_drift_enabled
 
     settings = ready_settings()
     with session_scope(settings.effective_database_url) as session:
         _show(set_drift_enabled(session, enabled))
+    state = set_schedule_running(settings, enabled)
+    console.print(f"drift_check_schedule is {state} in the Dagster instance at {settings.effective_dagster_home}",
+                  highlight=False)

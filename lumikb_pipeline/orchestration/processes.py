@@ -106,8 +106,10 @@ def service_specs(
     specs = [
         ServiceSpec(
             "code-server",
-            [_bin("dagster"), "api", "grpc", "-m", DEFINITIONS_MODULE, "-h", "127.0.0.1", "-p", str(code_server_port),
-             "--location-name", LOCATION_NAME],
+            # `code-server start` (not `api grpc`) so that a reload imports the definitions again:
+            # `lumikb schedule set-cron` relies on it to rebuild the drift schedule on the new cron.
+            [_bin("dagster"), "code-server", "start", "-m", DEFINITIONS_MODULE, "-h", "127.0.0.1",
+             "-p", str(code_server_port), "--location-name", LOCATION_NAME],
         ),
     ]
     if webserver:

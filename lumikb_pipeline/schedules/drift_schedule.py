@@ -1,14 +1,13 @@
 """The schema-drift check's schedule: a cron (UTC) and an on/off switch, kept in `app_settings`.
 
-Dagster cannot change a schedule's cron without a redeploy, so the schedule is data: `lumikb
-schedule set-cron|enable|disable` writes it, and `drift_check_sensor` reads it on every tick and
-starts the check when a cron time has passed since the last one it handled. Default: daily at 02:00.
+`lumikb schedule set-cron|enable|disable` writes it; `schedules.drift_check` builds the Dagster
+schedule `drift_check_schedule` from it when the definitions load. Default: daily at 02:00.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from croniter import CroniterBadCronError, croniter
 from sqlalchemy import select
@@ -54,22 +53,6 @@ def validate_cron(cron: str) -> str:
 def next_cron_time(cron: str, after: datetime) -> datetime:
     """The first time of `cron` (UTC) strictly after `after`."""
     return croniter(cron, after.astimezone(UTC)).get_next(datetime).astimezone(UTC)
-
-
-def due_tick(cron: str, last_handled: datetime, now: datetime) -> datetime | None:
-    """The latest cron time in (`last_handled`, `now`], or None when none has passed.
-
-    Only the latest one: after a pause (daemon down, schedule disabled) the check runs once, not
-    once per missed time.
-    """
-    if now <= last_handled:
-        return None
-    # The latest cron time at or before `now` (croniter's get_prev is strictly before its start).
-    tick = croniter(cron, (now + _EPSILON).astimezone(UTC)).get_prev(datetime).astimezone(UTC)
-    return tick if tick > last_handled else None
-
-
-_EPSILON = timedelta(milliseconds=1)
 
 
 def _get(session: Session, key: str) -> AppSetting | None:

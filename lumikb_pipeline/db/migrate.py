@@ -62,6 +62,19 @@ def ensure_database(url: str) -> None:
 _READY: set[str] = set()
 
 
+def _has_app_tables(url: str) -> bool:
+    from sqlalchemy import inspect
+
+    from lumikb_pipeline.db.models import Job, KnowledgeBase
+
+    try:
+        with get_engine(url).connect() as connection:
+            inspector = inspect(connection)
+            return all(inspector.has_table(str(table.__tablename__)) for table in (KnowledgeBase, Job))
+    except OperationalError as exc:
+        raise LumikbError(f"cannot reach the app database {scrub(url)}: {scrub(str(exc.orig))}") from None
+
+
 def require_database(url: str, home: Path) -> None:
     """Refuse, with one message naming `LUMIKB_HOME`, an app database that does not exist or holds no
     lumikb tables (a Dagster process started with another `LUMIKB_HOME` than the one `lumikb demo` or
@@ -73,7 +86,7 @@ def require_database(url: str, home: Path) -> None:
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
         if not Path(parsed.database).is_file():
             problem = "does not exist"
-    if problem is None and current_revision(url) is None:
+    if problem is None and not _has_app_tables(url):
         problem = "has no lumikb tables"
     if problem is not None:
         raise LumikbError(

@@ -1,6 +1,6 @@
 """The Dagster code location of lumikb_pipeline: the one place where assets, checks, jobs, sensors,
 resources and the executor are wired (`dagster dev -m lumikb_pipeline.definitions`,
-`dagster api grpc -m lumikb_pipeline.definitions`)."""
+`dagster code-server start -m lumikb_pipeline.definitions`)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from lumikb_pipeline.resources import (
     RedisResource,
     ReextractionResource,
 )
+from lumikb_pipeline.schedules.drift_check import drift_check_schedule
 from lumikb_pipeline.sensors import (
     document_partitions_sensor,
-    drift_check_sensor,
+    graph_checks_sensor,
     job_status_sensor,
     schema_version_sensor,
 )
@@ -33,7 +34,8 @@ defs = Definitions(
     assets=[document_entities, knowledge_graph, kb_schema_drift],
     asset_checks=[graph_invariants],
     jobs=[document_processing_job, reextraction_job, drift_check_job, graph_invariants_job],
-    sensors=[document_partitions_sensor, schema_version_sensor, drift_check_sensor, job_status_sensor],
+    sensors=[document_partitions_sensor, schema_version_sensor, job_status_sensor, graph_checks_sensor],
+    schedules=[drift_check_schedule],
     resources={
         "database": DatabaseResource(),
         "graph_store": GraphStoreResource(),

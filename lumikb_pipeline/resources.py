@@ -17,6 +17,7 @@ from dagster import ConfigurableResource
 from sqlalchemy.orm import Session
 
 from lumikb_pipeline.core.config import Settings, get_settings
+from lumikb_pipeline.db.migrate import require_database
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.modes import WriteMode
 from lumikb_pipeline.graph import open_graph_store
@@ -26,6 +27,7 @@ from lumikb_pipeline.llm.extractor import ChunkExtractor
 from lumikb_pipeline.pipeline import DocumentOutcome, extract_documents, write_documents
 from lumikb_pipeline.reextraction import backfills, service, status
 from lumikb_pipeline.reextraction.drift import KbDrift, drift_report
+from lumikb_pipeline.tracking.progress import job_metadata
 
 if TYPE_CHECKING:
     from dagster import DagsterInstance
@@ -41,6 +43,14 @@ def _settings(**overrides: str | None) -> Settings:
     return settings.model_copy(update=changes) if changes else settings
 
 
+def _app_database(database_url: str | None) -> Settings:
+    """`_settings` for a resource that works on the app database; refuses, with one message naming
+    `LUMIKB_HOME`, a database that is missing or empty (none is created: `migrate.require_database`)."""
+    settings = _settings(database_url=database_url)
+    require_database(settings.effective_database_url, settings.home_dir)
+    return settings
+
+
 class DatabaseResource(ConfigurableResource):
     """The app database (KBs, documents, ledger, jobs, run-time settings)."""
 
@@ -49,7 +59,7 @@ class DatabaseResource(ConfigurableResource):
     @property
     def url(self) -> str:
         """The SQLAlchemy URL of the app database."""
-        return _settings(database_url=self.database_url).effective_database_url
+        return _app_database(self.database_url).effective_database_url
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -87,7 +97,7 @@ class GraphStoreResource(ConfigurableResource):
         """Write each extracted document's graph into `store` and close its ledger row
         (`pipeline.write.write_documents`)."""
         return write_documents(
-            _settings(database_url=self.database_url), store, extracted, claimant=claimant, job_id=job_id,
+            _app_database(self.database_url), store, extracted, claimant=claimant, job_id=job_id,
             mode=mode, should_stop=should_stop,
         )
 
@@ -101,7 +111,7 @@ class LLMResource(ConfigurableResource):
 
     def extractor(self) -> ChunkExtractor:
         """A `ChunkExtractor` on this resource's settings."""
-        return ChunkExtractor(_settings(database_url=self.database_url))
+        return ChunkExtractor(_app_database(self.database_url))
 
     def extract_documents(
         self,
@@ -113,7 +123,7 @@ class LLMResource(ConfigurableResource):
         should_stop: Callable[[], bool] | None = None,
     ) -> list[DocumentOutcome]:
         """Claim the documents in the ledger and extract their chunks (`pipeline.extract.extract_documents`)."""
-        settings = _settings(database_url=self.database_url)
+        settings = _app_database(self.database_url)
         return extract_documents(
             settings, ChunkExtractor(settings), doc_ids, claimant=claimant, job_id=job_id,
             schema_version=schema_version, should_stop=should_stop,
@@ -137,7 +147,7 @@ class ReextractionResource(ConfigurableResource):
     database_url: str | None = None
 
     def _app_settings(self) -> Settings:
-        return _settings(database_url=self.database_url)
+        return _app_database(self.database_url)
 
     def start(
         self,
@@ -164,6 +174,10 @@ class ReextractionResource(ConfigurableResource):
     def refresh(self, job_id: str, instance: DagsterInstance, asset_graph: BaseAssetGraph | None) -> Job:
         """Bring a job's status in line with its backfill (`reextraction.status.refresh_job_status`)."""
         return status.refresh_job_status(self._app_settings(), job_id, instance, asset_graph)
+
+    def job_metadata(self, job_id: str) -> dict[str, object]:
+        """A job's progress as Dagster metadata (`tracking.progress.job_metadata`; empty when unreadable)."""
+        return job_metadata(self._app_settings(), job_id)
 
     def drift_report(self) -> list[KbDrift]:
         """Outdated documents per KB."""

@@ -242,7 +242,9 @@ def _writable(
     return ready
 
 
-def _materialization(outcome: DocumentOutcome, scope: RunScope) -> AssetMaterialization:
+def _materialization(
+    reextraction: ReextractionResource, outcome: DocumentOutcome, scope: RunScope
+) -> AssetMaterialization:
     metadata: dict[str, object] = {
         "schema_version": outcome.schema_version,
         "entities": outcome.entities,
@@ -257,6 +259,8 @@ def _materialization(outcome: DocumentOutcome, scope: RunScope) -> AssetMaterial
     }
     if job_id := scope.jobs.get(outcome.doc_id):
         metadata["job_id"] = job_id
+        # The job's progress as of this document (null rate and ETA while there is no pace yet).
+        metadata.update({key: value for key, value in reextraction.job_metadata(job_id).items() if value is not None})
     return AssetMaterialization(asset_key=DOCUMENT_ENTITIES, partition=outcome.doc_id, metadata=metadata)  # type: ignore[arg-type]
 
 
@@ -331,7 +335,7 @@ def write_document_entities(
             )
             results.append(result)
             if result.status == "succeeded":
-                yield _materialization(result, scope)
+                yield _materialization(reextraction, result, scope)
     written = sum(1 for o in results if o.status == "succeeded")
     context.log.info(f"wrote {written} of {len(ready)} document(s) ({scope.mode}); {len(current)} already current")
     failed = _failures(results)
@@ -344,8 +348,8 @@ def write_document_entities(
     backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=get_settings().reextract_batch_size),
     group_name="extraction",
     description=(
-        "One partition per document: its entities and relationships in the graph at a schema version. "
-        "Materialized per document with its metadata; a failed document shows failed with its error."
+        "One partition per document: its entities and relationships in the graph at a schema version, "
+        "materialized per document (a failed one shows failed with its error)."
     ),
 )
 def document_entities() -> object:

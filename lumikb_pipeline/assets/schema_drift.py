@@ -1,6 +1,6 @@
 """`kb_schema_drift`: outdated documents per KB, and a notification when a KB passes the threshold.
 
-Materialized by the drift check (`drift_check_job`, started by `drift_check_sensor` on its cron).
+Materialized by the drift check (`drift_check_job`, run by `drift_check_schedule` on its cron).
 """
 
 

@@ -141,6 +141,13 @@ def reextract(
     if dry_run:
         _dry_run(settings, slug, selection, as_json)
         return
+    if not _selected_count(settings, slug, selection):
+        which = "outdated" if selection.kind == "outdated" else "selected"
+        err_console.print(
+            f"nothing to re-extract: no document of {slug} is {which}; no job was started",
+            highlight=False,
+        )
+        return
     job = start_reextraction(
         settings, slug, selection, mode=mode, trigger="cli", max_cost=max_cost, asset_graph=_asset_graph()
     )
@@ -152,6 +159,15 @@ def reextract(
     echo(job.id)
     if wait:
         _wait(settings, job.id, idle_timeout)
+
+
+def _selected_count(settings: Settings, slug: str, selection: Selection) -> int:
+    from lumikb_pipeline.db.catalog import get_kb
+    from lumikb_pipeline.db.session import session_scope
+    from lumikb_pipeline.reextraction.service import select_documents
+
+    with session_scope(settings.effective_database_url) as session:
+        return len(select_documents(session, get_kb(session, slug), selection))
 
 
 def _dry_run(settings: Settings, slug: str, selection: Selection, as_json: bool) -> None:
@@ -267,36 +283,55 @@ def schedule_show() -> None:
 @handle_errors
 def schedule_set_cron(
     cron: Annotated[str, typer.Argument(help="Five cron fields in UTC, e.g. '0 2 * * *'.", metavar="CRON")],
+    webserver: Annotated[str | None, typer.Option(
+        "--webserver", help="The Dagster webserver to reload the code location in (default: the configured one).",
+        metavar="URL")] = None,
 ) -> None:
-    """Change the drift check's cron; the running daemon applies it at its next sensor tick."""
+    """Change the drift check's cron: stored, then the code location is reloaded in the Dagster
+    webserver so drift_check_schedule carries it (the daemon ticks on it within a minute)."""
     from lumikb_pipeline.db.app_settings import set_drift_cron
     from lumikb_pipeline.db.session import session_scope
     from lumikb_pipeline.domain.cron import validate_cron
+    from lumikb_pipeline.orchestration.schedule_control import reload_code_location, webserver_url
 
     validate_cron(cron)  # bad input is refused before touching the database
     settings = ready_settings()
     with session_scope(settings.effective_database_url) as session:
         _show(set_drift_cron(session, cron))
+    outcome = reload_code_location(webserver or webserver_url(settings))
+    if outcome.reloaded:
+        console.print(f"{outcome.message}: drift_check_schedule now runs at the new cron", highlight=False)
+    else:
+        err_console.print(
+            f"{outcome.message}; the new cron applies when the code location next loads "
+            "(Reload in the UI's Deployment page, or a restart)", highlight=False, soft_wrap=True,
+        )
 
 
 @schedule_app.command("enable")
 @handle_errors
 def schedule_enable() -> None:
-    """Turn the drift check on."""
+    """Turn the drift check on (starts drift_check_schedule)."""
     _set_enabled(True)
 
 
 @schedule_app.command("disable")
 @handle_errors
 def schedule_disable() -> None:
-    """Turn the drift check off (its cron is kept)."""
+    """Turn the drift check off (stops drift_check_schedule; its cron is kept)."""
     _set_enabled(False)
 
 
 def _set_enabled(enabled: bool) -> None:
+    """Store the switch (the schedule's default status when the code loads) and start or stop the
+    schedule in the Dagster instance, where the daemon reads it."""
     from lumikb_pipeline.db.app_settings import set_drift_enabled
     from lumikb_pipeline.db.session import session_scope
+    from lumikb_pipeline.orchestration.schedule_control import set_schedule_running
 
     settings = ready_settings()
     with session_scope(settings.effective_database_url) as session:
         _show(set_drift_enabled(session, enabled))
+    state = set_schedule_running(settings, enabled)
+    console.print(f"drift_check_schedule is {state} in the Dagster instance at {settings.effective_dagster_home}",
+                  highlight=False)

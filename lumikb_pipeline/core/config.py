@@ -125,7 +125,6 @@ class Settings(BaseSettings):
     # How often the sensors look (seconds).
     partitions_sensor_interval_s: int = Field(default=15, ge=1)
     schema_sensor_interval_s: int = Field(default=30, ge=1)
-    drift_sensor_interval_s: int = Field(default=30, ge=1)
     job_status_sensor_interval_s: int = Field(default=15, ge=1)
     # Every this many seconds the partitions sensor also compares all partitions with the database.
     partitions_reconcile_s: int = Field(default=600, ge=10)

@@ -54,8 +54,14 @@ JOB_KEY_TTL_S: Final = 7 * 24 * 3600
 
 # The Celery app the workers run (`celery -A ... worker`).
 CELERY_APP_MODULE: Final = "lumikb_pipeline.orchestration.celery_app"
-# The code location every Dagster process loads.
+# The code location every Dagster process loads, under this name (workspace.yaml, `lumikb up`).
 DEFINITIONS_MODULE: Final = "lumikb_pipeline.definitions"
+LOCATION_NAME: Final = "lumikb_pipeline"
+# The label the Dagster UI scopes runs by (job pages, the timeline): Dagster's hidden
+# `.dagster/repository` tag, "<repository>@<location>"; a `Definitions` is the repository
+# `__repository__`. Dagster sets it on runs it launches; runs executed in-process carry it from us.
+TAG_REPOSITORY_LABEL: Final = ".dagster/repository"
+REPOSITORY_LABEL: Final = f"__repository__@{LOCATION_NAME}"
 
 # Run-time settings (`app_settings` table) of the drift-check schedule.
 SETTING_DRIFT_CRON: Final = "drift_check.cron"

@@ -1,9 +1,8 @@
 """Run-time settings kept in the `app_settings` table: the schema-drift check's schedule, a cron (UTC)
 and an on/off switch.
 
-Dagster cannot change a schedule's cron without a redeploy, so the schedule is data: `lumikb
-schedule set-cron|enable|disable` writes it, and `drift_check_sensor` reads it on every tick and
-starts the check when a cron time has passed since the last one it handled. Default: daily at 02:00.
+`lumikb schedule set-cron|enable|disable` writes it; `schedules.drift_check` builds the Dagster
+schedule `drift_check_schedule` from it when the definitions load. Default: daily at 02:00.
 """
 
 from __future__ import annotations

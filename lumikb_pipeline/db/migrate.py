@@ -104,3 +104,41 @@ def ensure_database(url: str) -> None:
         upgrade(url)  # under the migration lock: a second process finds the work done
         return
     raise LumikbError("the app database is not up to date; run `lumikb db upgrade` first")
+
+
+_READY: set[str] = set()
+
+
+def _has_app_tables(url: str) -> bool:
+    from sqlalchemy import inspect
+
+    from lumikb_pipeline.db.models import Job, KnowledgeBase
+
+    try:
+        with get_engine(url).connect() as connection:
+            inspector = inspect(connection)
+            return all(inspector.has_table(str(table.__tablename__)) for table in (KnowledgeBase, Job))
+    except OperationalError as exc:
+        raise LumikbError(f"cannot reach the app database {scrub(url)}: {scrub(str(exc.orig))}") from None
+
+
+def require_database(url: str, home: Path) -> None:
+    """Refuse, with one message naming `LUMIKB_HOME`, an app database that does not exist or holds no
+    lumikb tables (a Dagster process started with another `LUMIKB_HOME` than the one `lumikb demo` or
+    `lumikb up` used); never creates one. Checked once per process and database while it is ready."""
+    if url in _READY:
+        return
+    parsed = make_url(url)
+    problem = None
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        if not Path(parsed.database).is_file():
+            problem = "does not exist"
+    if problem is None and not _has_app_tables(url):
+        problem = "has no lumikb tables"
+    if problem is not None:
+        raise LumikbError(
+            f"the app database {scrub(url)} {problem}: this process's LUMIKB_HOME is {home}. Start Dagster with "
+            "the LUMIKB_HOME (and LUMIKB_DATABASE_URL, if any) that `lumikb demo` or `lumikb up` used, "
+            "e.g. the command `lumikb demo` prints, or create the database with `lumikb db upgrade`."
+        )
+    _READY.add(url)

@@ -8,9 +8,12 @@ that a re-run is served from the chunk checkpoints, and prints a summary.
 
 from __future__ import annotations
 
+import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.live import Live
@@ -21,13 +24,18 @@ from sqlalchemy import func, select
 from lumikb_pipeline.core.config import Settings
 from lumikb_pipeline.core.scrub import scrub
 from lumikb_pipeline.db import catalog, migrate
-from lumikb_pipeline.db.models import Document, ExtractionRecord, KnowledgeBase
+from lumikb_pipeline.db.models import Document, ExtractionRecord, ExtractionStatus, Job, KnowledgeBase
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.schema import parse_schema_file
 from lumikb_pipeline.graph import open_graph_store
 from lumikb_pipeline.infra import redis_client
 from lumikb_pipeline.reextraction.drift import drift_report
 from lumikb_pipeline.tracking.progress import job_progress
+
+if TYPE_CHECKING:
+    from dagster import DagsterInstance
+
+    from lumikb_pipeline.orchestration.in_process import InProcessRun
 
 DEMO_DIR = Path(__file__).resolve().parent
 CORPUS = DEMO_DIR / "corpus"
@@ -82,9 +90,44 @@ def _ledger_totals(settings: Settings, kb_id: int, schema_version: int) -> tuple
     return int(calls), int(cached)
 
 
+def _run_job_as_backfill(
+    settings: Settings, instance: DagsterInstance, job: Job, doc_ids: list[str], *, batch_size: int | None = None,
+    on_batch: Callable[[InProcessRun], None] | None = None,
+) -> list[InProcessRun]:
+    """A re-extraction job's runs, here in this process, as the backfill of `document_entities` the
+    job would launch: the runs carry its tags and the Backfills page lists it once they have run."""
+    from lumikb_pipeline.definitions import defs
+    from lumikb_pipeline.orchestration.in_process import run_documents_in_process
+    from lumikb_pipeline.reextraction.service import (
+        backfill_id_for,
+        in_process_backfill_tags,
+        record_in_process_backfill,
+    )
+
+    started = time.time()
+    runs = run_documents_in_process(
+        settings, doc_ids, instance=instance, job_id=job.id, schema_version=job.target_schema_version,
+        batch_size=batch_size, on_batch=on_batch, backfill_id=backfill_id_for(job.id),
+        tags=in_process_backfill_tags(job, KB),
+    )
+    with session_scope(settings.effective_database_url) as session:
+        succeeded = list(session.scalars(
+            select(ExtractionRecord.document_id).where(
+                ExtractionRecord.job_id == job.id, ExtractionRecord.status == ExtractionStatus.SUCCEEDED
+            )
+        ))
+    record_in_process_backfill(
+        settings, instance, defs.resolve_asset_graph(), job, doc_ids, kb_slug=KB,
+        run_ids=[run.run_id for run in runs], succeeded=succeeded, started_at=started,
+    )
+    return runs
+
+
 def run_demo(settings: Settings, console: Console) -> DemoSummary:
     """Run the demo end to end; returns the figures of its summary."""
+    from lumikb_pipeline.core.names import DOCUMENT_PROCESSING_JOB
     from lumikb_pipeline.infra.dagster_instance import open_instance
+    from lumikb_pipeline.infra.tags import document_processing_tags
     from lumikb_pipeline.orchestration.in_process import run_documents_in_process
     from lumikb_pipeline.reextraction.service import Selection, start_reextraction
     from lumikb_pipeline.tracking.display import render_progress
@@ -114,7 +157,10 @@ def run_demo(settings: Settings, console: Console) -> DemoSummary:
     console.print(f"KB {KB!r} at schema version 1; ingested {len(report.added)} documents ({chunks} chunks)")
 
     console.rule("2. extraction (normal processing)")
-    runs = run_documents_in_process(settings, report.document_ids, instance=instance)
+    runs = run_documents_in_process(
+        settings, report.document_ids, instance=instance, job_name=DOCUMENT_PROCESSING_JOB,
+        tags=document_processing_tags(),
+    )
     calls_v1, cached_v1 = _ledger_totals(settings, kb_id, 1)
     console.print(f"{len(runs)} Dagster runs, {calls_v1} LLM calls")
 
@@ -127,7 +173,7 @@ def run_demo(settings: Settings, console: Console) -> DemoSummary:
         f"{drift.outdated} of {drift.documents} documents are outdated"
     )
 
-    console.rule("4. re-extraction of the outdated documents, as a job")
+    console.rule("4. re-extraction of the outdated documents, as a job (a backfill of document_entities)")
     job = start_reextraction(settings, KB, Selection.outdated(), launch=False, instance=instance)
     client = redis_client.connect(settings)
 
@@ -136,23 +182,27 @@ def run_demo(settings: Settings, console: Console) -> DemoSummary:
             return render_progress(job_progress(session, client, job.id))
 
     with Live(show(), console=console, refresh_per_second=4) as live:
-        run_documents_in_process(
-            settings, report.document_ids, instance=instance, job_id=job.id,
-            schema_version=job.target_schema_version, batch_size=6, on_batch=lambda _run: live.update(show()),
-        )
+        _run_job_as_backfill(settings, instance, job, report.document_ids, batch_size=6,
+                             on_batch=lambda _run: live.update(show()))
         live.update(show())
     console.print()
 
     console.rule("5. the same job again: every chunk comes from its checkpoint")
     calls_v2, cached_v2 = _ledger_totals(settings, kb_id, version)
     rerun = start_reextraction(settings, KB, Selection.all(), launch=False, instance=instance)
-    run_documents_in_process(
-        settings, report.document_ids, instance=instance, job_id=rerun.id, schema_version=rerun.target_schema_version,
-    )
+    _run_job_as_backfill(settings, instance, rerun, report.document_ids)
     rerun_calls, rerun_cached = _ledger_totals(settings, kb_id, version)
     console.print(
         f"re-run of all {rerun.total_documents} documents: {rerun_calls} LLM calls, "
         f"{rerun_cached} chunks from checkpoints"
+    )
+
+    console.rule("6. the graph invariant checks (knowledge_graph's asset checks)")
+    from lumikb_pipeline.orchestration.in_process import run_graph_checks_in_process
+
+    checks = run_graph_checks_in_process(instance)
+    console.print(
+        ", ".join(f"{name}: {'passed' if passed else 'FAILED'}" for name, passed in checks.items()), highlight=False
     )
 
     store = open_graph_store(settings)
@@ -178,12 +228,22 @@ def print_summary(summary: DemoSummary, settings: Settings, console: Console) ->
     table.add_row("checkpoints reused", str(summary.checkpoints_reused))
     table.add_row("time", f"{summary.seconds:.1f} s")
     console.print(table)
-    hints = Table.grid(padding=(0, 2))
-    hints.add_row(f"lumikb progress {summary.job_id}", "the re-extraction job's progress")
-    hints.add_row("lumikb drift", "outdated documents per KB")
-    hints.add_row(
-        f"DAGSTER_HOME={settings.effective_dagster_home} dagster dev -w workspace.yaml",
-        "the runs, partitions and asset checks in the Dagster UI",
+    console.print(
+        "where to look next: run these commands as they are, from the repository root (where workspace.yaml is);\n"
+        "they name the demo's state, which lives in LUMIKB_HOME, so they work from any shell:",
+        highlight=False, soft_wrap=True,
     )
-    console.print("where to look next (state lives in LUMIKB_HOME: " f"{settings.home_dir}):", highlight=False)
-    console.print(hints, highlight=False)
+    for command, what in next_steps(summary, settings):
+        console.print(f"  # {what}\n  {command}", highlight=False, soft_wrap=True, markup=False)
+
+
+def next_steps(summary: DemoSummary, settings: Settings) -> list[tuple[str, str]]:
+    """The demo's hint: complete commands (with the environment they need) and what each shows."""
+    env = f"LUMIKB_HOME={shlex.quote(str(settings.home_dir))}"
+    dagster_env = f"{env} DAGSTER_HOME={shlex.quote(str(settings.effective_dagster_home))}"
+    return [
+        (f"{env} lumikb progress {summary.job_id}", "the re-extraction job's progress"),
+        (f"{env} lumikb drift", "outdated documents per KB"),
+        (f"{dagster_env} dagster dev -w workspace.yaml",
+         "the Dagster UI (http://localhost:3000): runs, partitions, asset checks, the drift schedule"),
+    ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from croniter import CroniterBadCronError, croniter
 
@@ -32,19 +32,3 @@ def validate_cron(cron: str) -> str:
 def next_cron_time(cron: str, after: datetime) -> datetime:
     """The first time of `cron` (UTC) strictly after `after`."""
     return croniter(cron, after.astimezone(UTC)).get_next(datetime).astimezone(UTC)
-
-
-def due_tick(cron: str, last_handled: datetime, now: datetime) -> datetime | None:
-    """The latest cron time in (`last_handled`, `now`], or None when none has passed.
-
-    Only the latest one: after a pause (daemon down, schedule disabled) the check runs once, not
-    once per missed time.
-    """
-    if now <= last_handled:
-        return None
-    # The latest cron time at or before `now` (croniter's get_prev is strictly before its start).
-    tick = croniter(cron, (now + _EPSILON).astimezone(UTC)).get_prev(datetime).astimezone(UTC)
-    return tick if tick > last_handled else None
-
-
-_EPSILON = timedelta(milliseconds=1)

@@ -1,38 +1,105 @@
-"""Rate and ETA maths for job progress (pure functions, unit-tested)."""
+"""Rate and ETA maths for job progress (pure functions, unit-tested).
+
+The rate is measured from what the job has actually done: the documents it finished (succeeded or
+failed; cancelled and skipped ones cost no work) over its own active time, which starts at its first
+finished document, not when the job was created (queueing and the first batch's extraction are not
+throughput). A recent window corrects it when the pace changes (runs ramping up, a provider slowing
+down). Before there is evidence (fewer than `MIN_FINISHES` finishes, or under `MIN_SPAN_S` seconds
+of active time) the rate is unknown (None), not a guess. A pause (no finish for far longer than the
+job's usual interval) makes the rate 0 and the ETA unknown; on resuming, only the finishes since
+the pause count.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-RATE_WINDOW_S = 60.0
+# Evidence needed before a rate is given.
+MIN_FINISHES = 3
+MIN_SPAN_S = 1.0
+# A gap between finishes longer than max(PAUSE_MIN_S, PAUSE_FACTOR x the usual interval) is a pause.
+PAUSE_MIN_S = 60.0
+PAUSE_FACTOR = 10.0
+# The recent window: the latest third of the active time, at least RECENT_MIN_S seconds; once it holds
+# RECENT_MIN_FINISHES finishes its rate weighs RECENT_WEIGHT against the overall one.
+RECENT_FRACTION = 1 / 3
+RECENT_WEIGHT = 0.75
+RECENT_MIN_S = 10.0
+RECENT_MIN_FINISHES = 5
+# How many of the latest finishes the reader loads (enough for the rate of any job).
+MAX_FINISHES_READ = 5000
 
 
-def rate_per_second(
-    finished_at: Sequence[float], now: float, started_at: float | None, window_s: float = RATE_WINDOW_S
-) -> float:
-    """Documents finished per second over the recent window.
+def _pause_limit(count: int, span: float) -> float:
+    usual = span / (count - 1) if count > 1 and span > 0 else 0.0
+    return max(PAUSE_MIN_S, PAUSE_FACTOR * usual)
 
-    The window is the last `window_s` seconds, shortened to the time since the job started (or
-    since it resumed — a job that restarts after a pause has old finishes outside the window), so a
-    young job is not under-reported. No finish in the window means a rate of 0 (paused or stalled).
+
+def active_finishes(finished_at: Sequence[float], now: float) -> list[float]:
+    """The finishes since the job last resumed: a long gap (a pause) drops the ones before it."""
+    times = sorted(t for t in finished_at if t <= now)
+    start = 0
+    for i in range(1, len(times)):
+        count = i - start  # finishes before this gap; too few say nothing of the usual interval
+        if count >= MIN_FINISHES and times[i] - times[i - 1] > _pause_limit(count, times[i - 1] - times[start]):
+            start = i
+    return times[start:]
+
+
+def _paced(times: Sequence[float], now: float) -> tuple[float, int] | None:
+    """(documents per second, finishes counted) of sorted finish times, or None without two groups.
+
+    Finishes come in groups (a run writes its batch one document after the other, then the next run
+    extracts): a finish more than half the mean interval after the previous one starts a group. The rate
+    is the finishes after the first group over the time from the end of the first group to the last
+    finish, so it is the same just after a group and just before the next one; a wait longer than
+    the usual time between groups then counts too, so a slowdown shows before the next finish.
     """
-    window_start = now - window_s
-    recent = [t for t in finished_at if window_start < t <= now]
-    if not recent:
+    if len(times) < 2 or times[-1] <= times[0]:
+        return None
+    mean = (times[-1] - times[0]) / (len(times) - 1)
+    ends = [i for i in range(1, len(times)) if times[i] - times[i - 1] > mean / 2]  # group starts
+    if not ends:
+        return None
+    first_end = times[ends[0] - 1]
+    counted = len(times) - ends[0]
+    span = times[-1] - first_end
+    usual_gap = span / len(ends)
+    span += max(0.0, (now - times[-1]) - usual_gap)
+    return counted / span, counted
+
+
+def rate_per_second(finished_at: Sequence[float], now: float) -> float | None:
+    """Documents finished per second, or None while there is not enough evidence.
+
+    Overall rate: the job's active time since its first finish (`_paced`). Recent rate: the same
+    over the latest third of that time (at least `RECENT_MIN_S`); once it counts enough finishes,
+    it weighs 3:1 against the overall one, so a change of pace (a slow start) fades within a third
+    of the job's age while a short burst cannot swing it. 0 when the job has paused.
+    """
+    times = active_finishes(finished_at, now)
+    if len(times) < MIN_FINISHES or now - times[0] < MIN_SPAN_S:
+        return None
+    if now - times[-1] > _pause_limit(len(times), times[-1] - times[0]):
         return 0.0
-    span = window_s
-    if started_at is not None and started_at > window_start:
-        span = now - started_at
-    # A burst right at the start would give an absurd rate over a tiny span: measure at least 1 s.
-    span = max(span, 1.0)
-    return len(recent) / span
+    overall = _paced(times, now)
+    if overall is None or overall[1] < MIN_FINISHES - 1:
+        return None
+    span = now - times[0]
+    window = max(RECENT_MIN_S, RECENT_FRACTION * span)
+    if window >= span:
+        return overall[0]
+    recent = _paced([t for t in times if t > now - window], now)
+    if recent is None or recent[1] < RECENT_MIN_FINISHES:
+        return overall[0]
+    return RECENT_WEIGHT * recent[0] + (1 - RECENT_WEIGHT) * overall[0]
 
 
-def eta_seconds(remaining: int, rate: float) -> float | None:
+def eta_seconds(remaining: int, rate: float | None) -> float | None:
     """Seconds until `remaining` documents are done at `rate`; None when unknown (no rate yet,
     paused), 0 when nothing remains."""
     if remaining <= 0:
         return 0.0
-    if rate <= 0:
+    if rate is None or rate <= 0:
         return None
     return remaining / rate

@@ -82,6 +82,8 @@ def instance_config(
     config["schedules"] = {"use_threads": True, "num_workers": 2}
     config["backfills"] = {"use_threads": True, "num_workers": 2, "num_submit_workers": 2}
     config["telemetry"] = {"enabled": False}
+    # No "Join the Dagster community" dialog over the admin's console (nor over its screenshots).
+    config["nux"] = {"enabled": False}
     return config
 
 

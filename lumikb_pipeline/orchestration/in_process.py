@@ -1,8 +1,10 @@
 """Running `document_entities` for some documents inside this process (the demo, tests, debugging).
 
-The same job code as production: the runs are ordinary Dagster runs of the re-extraction job (one per
-batch of consecutive partitions, recorded in the instance, visible later in the UI), executed by
+The same job code as production: the runs are ordinary Dagster runs of `document_processing_job` or
+`reextraction_job` (one per batch of consecutive partitions, recorded in the instance), executed by
 the in-process executor with the same step dependency rule as the Celery one, instead of Celery.
+They carry the repository label the Dagster UI scopes runs by, so the job pages and the timeline
+show them, and, given a backfill id, that backfill's tag (see `record_in_process_backfill`).
 """
 
 from collections.abc import Callable, Sequence
@@ -14,10 +16,15 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from lumikb_pipeline.core.config import Settings
 from lumikb_pipeline.core.names import (
+    DOCUMENT_PROCESSING_JOB,
     DOCUMENTS_PARTITIONS,
+    GRAPH_INVARIANTS_JOB,
     REEXTRACTION_JOB,
+    REPOSITORY_LABEL,
+    TAG_BACKFILL,
     TAG_JOB_ID,
     TAG_MODE,
+    TAG_REPOSITORY_LABEL,
     TAG_SCHEMA_VERSION,
 )
 from lumikb_pipeline.domain.batching import PartitionBatch, contiguous_batches
@@ -34,14 +41,49 @@ class InProcessRun:
     success: bool
 
 
-def in_process_job() -> JobDefinition:
-    """The re-extraction job with the in-process executor (module level: `reconstructable` needs it)."""
+def _with_in_process_executor(job_name: str) -> JobDefinition:
     from lumikb_pipeline.definitions import defs
 
     executor = in_process_executor.configured(
         {"step_dependency_config": {"require_upstream_step_success": False}}, name="in_process_lumikb"
     )
-    return defs.resolve_job_def(REEXTRACTION_JOB).with_executor_def(executor)
+    return defs.resolve_job_def(job_name).with_executor_def(executor)
+
+
+def in_process_job() -> JobDefinition:
+    """The re-extraction job with the in-process executor (module level: `reconstructable` needs it)."""
+    return _with_in_process_executor(REEXTRACTION_JOB)
+
+
+def in_process_document_processing_job() -> JobDefinition:
+    """The normal-processing job with the in-process executor."""
+    return _with_in_process_executor(DOCUMENT_PROCESSING_JOB)
+
+
+def in_process_graph_invariants_job() -> JobDefinition:
+    """The graph invariant checks' job with the in-process executor."""
+    return _with_in_process_executor(GRAPH_INVARIANTS_JOB)
+
+
+_IN_PROCESS_JOBS: dict[str, Callable[[], JobDefinition]] = {
+    REEXTRACTION_JOB: in_process_job,
+    DOCUMENT_PROCESSING_JOB: in_process_document_processing_job,
+}
+
+
+def run_graph_checks_in_process(instance: DagsterInstance, tags: dict[str, str] | None = None) -> dict[str, bool]:
+    """Run `graph_invariants_job` (the invariant checks of `knowledge_graph`) here and now, as a
+    Dagster run the UI shows under its job and on the checks' tabs; returns {check name: passed}."""
+    run_tags = {**(tags or {}), TAG_REPOSITORY_LABEL: REPOSITORY_LABEL}
+    run_config = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    with execute_job(
+        reconstructable(in_process_graph_invariants_job), instance, run_config=run_config, tags=run_tags,
+        raise_on_error=False,
+    ) as result:
+        return {
+            evaluation.check_name: evaluation.passed
+            for evaluation in result.get_asset_check_evaluations()
+        }
 
 
 def run_documents_in_process(
@@ -54,36 +96,45 @@ def run_documents_in_process(
     schema_version: int | None = None,
     batch_size: int | None = None,
     on_batch: Callable[[InProcessRun], None] | None = None,
+    job_name: str = REEXTRACTION_JOB,
+    backfill_id: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> list[InProcessRun]:
-    """Materialize `document_entities` for `doc_ids` here and now, batch by batch.
+    """Materialize `document_entities` for `doc_ids` here and now, batch by batch, as runs of
+    `job_name` (`reextraction_job` or `document_processing_job`).
 
     Partitions are added when missing. Tags are those of a re-extraction job (`job_id`, `mode`,
-    `schema_version`; None: no job, replace, the KB's current version). Failed documents are in the
-    ledger; a batch with one is `success=False`. `on_batch` is called after each batch.
+    `schema_version`; None: no job, replace, the KB's current version), plus `tags`, the repository
+    label and the `backfill_id`'s tag. Failed documents are in the ledger; a batch with one is
+    `success=False`. `on_batch` is called after each batch.
     """
     instance = instance or open_instance(settings)
     add_missing_partitions(instance, doc_ids)
     order = instance.get_dynamic_partitions(DOCUMENTS_PARTITIONS)
     batches = contiguous_batches(order, set(doc_ids), batch_size or settings.reextract_batch_size)
-    tags: dict[str, str] = {TAG_MODE: WriteMode(mode).value}
+    tags = {**(tags or {}), TAG_MODE: WriteMode(mode).value, TAG_REPOSITORY_LABEL: REPOSITORY_LABEL}
+    if backfill_id:
+        tags[TAG_BACKFILL] = backfill_id
     if job_id:
         tags[TAG_JOB_ID] = job_id
     if schema_version is not None:
         tags[TAG_SCHEMA_VERSION] = str(schema_version)
     results = []
     for batch in batches:
-        result = _run_batch(instance, batch, tags)
+        result = _run_batch(instance, batch, tags, _IN_PROCESS_JOBS[job_name])
         results.append(result)
         if on_batch is not None:
             on_batch(result)
     return results
 
 
-def _run_batch(instance: DagsterInstance, batch: PartitionBatch, tags: dict[str, Any]) -> InProcessRun:
+def _run_batch(
+    instance: DagsterInstance, batch: PartitionBatch, tags: dict[str, Any], job: Callable[[], JobDefinition]
+) -> InProcessRun:
     run_tags = {**tags, ASSET_PARTITION_RANGE_START_TAG: batch.first, ASSET_PARTITION_RANGE_END_TAG: batch.last}
     # The runs' events are all in the instance (and the UI); only warnings need to reach the console.
     run_config = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     with execute_job(
-        reconstructable(in_process_job), instance, run_config=run_config, tags=run_tags, raise_on_error=False
+        reconstructable(job), instance, run_config=run_config, tags=run_tags, raise_on_error=False
     ) as result:
         return InProcessRun(result.run_id, batch.keys, result.success)

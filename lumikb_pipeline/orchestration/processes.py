@@ -19,6 +19,7 @@ from lumikb_pipeline.core.config import Settings, make_private_dir
 from lumikb_pipeline.core.names import (
     CELERY_APP_MODULE,
     DEFINITIONS_MODULE,
+    LOCATION_NAME,
     QUEUE_DOCUMENT_PROCESSING,
     QUEUE_REPROCESSING,
     QUEUES,
@@ -27,7 +28,6 @@ from lumikb_pipeline.core.names import (
 from lumikb_pipeline.infra.dagster_instance import apply_pool_limits, ensure_instance_config, pin_dagster_storage_driver
 from lumikb_pipeline.infra.redis_client import broker_url
 
-LOCATION_NAME = "lumikb_pipeline"
 STOP_TIMEOUT_S = 30.0
 
 
@@ -134,8 +134,10 @@ def service_specs(
     specs = [
         ServiceSpec(
             "code-server",
-            [_bin("dagster"), "api", "grpc", "-m", DEFINITIONS_MODULE, "-h", "127.0.0.1", "-p", str(code_server_port),
-             "--location-name", LOCATION_NAME],
+            # `code-server start` (not `api grpc`) so that a reload imports the definitions again:
+            # `lumikb schedule set-cron` relies on it to rebuild the drift schedule on the new cron.
+            [_bin("dagster"), "code-server", "start", "-m", DEFINITIONS_MODULE, "-h", "127.0.0.1",
+             "-p", str(code_server_port), "--location-name", LOCATION_NAME],
         ),
     ]
     if webserver:

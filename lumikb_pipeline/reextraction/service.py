@@ -206,28 +206,13 @@ def launch_job(
     asset_graph: BaseAssetGraph | None = None,
 ) -> str:
     """Add the partitions and the backfill of a recorded job (idempotent); returns the backfill id."""
-    from dagster._core.execution.backfill import PartitionBackfill
-
     instance = instance or open_instance(settings)
     backfill_id = backfill_id_for(job.id)
     if instance.get_backfill(backfill_id) is None:
         if asset_graph is None:
             raise ValueError("launching a re-extraction job needs the code location's asset graph")
         add_missing_partitions(instance, doc_ids)
-        backfill = PartitionBackfill.from_asset_partitions(
-            backfill_id=backfill_id,
-            asset_graph=asset_graph,
-            partition_names=list(doc_ids),
-            asset_selection=[AssetKey(DOCUMENT_ENTITIES_ASSET)],
-            backfill_timestamp=time.time(),
-            tags=_job_tags(job, kb_slug),
-            dynamic_partitions_store=instance,
-            all_partitions=False,
-            title=f"re-extract {kb_slug} to schema v{job.target_schema_version} ({job.mode.value})",
-            description=f"lumikb job {job.id}: {len(doc_ids)} document(s), trigger {job.trigger.value}",
-            run_config=None,
-        )
-        instance.add_backfill(backfill)
+        instance.add_backfill(_new_backfill(job, doc_ids, kb_slug, instance, asset_graph))
     with session_scope(settings.effective_database_url) as session:
         row = session.get_one(Job, job.id)
         row.dagster_backfill_id = backfill_id
@@ -238,3 +223,75 @@ def launch_job(
     job.dagster_backfill_id = backfill_id
     job.status = JobStatus.RUNNING
     return backfill_id
+
+
+def _new_backfill(
+    job: Job, doc_ids: Sequence[str], kb_slug: str, instance: DagsterInstance, asset_graph: BaseAssetGraph
+) -> Any:
+    """The Dagster backfill of `document_entities` over a job's documents (status REQUESTED)."""
+    from dagster._core.execution.backfill import PartitionBackfill
+
+    return PartitionBackfill.from_asset_partitions(
+        backfill_id=backfill_id_for(job.id),
+        asset_graph=asset_graph,
+        partition_names=list(doc_ids),
+        asset_selection=[AssetKey(DOCUMENT_ENTITIES_ASSET)],
+        backfill_timestamp=time.time(),
+        tags=_job_tags(job, kb_slug),
+        dynamic_partitions_store=instance,
+        all_partitions=False,
+        title=f"re-extract {kb_slug} to schema v{job.target_schema_version} ({job.mode.value})",
+        description=f"lumikb job {job.id}: {len(doc_ids)} document(s), trigger {job.trigger.value}",
+        run_config=None,
+    )
+
+
+def in_process_backfill_tags(job: Job, kb_slug: str) -> dict[str, str]:
+    """The tags of a job's runs executed in this process: those of the runs its backfill would launch."""
+    return _job_tags(job, kb_slug)
+
+
+def record_in_process_backfill(
+    settings: Settings,
+    instance: DagsterInstance,
+    asset_graph: BaseAssetGraph,
+    job: Job,
+    doc_ids: Sequence[str],
+    *,
+    kb_slug: str,
+    run_ids: Sequence[str],
+    succeeded: Sequence[str],
+    started_at: float,
+) -> str:
+    """Record, once its runs have run in this process (`run_documents_in_process` with the backfill
+    id), the job's backfill as ended, so the Dagster UI's Backfills page lists it with its runs and
+    outcome; no daemon ever launches anything for it. Returns the backfill id."""
+    from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
+    from dagster._core.definitions.events import AssetKeyPartitionKey
+    from dagster._core.execution.backfill import BulkActionStatus
+
+    key = AssetKey(DOCUMENT_ENTITIES_ASSET)
+
+    def subset(keys: set[str]) -> AssetGraphSubset:
+        return AssetGraphSubset.from_asset_partition_set(
+            {AssetKeyPartitionKey(key, partition) for partition in keys}, asset_graph
+        )
+
+    backfill = _new_backfill(job, doc_ids, kb_slug, instance, asset_graph)
+    data = backfill.asset_backfill_data
+    done, failed = subset(set(succeeded) & set(doc_ids)), subset(set(doc_ids) - set(succeeded))
+    data = data._replace(
+        requested_runs_for_target_roots=True, requested_subset=data.target_subset, materialized_subset=done,
+        failed_and_downstream_subset=failed,
+    )
+    status = BulkActionStatus.COMPLETED_SUCCESS if set(succeeded) >= set(doc_ids) else BulkActionStatus.COMPLETED_FAILED
+    backfill = backfill._replace(backfill_timestamp=started_at).with_asset_backfill_data(
+        data, dynamic_partitions_store=instance, asset_graph=asset_graph
+    ).with_status(status).with_end_timestamp(time.time())
+    instance.add_backfill(backfill)
+    with session_scope(settings.effective_database_url) as session:
+        row = session.get_one(Job, job.id)
+        row.dagster_backfill_id = backfill.backfill_id
+        row.dagster_run_ids = sorted(set(row.dagster_run_ids or []) | set(run_ids))
+    job.dagster_backfill_id = backfill.backfill_id
+    return str(backfill.backfill_id)

@@ -36,7 +36,10 @@ BATCH_SIZE = get_settings().reextract_batch_size
     job=document_processing_job,
     minimum_interval_seconds=get_settings().partitions_sensor_interval_s,
     default_status=DefaultSensorStatus.RUNNING,
-    description=__doc__,
+    description=(
+        "Every few seconds, keeps the `documents` partitions in step with the app database and runs "
+        "document_processing_job for new and changed documents."
+    ),
 )
 def document_partitions_sensor(
     context: SensorEvaluationContext, database: DatabaseResource, graph_store: GraphStoreResource

@@ -15,7 +15,10 @@ from lumikb_pipeline.resources import DatabaseResource, ReextractionResource
 @sensor(
     minimum_interval_seconds=get_settings().job_status_sensor_interval_s,
     default_status=DefaultSensorStatus.RUNNING,
-    description=__doc__,
+    description=(
+        "Every few seconds, records a job for each UI backfill of document_entities and keeps every job's "
+        "status in line with its backfill."
+    ),
 )
 def job_status_sensor(
     context: SensorEvaluationContext, database: DatabaseResource, reextraction: ReextractionResource

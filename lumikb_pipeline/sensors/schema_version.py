@@ -1,5 +1,6 @@
 """`schema_version_sensor`: fires when a KB's schema version goes up; starts one re-extraction job
-of exactly that KB's outdated documents (a backfill of `document_entities` on the `reprocessing`
+of exactly that KB's outdated documents (none when no document is outdated, e.g. the demo already
+re-extracted them) (a backfill of `document_entities` on the `reprocessing`
 queue, batched), recorded as a `Job` with trigger `sensor`. Its dedupe key `sensor:<kb>:<version>`
 is unique, so no KB and version ever gets two jobs, across ticks and restarts.
 
@@ -20,8 +21,9 @@ from dagster._core.scheduler.instigation import InstigatorStatus, InstigatorType
 from sqlalchemy import select
 
 from lumikb_pipeline.core.config import get_settings
+from lumikb_pipeline.db.catalog import get_kb
 from lumikb_pipeline.db.models import JobTrigger, KnowledgeBase
-from lumikb_pipeline.reextraction.service import Selection
+from lumikb_pipeline.reextraction.service import Selection, select_documents
 from lumikb_pipeline.resources import DatabaseResource, ReextractionResource
 
 SENSOR_NAME = "schema_version_sensor"
@@ -53,7 +55,10 @@ def stopped(context: SensorEvaluationContext) -> bool:
     name=SENSOR_NAME,
     minimum_interval_seconds=get_settings().schema_sensor_interval_s,
     default_status=DefaultSensorStatus.RUNNING,
-    description=__doc__,
+    description=(
+        "When a KB's schema version goes up, starts one re-extraction job (a backfill on the reprocessing queue) "
+        "of that KB's outdated documents."
+    ),
 )
 def schema_version_sensor(
     context: SensorEvaluationContext, database: DatabaseResource, reextraction: ReextractionResource
@@ -74,6 +79,12 @@ def schema_version_sensor(
                     "; ".join(started) if started else "nothing")),
                 cursor=json.dumps(seen, sort_keys=True),
             )
+        with database.session() as session:
+            outdated = len(select_documents(session, get_kb(session, slug), Selection.outdated()))
+        if not outdated:  # no job for zero documents
+            context.log.info(f"KB {slug} is at schema version {version}: no document is outdated, no job")
+            seen[str(kb_id)] = version
+            continue
         job = reextraction.start(
             slug, Selection.outdated(), instance=context.instance,
             asset_graph=context.repository_def.asset_graph if context.repository_def else None,

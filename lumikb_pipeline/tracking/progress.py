@@ -13,26 +13,34 @@ from datetime import UTC, datetime
 
 import redis
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from lumikb_pipeline.core.config import Settings
 from lumikb_pipeline.core.errors import NotFoundError
 from lumikb_pipeline.db import ledger
 from lumikb_pipeline.db.models import ExtractionRecord, ExtractionStatus, Job, JobStatus
-from lumikb_pipeline.domain.eta import RATE_WINDOW_S, eta_seconds, rate_per_second
+from lumikb_pipeline.db.session import session_scope
+from lumikb_pipeline.domain.eta import eta_seconds, rate_per_second
+from lumikb_pipeline.infra import redis_client
 from lumikb_pipeline.tracking.tracker import ProgressTracker, RecentError
 
 
 @dataclass
 class JobProgress:
-    """`lumikb progress JOB --json` (PRODUCT.md section 5), plus spend for the human view."""
+    """`lumikb progress JOB --json` (PRODUCT.md section 5), plus spend for the human view.
+
+    `completed + failed + cancelled + remaining == total`; `rate_per_s` and `eta_seconds` are None
+    until the job has finished enough documents to measure its pace (see `progress.eta`)."""
 
     job_id: str
     status: str
     total: int
     completed: int
     failed: int
+    cancelled: int
     remaining: int
-    rate_per_s: float
+    rate_per_s: float | None
     eta_seconds: float | None
     started_at: str | None
     updated_at: str | None
@@ -68,7 +76,7 @@ def rebuild_from_ledger(session: Session, tracker: ProgressTracker, job: Job) ->
             continue
         tracker.record(
             job.id, doc_id, status.value, at=_epoch(finished_at) or time.time(), cost_usd=cost or 0.0,
-            error=error if status in (ExtractionStatus.FAILED, ExtractionStatus.CANCELLED) else None,
+            error=error if status == ExtractionStatus.FAILED else None,
         )
 
 
@@ -82,16 +90,17 @@ def job_progress(session: Session, client: redis.Redis, job_id: str, now: float 
         )
     tracker = ProgressTracker(client)
     now = now or time.time()
-    figures = tracker.read(job.id, now - RATE_WINDOW_S)
+    figures = tracker.read(job.id)
     if not figures.present:
         rebuild_from_ledger(session, tracker, job)
-        figures = tracker.read(job.id, now - RATE_WINDOW_S)
+        figures = tracker.read(job.id)
     total = max(figures.total, job.total_documents)
-    done = figures.completed + figures.failed
+    done = figures.completed + figures.failed + figures.cancelled
     remaining = max(0, total - done)
-    rate = rate_per_second(figures.finishes, now, figures.started_at)
     status = job.status.value
-    if status == JobStatus.RUNNING.value and rate == 0 and job.cancel_requested_at is not None:
+    ended = status in (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value)
+    rate = rate_per_second(figures.finishes, (figures.updated_at or now) if ended else now)
+    if status == JobStatus.RUNNING.value and job.cancel_requested_at is not None:
         status = "cancelling"
     return JobProgress(
         job_id=job.id,
@@ -99,14 +108,30 @@ def job_progress(session: Session, client: redis.Redis, job_id: str, now: float 
         total=total,
         completed=figures.completed,
         failed=figures.failed,
+        cancelled=figures.cancelled,
         remaining=remaining,
-        rate_per_s=round(rate, 4),
-        eta_seconds=None if (eta := eta_seconds(remaining, rate)) is None else round(eta, 1),
+        rate_per_s=None if rate is None else round(rate, 4),
+        eta_seconds=None if (eta := eta_seconds(0 if ended else remaining, rate)) is None else round(eta, 1),
         started_at=_iso(figures.started_at),
         updated_at=_iso(figures.updated_at or figures.started_at),
         recent_errors=[{"doc_id": e.doc_id, "error": e.error, "at": _iso(e.at) or ""} for e in figures.recent_errors],
         spend_usd=round(figures.spend_usd, 6),
     )
+
+
+def job_metadata(settings: Settings, job_id: str) -> dict[str, object]:
+    """The job's progress as Dagster metadata for a materialization of one of its documents (the
+    figures `lumikb progress --json` shows); empty when it cannot be read (never fails a step)."""
+    try:
+        with session_scope(settings.effective_database_url) as session:
+            figures = job_progress(session, redis_client.connect(settings), job_id)
+    except (redis.RedisError, SQLAlchemyError, NotFoundError):
+        return {}
+    return {
+        "job_documents_done": f"{figures.total - figures.remaining} of {figures.total}",
+        "job_rate_per_s": figures.rate_per_s,
+        "job_eta_seconds": figures.eta_seconds,
+    }
 
 
 def report(
@@ -122,4 +147,4 @@ def report(
         pass
 
 
-__all__ = ["JobProgress", "RecentError", "job_progress", "rebuild_from_ledger", "report"]
+__all__ = ["JobProgress", "RecentError", "job_metadata", "job_progress", "rebuild_from_ledger", "report"]

@@ -18,6 +18,7 @@ from typing import Any
 import redis
 
 from lumikb_pipeline.core.names import JOB_KEY_TTL_S
+from lumikb_pipeline.domain.eta import MAX_FINISHES_READ
 
 MAX_RECENT_ERRORS = 10
 RANK = {"pending": 0, "running": 1, "cancelled": 2, "failed": 2, "skipped": 3, "succeeded": 3}
@@ -33,7 +34,7 @@ if old and rank[old] > rank[status] then return 0 end
 if old == status then return 0 end
 local function class(s)
   if s == 'succeeded' or s == 'skipped' then return 'completed' end
-  if s == 'failed' or s == 'cancelled' then return 'failed' end
+  if s == 'failed' or s == 'cancelled' then return s end
   return nil
 end
 redis.call('HSET', docs, doc, status)
@@ -42,7 +43,12 @@ if old_class ~= new_class then
   if old_class then redis.call('HINCRBY', meta, old_class, -1) end
   if new_class then redis.call('HINCRBY', meta, new_class, 1) end
 end
-if new_class then redis.call('ZADD', finishes, at, doc) end
+-- The rate counts documents the job worked on: skipped and cancelled ones cost no work.
+if status == 'succeeded' or status == 'failed' then
+  redis.call('ZADD', finishes, at, doc)
+else
+  redis.call('ZREM', finishes, doc)
+end
 local old_cost = tonumber(redis.call('HGET', costs, doc) or '0')
 if cost > old_cost then
   redis.call('HSET', costs, doc, cost)
@@ -57,7 +63,7 @@ if error_json ~= '' and new_class == 'failed' then
     for _, d in ipairs(gone) do redis.call('HDEL', errors, d) end
     redis.call('ZREMRANGEBYRANK', error_times, 0, excess - 1)
   end
-elseif status == 'succeeded' then
+elseif new_class ~= 'failed' then
   redis.call('HDEL', errors, doc)
   redis.call('ZREM', error_times, doc)
 end
@@ -83,6 +89,7 @@ class RedisProgress:
     total: int = 0
     completed: int = 0
     failed: int = 0
+    cancelled: int = 0
     spend_usd: float = 0.0
     started_at: float | None = None
     updated_at: float | None = None
@@ -108,7 +115,7 @@ class ProgressTracker:
         pipe = self._redis.pipeline(transaction=True)
         pipe.hset(meta, "total", str(total))
         pipe.hsetnx(meta, "started_at", str(started_at or time.time()))
-        for counter in ("completed", "failed", "spend_usd"):
+        for counter in ("completed", "failed", "cancelled", "spend_usd"):
             pipe.hsetnx(meta, counter, "0")
         pipe.expire(meta, JOB_KEY_TTL_S)
         pipe.execute()
@@ -132,12 +139,13 @@ class ProgressTracker:
         )
         return bool(result)
 
-    def read(self, job_id: str, window_start: float) -> RedisProgress:
-        """The job's figures, or `present=False` when Redis has lost them."""
+    def read(self, job_id: str) -> RedisProgress:
+        """The job's figures (with its latest `MAX_FINISHES_READ` finish times, for the rate), or
+        `present=False` when Redis has lost them."""
         meta_key, _, _, finishes_key, errors_key, error_times_key = _keys(job_id)
         pipe = self._redis.pipeline(transaction=True)
         pipe.hgetall(meta_key)
-        pipe.zrangebyscore(finishes_key, window_start, "+inf", withscores=True)
+        pipe.zrange(finishes_key, -MAX_FINISHES_READ, -1, withscores=True)
         pipe.zrevrange(error_times_key, 0, MAX_RECENT_ERRORS - 1)
         pipe.hgetall(errors_key)
         meta, finishes, error_docs, errors = pipe.execute()
@@ -154,6 +162,7 @@ class ProgressTracker:
             total=int(meta.get("total", 0)),
             completed=int(meta.get("completed", 0)),
             failed=int(meta.get("failed", 0)),
+            cancelled=int(meta.get("cancelled", 0)),
             spend_usd=float(meta.get("spend_usd", 0.0)),
             started_at=float(meta["started_at"]) if "started_at" in meta else None,
             updated_at=float(meta["updated_at"]) if "updated_at" in meta else None,

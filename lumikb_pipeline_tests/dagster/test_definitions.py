@@ -89,16 +89,28 @@ def test_invariant_checks_target_the_knowledge_graph_and_stay_out_of_extraction_
     assert AssetKey("kb_schema_drift") in asset_graph.get_all_asset_keys()
 
 
-def test_each_sensor_says_when_it_fires_and_what_it_launches() -> None:
+def _one_sentence(text: str | None) -> bool:
+    """One sentence on one line: what it does and when, as the UI lists it."""
+    return bool(text) and "\n" not in str(text) and str(text).rstrip(".").count(". ") == 0 and len(str(text)) <= 200
+
+
+def test_every_asset_job_sensor_and_schedule_has_a_one_sentence_description() -> None:
     from lumikb_pipeline.definitions import defs
 
     sensors = {sensor.name: sensor for sensor in defs.sensors or []}  # type: ignore[union-attr]
     assert set(sensors) == {
-        "document_partitions_sensor", "schema_version_sensor", "drift_check_sensor", "job_status_sensor"
+        "document_partitions_sensor", "schema_version_sensor", "job_status_sensor", "graph_checks_sensor"
     }
     for sensor in sensors.values():
-        assert sensor.description and "fires" in sensor.description, sensor.name
         assert sensor.default_status.value == "RUNNING"
+    schedules = {schedule.name: schedule for schedule in defs.schedules or []}  # type: ignore[union-attr]
+    assert set(schedules) == {"drift_check_schedule"}
+    described: dict[str, str | None] = {name: s.description for name, s in {**sensors, **schedules}.items()}
+    described.update({job.name: job.description for job in defs.jobs or []})  # type: ignore[union-attr]
+    graph = defs.resolve_asset_graph()
+    described.update({key.to_user_string(): graph.get(key).description for key in graph.get_all_asset_keys()})
+    described.update({str(key): graph.get_check_spec(key).description for key in graph.asset_check_keys})
+    assert {name for name, text in described.items() if not _one_sentence(text)} == set(), described
 
 
 def test_the_invariant_checks_run_on_their_own_and_pass_on_an_empty_graph(lumikb_env: object) -> None:

@@ -62,7 +62,7 @@ def test_one_worker_per_queue_with_the_celery_app_of_the_code() -> None:
 def test_the_code_server_serves_the_definitions_module_the_workspace_points_at() -> None:
     services = compose()["services"]
     argv = command(services["code-server"])
-    assert argv[:3] == ["dagster", "api", "grpc"]
+    assert argv[:3] == ["dagster", "code-server", "start"]  # reloadable: `lumikb schedule set-cron`
     assert argv[argv.index("-m") + 1] == DEFINITIONS_MODULE
     port = int(argv[argv.index("-p") + 1])
     [location] = yaml.safe_load((ROOT / "docker" / "workspace.yaml").read_text())["load_from"]

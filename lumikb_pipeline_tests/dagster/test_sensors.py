@@ -121,6 +121,51 @@ def test_a_schema_change_starts_exactly_one_job_across_ticks_and_lost_cursors(
         assert len(session.scalars(select(Job)).all()) == 1
 
 
+def test_a_schema_change_with_no_outdated_document_starts_no_job(pg_url: str, instance: DagsterInstance) -> None:
+    slug = unique_slug("empty")
+    with session_scope(pg_url) as session:
+        catalog.create_kb(session, slug, parse_schema_file(SCHEMA_V1))
+    quiet = _schema_tick(instance, pg_url, None)
+    with session_scope(pg_url) as session:
+        catalog.set_schema(session, slug, parse_schema_file(SCHEMA_V2))
+        jobs_before = len(session.scalars(select(Job)).all())
+    tick = _schema_tick(instance, pg_url, quiet.cursor)
+    assert not instance.get_backfills()
+    with session_scope(pg_url) as session:
+        assert len(session.scalars(select(Job)).all()) == jobs_before
+    assert _schema_tick(instance, pg_url, tick.cursor).skip_reason is not None
+
+
+def _ended_job(url: str, slug: str) -> str:
+    from lumikb_pipeline.db.models import JobStatus, JobTrigger, KnowledgeBase, utcnow
+
+    with session_scope(url) as session:
+        kb = session.scalars(select(KnowledgeBase).where(KnowledgeBase.slug == slug)).one()
+        job = Job(kb_id=kb.id, target_schema_version=1, selection={"kind": "all"}, trigger=JobTrigger.CLI,
+                  status=JobStatus.SUCCEEDED, finished_at=utcnow())
+        session.add(job)
+        session.flush()
+        return job.id
+
+
+def test_the_graph_checks_run_once_after_re_extraction_jobs_end(pg_url: str, instance: DagsterInstance) -> None:
+    from lumikb_pipeline.sensors.graph_checks import graph_checks_sensor
+
+    slug = unique_slug("checks")
+    with session_scope(pg_url) as session:
+        catalog.create_kb(session, slug, parse_schema_file(SCHEMA_V1))
+    _ended_job(pg_url, slug)  # ended before the sensor existed: not checked
+    first = _tick(graph_checks_sensor, instance, pg_url)
+    assert not first.run_requests
+    assert not _tick(graph_checks_sensor, instance, pg_url, first.cursor).run_requests
+    _ended_job(pg_url, slug)
+    last = _ended_job(pg_url, slug)
+    after = _tick(graph_checks_sensor, instance, pg_url, first.cursor)
+    [request] = after.run_requests or []
+    assert request.run_key == f"invariants-after:{last}" and request.tags["lumikb/job_id"] == last
+    assert not _tick(graph_checks_sensor, instance, pg_url, after.cursor).run_requests
+
+
 def _store_sensor_status(instance: DagsterInstance, status: str) -> None:
     """Store the schema sensor's status as the webserver does when it is stopped or started."""
     from dagster._core.remote_origin import GrpcServerCodeLocationOrigin, RemoteInstigatorOrigin, RemoteRepositoryOrigin

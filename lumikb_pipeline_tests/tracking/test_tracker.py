@@ -48,11 +48,12 @@ def test_progress_counts_agree_with_the_ledger_and_add_up(pg_url: str, redis_url
     with session_scope(pg_url) as session:
         progress = job_progress(session, client, job_id)
     assert (progress.total, progress.completed, progress.failed, progress.remaining) == (10, 5, 1, 4)
-    assert progress.rate_per_s > 0 and progress.eta_seconds is not None
+    # Six finishes within a fraction of a second are no pace yet: no rate and no ETA, not a guess.
+    assert progress.rate_per_s is None and progress.eta_seconds is None
     assert progress.recent_errors[0]["doc_id"] == docs[2]
     assert progress.spend_usd == 0.05
     assert set(progress.contract_json()) == {
-        "job_id", "status", "total", "completed", "failed", "remaining", "rate_per_s", "eta_seconds",
+        "job_id", "status", "total", "completed", "failed", "cancelled", "remaining", "rate_per_s", "eta_seconds",
         "started_at", "updated_at", "recent_errors",
     }
 
@@ -64,7 +65,7 @@ def test_recording_the_same_outcome_twice_or_an_older_state_changes_nothing(redi
     assert not tracker.record("j", "d1", "succeeded", cost_usd=0.5)
     assert not tracker.record("j", "d1", "running")
     assert not tracker.record("j", "d1", "failed", error="late failure report")
-    figures = tracker.read("j", 0)
+    figures = tracker.read("j")
     assert (figures.completed, figures.failed, figures.spend_usd) == (1, 0, 0.5)
 
 
@@ -72,10 +73,28 @@ def test_a_failed_document_that_later_succeeds_moves_from_failed_to_completed(re
     tracker = ProgressTracker(redis.Redis.from_url(redis_url, decode_responses=True))
     tracker.start("j", 1)
     tracker.record("j", "d1", "failed", error="429 from the provider")
-    assert tracker.read("j", 0).recent_errors[0].error == "429 from the provider"
+    assert tracker.read("j").recent_errors[0].error == "429 from the provider"
     tracker.record("j", "d1", "succeeded")
-    figures = tracker.read("j", 0)
+    figures = tracker.read("j")
     assert (figures.completed, figures.failed, figures.recent_errors) == (1, 0, [])
+
+
+def test_cancelled_documents_are_counted_apart_from_failures_and_the_rate(redis_url: str) -> None:
+    tracker = ProgressTracker(redis.Redis.from_url(redis_url, decode_responses=True))
+    tracker.start("j", 10)
+    for i in range(4):
+        tracker.record("j", f"d{i}", "succeeded", at=1000.0 + i)
+    tracker.record("j", "d4", "failed", at=1004.0, error="boom")
+    for i in range(5, 10):
+        tracker.record("j", f"d{i}", "cancelled", at=1005.0, error="the job was cancelled")
+    figures = tracker.read("j")
+    assert (figures.completed, figures.failed, figures.cancelled) == (4, 1, 5)
+    assert [e.error for e in figures.recent_errors] == ["boom"]
+    assert figures.finishes == [1000.0, 1001.0, 1002.0, 1003.0, 1004.0]  # the work done, not the cancels
+    # A cancelled document that a later run finishes moves from cancelled to completed.
+    tracker.record("j", "d5", "succeeded", at=1010.0)
+    figures = tracker.read("j")
+    assert (figures.completed, figures.cancelled) == (5, 4)
 
 
 def test_only_the_last_ten_errors_are_kept_newest_first(redis_url: str) -> None:
@@ -83,7 +102,7 @@ def test_only_the_last_ten_errors_are_kept_newest_first(redis_url: str) -> None:
     tracker.start("j", 15)
     for i in range(15):
         tracker.record("j", f"d{i}", "failed", at=1000.0 + i, error=f"error {i}")
-    errors = tracker.read("j", 0).recent_errors
+    errors = tracker.read("j").recent_errors
     assert [e.error for e in errors] == [f"error {i}" for i in range(14, 4, -1)]
 
 
@@ -96,7 +115,9 @@ def test_progress_is_rebuilt_from_the_ledger_after_redis_lost_it(pg_url: str, re
     with session_scope(pg_url) as session:
         progress = job_progress(session, client, job_id)
         statuses = list(session.scalars(select(ExtractionRecord.status).where(ExtractionRecord.job_id == job_id)))
-    assert (progress.total, progress.completed, progress.failed, progress.remaining) == (8, 4, 1, 3)
+    assert (progress.total, progress.completed, progress.failed, progress.cancelled, progress.remaining) == (
+        8, 4, 1, 0, 3
+    )
     assert sum(s.value == "succeeded" for s in statuses) == progress.completed
     assert progress.recent_errors[0]["error"] == f"boom in {docs[0]}"
     # A worker's late report of something the rebuild already holds changes nothing.

@@ -121,6 +121,10 @@ def run_benchmark(benchmark: Benchmark, quick: bool, timeout_s: float) -> list[d
     return rows
 
 
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
 def print_table(rows: Sequence[dict[str, Any]]) -> None:
     """The one table: figure, value, target, met or missed."""
     from rich.console import Console
@@ -131,8 +135,8 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
     for column in ("figure", "value", "target", "result"):
         table.add_column(column, justify="left" if column == "figure" else "right")
     for row in rows:
-        value = "-" if row["value"] is None else f"{row['value']:,.4g}{row['unit'] and ' ' + row['unit']}"
-        target = "report" if row["target"] is None else f"{row['comparator']} {row['target']:,.4g}"
+        value = "-" if row["value"] is None else f"{_number(row['value'])}{row['unit'] and ' ' + row['unit']}"
+        target = "report" if row["target"] is None else f"{row['comparator']} {_number(row['target'])}"
         verdict = ("error: " + row["error"][:60]) if row["error"] else {True: "met", False: "missed", None: "-"}[
             row["met"]]
         table.add_row(Text(row["figure"]), value, target, Text(verdict))

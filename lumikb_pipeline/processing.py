@@ -12,13 +12,27 @@ returns one `DocumentOutcome` per document.
 For documents of a job, both stages also obey the job's stop conditions (`lumikb cancel`, the
 `--max-cost` budget: `control.JobControl`), report every final outcome to the job's progress in
 Redis, and close the job once its last document is final.
+
+Claims are leases (`db.ledger`): stage 1 renews its leases while it works (`_LeaseKeeper`, every
+third of the lease), and stage 2 renews the claim in the transaction that records the result,
+before the graph write. A document whose claim was lost (its lease expired, another worker took
+it) is never written by this step: its outcome is `lost` and the other worker's result stands.
+
+Nothing is left `running` by an error: when a stage stops on an error of the infrastructure (the
+database, Redis, Neo4j: anything not handled per document), the rows it still holds are marked
+`failed` with the (scrubbed) error, which reaches the job's `recent_errors`, and the error is raised
+for the step's retry. A step of a job that has ended does nothing (a late redelivery), and a
+document whose attempts keep dying is given up (`ledger.give_up_if_dying`).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
+from types import TracebackType
 from typing import Literal
 
 from sqlalchemy import select
@@ -39,7 +53,9 @@ from lumikb_pipeline.llm.extractor import ChunkExtractor, ChunkInput
 from lumikb_pipeline.llm.prompt import effective_prompt_version
 from lumikb_pipeline.scrub import scrub
 
-OutcomeStatus = Literal["extracted", "succeeded", "failed", "skipped", "cancelled"]
+# `lost`: another worker holds the document now (this step's claim expired and was taken); this step
+# left it alone, and it is not final for the job (the other worker reports it).
+OutcomeStatus = Literal["extracted", "succeeded", "failed", "skipped", "cancelled", "lost"]
 
 
 @dataclass
@@ -92,6 +108,58 @@ def target_version(settings: Settings, doc_id: str, requested: int | None) -> in
     return version
 
 
+def _lost_claim(doc_id: str, claimant: str) -> str:
+    return (
+        f"claim lost: the lease of {claimant} on document {doc_id} expired and another worker took it; "
+        "this step left the document to that worker"
+    )
+
+
+class _LeaseKeeper:
+    """Renews a step's leases on the documents it works on, every third of the lease, until closed,
+    and remembers the documents whose claim was lost. A renewal that fails (a database hiccup) is
+    retried at the next beat; the lease has two more beats of margin."""
+
+    def __init__(self, settings: Settings, items: Sequence[_DocumentWork], claimant: str, lease: timedelta) -> None:
+        self._database_url = settings.effective_database_url
+        self._by_version: dict[int, list[str]] = {}
+        for item in items:
+            self._by_version.setdefault(item.schema_version, []).append(item.doc_id)
+        self._claimant = claimant
+        self._lease = lease
+        self.lost: set[str] = set()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-keeper-{claimant[:24]}", daemon=True)
+
+    def __enter__(self) -> _LeaseKeeper:
+        if self._by_version:
+            self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._closed.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def renew(self) -> set[str]:
+        """Renew every lease now; returns the documents lost so far."""
+        with session_scope(self._database_url) as session:
+            for version, doc_ids in self._by_version.items():
+                held = ledger.renew(session, doc_ids, version, self._claimant, self._lease)
+                self.lost.update(doc_id for doc_id in doc_ids if doc_id not in held)
+        for version, doc_ids in self._by_version.items():
+            self._by_version[version] = [doc_id for doc_id in doc_ids if doc_id not in self.lost]
+        return self.lost
+
+    def _beat(self) -> None:
+        while not self._closed.wait(self._lease.total_seconds() / 3):
+            try:
+                self.renew()
+            except Exception:  # noqa: BLE001 - a hiccup of the database: the next beat tries again
+                continue
+
+
 def _load_work(settings: Settings, doc_ids: Sequence[str], schema_version: int | None) -> dict[str, _DocumentWork]:
     work: dict[str, _DocumentWork] = {}
     schemas: dict[tuple[int, int], DomainSchema] = {}
@@ -128,11 +196,21 @@ def extract_documents(
     job_id: str | None = None,
     schema_version: int | None = None,
     should_stop: Callable[[], bool] | None = None,
+    lease: timedelta = ledger.DEFAULT_LEASE,
 ) -> list[DocumentOutcome]:
     """Stage 1: claim and extract. Documents already succeeded at this version and revision are
     `skipped` (a retried step does not redo them); claimed documents whose chunks all have a
-    checkpoint now are `extracted` and stay claimed by `claimant` for stage 2."""
+    checkpoint now are `extracted` and stay claimed by `claimant` for stage 2. The claims' leases
+    (`lease` long) are renewed while the extraction runs, and once more at its end; a document
+    whose claim was lost meanwhile is `lost`."""
     started = time.monotonic()
+    if job_id is not None and not _job_is_active(settings, job_id):
+        # A late redelivery of a step of an ended job: claim, cancel and close nothing.
+        ended = f"job {job_id} has ended; this step did nothing"
+        return [
+            DocumentOutcome(doc_id, "skipped", schema_version or 0, error=ended)
+            for doc_id in doc_ids
+        ]
     stop = _stop_check(settings, job_id, should_stop)
     work = _load_work(settings, doc_ids, schema_version)
     outcomes: dict[str, DocumentOutcome] = {}
@@ -146,46 +224,63 @@ def extract_documents(
                 )
                 continue
             ledger.ensure_records(session, item.kb_id, [doc_id], item.schema_version, job_id)
-            if ledger.claim(session, doc_id, item.schema_version, claimant, job_id):
+            given_up = ledger.give_up_if_dying(session, doc_id, item.schema_version, claimant)
+            if given_up is not None:
+                outcomes[doc_id] = DocumentOutcome(doc_id, "failed", item.schema_version, error=given_up)
+            elif ledger.claim(session, doc_id, item.schema_version, claimant, job_id):
                 claimed.append(item)
             else:
                 outcomes[doc_id] = DocumentOutcome(doc_id, "skipped", item.schema_version)
 
-    results: dict[str, ChunkExtraction | ChunkFailure] = {}
-    for (kb_id, version), group in _group_by_schema(claimed).items():
-        chunk_inputs = [chunk for item in group for chunk in item.chunks]
-        for result in extractor.extract_sync(kb_id, version, group[0].schema, chunk_inputs, stop, stop.on_result):
-            results[result.chunk_id] = result
+    try:
+        results: dict[str, ChunkExtraction | ChunkFailure] = {}
+        with _LeaseKeeper(settings, claimed, claimant, lease) as leases:
+            for (kb_id, version), group in _group_by_schema(claimed).items():
+                chunk_inputs = [chunk for item in group for chunk in item.chunks]
+                for result in extractor.extract_sync(
+                    kb_id, version, group[0].schema, chunk_inputs, stop, stop.on_result
+                ):
+                    results[result.chunk_id] = result
+        lost = leases.renew() if claimed else set()  # a full lease for the hand-over to stage 2
 
-    elapsed = time.monotonic() - started
-    with session_scope(settings.effective_database_url) as session:
-        for item in claimed:
-            outcome = DocumentOutcome(item.doc_id, "extracted", item.schema_version, chunks=len(item.chunks))
-            failures: list[ChunkFailure] = []
-            for chunk in item.chunks:
-                result = results[chunk.id]
-                outcome.llm_calls += result.llm_calls
-                if isinstance(result, ChunkFailure):
-                    failures.append(result)
+        elapsed = time.monotonic() - started
+        with session_scope(settings.effective_database_url) as session:
+            for item in claimed:
+                outcome = DocumentOutcome(item.doc_id, "extracted", item.schema_version, chunks=len(item.chunks))
+                if item.doc_id in lost:
+                    outcome.status, outcome.error = "lost", _lost_claim(item.doc_id, claimant)
+                    outcomes[item.doc_id] = outcome
                     continue
-                outcome.cached_chunks += int(result.from_checkpoint)
-                outcome.prompt_tokens += result.prompt_tokens
-                outcome.completion_tokens += result.completion_tokens
-                outcome.cost_usd += result.cost_usd
-            outcome.duration_s = elapsed
-            if failures and all(f.reason == "cancelled" for f in failures):
-                outcome.status = "cancelled"
-                outcome.error = f"{stop.describe()} before every chunk was extracted; the graph was not changed"
-                ledger.mark_cancelled(session, item.doc_id, item.schema_version, claimant, outcome.error)
-            elif failures:
-                first = failures[0]
-                outcome.status = "failed"
-                outcome.error = scrub(
-                    f"{len(failures)} of {len(item.chunks)} chunks failed; chunk {first.chunk_id}: {first.reason}"
-                )
-                ledger.mark_failed(session, item.doc_id, item.schema_version, claimant, outcome.error,
-                                   outcome.ledger_outcome())
-            outcomes[item.doc_id] = outcome
+                failures: list[ChunkFailure] = []
+                for chunk in item.chunks:
+                    result = results[chunk.id]
+                    outcome.llm_calls += result.llm_calls
+                    if isinstance(result, ChunkFailure):
+                        failures.append(result)
+                        continue
+                    outcome.cached_chunks += int(result.from_checkpoint)
+                    outcome.prompt_tokens += result.prompt_tokens
+                    outcome.completion_tokens += result.completion_tokens
+                    outcome.cost_usd += result.cost_usd
+                outcome.duration_s = elapsed
+                if failures and all(f.reason == "cancelled" for f in failures):
+                    outcome.status = "cancelled"
+                    outcome.error = f"{stop.describe()} before every chunk was extracted; the graph was not changed"
+                    if not ledger.mark_cancelled(session, item.doc_id, item.schema_version, claimant, outcome.error):
+                        outcome.status, outcome.error = "lost", _lost_claim(item.doc_id, claimant)
+                elif failures:
+                    first = failures[0]
+                    outcome.status = "failed"
+                    outcome.error = scrub(
+                        f"{len(failures)} of {len(item.chunks)} chunks failed; chunk {first.chunk_id}: {first.reason}"
+                    )
+                    if not ledger.mark_failed(session, item.doc_id, item.schema_version, claimant, outcome.error,
+                                              outcome.ledger_outcome()):
+                        outcome.status, outcome.error = "lost", _lost_claim(item.doc_id, claimant)
+                outcomes[item.doc_id] = outcome
+    except Exception as exc:
+        _fail_held(settings, claimed, claimant, job_id, exc)
+        raise
     _report(settings, job_id, [outcomes[doc_id] for doc_id in doc_ids])
     return [outcomes[doc_id] for doc_id in doc_ids]
 
@@ -224,7 +319,35 @@ def _stop_check(settings: Settings, job_id: str | None, should_stop: Callable[[]
     return _StopCheck(JobControl.for_job(client, settings.effective_database_url, job_id), should_stop)
 
 
-def _report(settings: Settings, job_id: str | None, outcomes: Sequence[DocumentOutcome]) -> None:
+def _job_is_active(settings: Settings, job_id: str) -> bool:
+    with session_scope(settings.effective_database_url) as session:
+        return ledger.job_is_active(session, job_id)
+
+
+def _fail_held(
+    settings: Settings, items: Sequence[_DocumentWork], claimant: str, job_id: str | None, exc: Exception
+) -> None:
+    """After an error that stops a stage: mark the rows it still holds `failed` with the error and
+    report them (the job is not closed: the step's retry may still finish them). When the database
+    or Redis is what failed, this may fail too; the rows are then closed by the reaper
+    (`ledger.reap_abandoned`) once their lease expires."""
+    error = scrub(
+        f"the step stopped on an error of the infrastructure: {type(exc).__name__}: {exc}".strip()
+    )[:1000] + "; the step's retry extracts the document again"
+    failed: list[DocumentOutcome] = []
+    try:
+        with session_scope(settings.effective_database_url) as session:
+            for item in items:
+                if ledger.mark_failed(session, item.doc_id, item.schema_version, claimant, error):
+                    failed.append(DocumentOutcome(item.doc_id, "failed", item.schema_version, error=error))
+        _report(settings, job_id, failed, close=False)
+    except Exception:  # noqa: BLE001 - the original error is what the caller raises
+        return
+
+
+def _report(
+    settings: Settings, job_id: str | None, outcomes: Sequence[DocumentOutcome], *, close: bool = True
+) -> None:
     """Report final outcomes to the job's progress and close the job when it is done."""
     if job_id is None:
         return
@@ -234,6 +357,8 @@ def _report(settings: Settings, job_id: str | None, outcomes: Sequence[DocumentO
             redis_client.connect(settings), job_id,
             [(o.doc_id, o.status, o.cost_usd, o.error) for o in final],
         )
+    if not close:
+        return
     with session_scope(settings.effective_database_url) as session:
         ledger.finish_job_if_done(session, job_id)
 
@@ -254,10 +379,14 @@ def write_documents(
     job_id: str | None = None,
     mode: Literal["replace", "merge"] = "replace",
     should_stop: Callable[[], bool] | None = None,
+    lease: timedelta = ledger.DEFAULT_LEASE,
 ) -> list[DocumentOutcome]:
     """Stage 2: write the graph of each `extracted` document from its checkpoints and close its
     ledger row. Other outcomes pass through unchanged. A document is written whole or not at all:
-    a cancel that arrives before its write keeps its previous graph and marks it `cancelled`."""
+    a cancel that arrives before its write keeps its previous graph and marks it `cancelled`.
+
+    The claim is renewed first, in the transaction that records the result (which holds the row
+    until the result is recorded): a document whose claim was lost is not written (`lost`)."""
     stop = _stop_check(settings, job_id, should_stop)
     to_write = [o for o in extracted if o.status == "extracted"]
     work: dict[str, _DocumentWork] = {}
@@ -265,54 +394,69 @@ def write_documents(
         # Each document at the version stage 1 extracted it at (which may not be the KB's current one).
         work.update(_load_work(settings, [o.doc_id for o in to_write if o.schema_version == version], version))
     results: list[DocumentOutcome] = []
-    for outcome in extracted:
-        if outcome.status != "extracted":
-            results.append(outcome)
-            continue
-        started = time.monotonic()
-        item = work[outcome.doc_id]
-        with session_scope(settings.effective_database_url) as session:
-            if stop.cancelled:
-                outcome.status = "cancelled"
-                outcome.error = "the job was cancelled before the graph write; the previous graph is kept"
-                ledger.mark_cancelled(session, item.doc_id, item.schema_version, claimant, outcome.error)
+    try:
+        for outcome in extracted:
+            if outcome.status != "extracted":
                 results.append(outcome)
                 continue
-            try:
-                extractions = load_checkpoints(
-                    session, item.kb_id, item.schema_version,
-                    effective_prompt_version(item.schema), settings.llm_model, item.chunks,
-                )
-                if len(extractions) != len(item.chunks):
-                    raise LumikbError(
-                        f"{len(item.chunks) - len(extractions)} of the document's chunks have no checkpoint at "
-                        f"schema version {item.schema_version}; re-run the document to extract them"
-                    )
-                graph = build_document_graph(
-                    item.kb_slug, item.doc_id, item.schema_version,
-                    [GraphChunk(id=c.id, ordinal=item.ordinals[c.id]) for c in item.chunks],
-                    extractions,
-                )
-                summary = graph_store.write_document(graph, item.schema, mode)
-                if summary.refused:  # a newer extraction was written first: keep it, say so
-                    outcome.status = "skipped"
-                    outcome.error = (
-                        f"not written: the graph already holds document {item.doc_id} at schema version "
-                        f"{summary.newer_version_held}, newer than this extraction's {item.schema_version}"
-                    )
-                    ledger.mark_skipped(session, item.doc_id, item.schema_version, claimant, outcome.error)
+            started = time.monotonic()
+            item = work[outcome.doc_id]
+            with session_scope(settings.effective_database_url) as session:
+                if not ledger.renew(session, [item.doc_id], item.schema_version, claimant, lease):
+                    outcome.status, outcome.error = "lost", _lost_claim(item.doc_id, claimant)
                     results.append(outcome)
                     continue
-                outcome.entities, outcome.relationships = summary.entities, summary.relationships
-                outcome.status = "succeeded"
-                outcome.duration_s += time.monotonic() - started
-                ledger.mark_succeeded(session, item.doc_id, item.schema_version, claimant, outcome.ledger_outcome())
-            except LumikbError as exc:  # a schema violation or an invalid graph: this document only
-                outcome.status = "failed"
-                outcome.error = scrub(str(exc))
-                ledger.mark_failed(session, item.doc_id, item.schema_version, claimant, outcome.error,
-                                   outcome.ledger_outcome())
-        results.append(outcome)
+                if stop.cancelled:
+                    outcome.status = "cancelled"
+                    outcome.error = "the job was cancelled before the graph write; the previous graph is kept"
+                    ledger.mark_cancelled(session, item.doc_id, item.schema_version, claimant, outcome.error)
+                    results.append(outcome)
+                    continue
+                try:
+                    extractions = load_checkpoints(
+                        session, item.kb_id, item.schema_version,
+                        effective_prompt_version(item.schema), settings.llm_model, item.chunks,
+                    )
+                    if len(extractions) != len(item.chunks):
+                        raise LumikbError(
+                            f"{len(item.chunks) - len(extractions)} of the document's chunks have no checkpoint at "
+                            f"schema version {item.schema_version}; re-run the document to extract them"
+                        )
+                    graph = build_document_graph(
+                        item.kb_slug, item.doc_id, item.schema_version,
+                        [GraphChunk(id=c.id, ordinal=item.ordinals[c.id]) for c in item.chunks],
+                        extractions,
+                    )
+                    summary = graph_store.write_document(graph, item.schema, mode)
+                    if summary.refused:  # a newer extraction was written first: keep it, say so
+                        outcome.status = "skipped"
+                        outcome.error = (
+                            f"not written: the graph already holds document {item.doc_id} at schema version "
+                            f"{summary.newer_version_held}, newer than this extraction's {item.schema_version}"
+                        )
+                        ledger.mark_skipped(session, item.doc_id, item.schema_version, claimant, outcome.error)
+                        results.append(outcome)
+                        continue
+                    outcome.entities, outcome.relationships = summary.entities, summary.relationships
+                    outcome.status = "succeeded"
+                    outcome.duration_s += time.monotonic() - started
+                    if not ledger.mark_succeeded(session, item.doc_id, item.schema_version, claimant,
+                                                 outcome.ledger_outcome()):
+                        # Cannot happen: the renewal above holds the row until this transaction ends.
+                        raise RuntimeError(
+                            f"the ledger row of document {item.doc_id} at schema version {item.schema_version} "
+                            f"changed while {claimant} held it"
+                        )
+                except LumikbError as exc:  # a schema violation or an invalid graph: this document only
+                    outcome.status = "failed"
+                    outcome.error = scrub(str(exc))
+                    ledger.mark_failed(session, item.doc_id, item.schema_version, claimant, outcome.error,
+                                       outcome.ledger_outcome())
+            results.append(outcome)
+    except Exception as exc:
+        done = {o.doc_id for o in results}
+        _fail_held(settings, [work[o.doc_id] for o in to_write if o.doc_id not in done], claimant, job_id, exc)
+        raise
     written = {o.doc_id for o in to_write}
     _report(settings, job_id, [o for o in results if o.doc_id in written])
     return results

@@ -76,7 +76,7 @@ class RunScope:
         """The run's scope. A run of a lumikb job carries the job's id in its tags; a run of a backfill
         launched in the Dagster UI belongs to that backfill's jobs, recorded here if the job-status
         sensor has not done it yet (`ui_backfill_jobs`)."""
-        from lumikb_pipeline.orchestration.jobs import ui_backfill_jobs
+        from lumikb_pipeline.orchestration.jobs import CLAIMANT_PREFIX, ui_backfill_jobs
 
         tags = context.run.tags
         version = tags.get(TAG_SCHEMA_VERSION)
@@ -93,7 +93,7 @@ class RunScope:
         return cls(
             doc_ids=doc_ids,
             # Stable across retries of the same run, so a retried step can take over its own claims.
-            claimant=f"dagster-run:{context.run.root_run_id or context.run_id}",
+            claimant=f"{CLAIMANT_PREFIX}{context.run.root_run_id or context.run_id}",
             jobs=jobs,
             schema_version=int(version) if version else None,
             mode="merge" if mode == "merge" else "replace",

@@ -227,7 +227,7 @@ def extract_documents(
             given_up = ledger.give_up_if_dying(session, doc_id, item.schema_version, claimant)
             if given_up is not None:
                 outcomes[doc_id] = DocumentOutcome(doc_id, "failed", item.schema_version, error=given_up)
-            elif ledger.claim(session, doc_id, item.schema_version, claimant, job_id):
+            elif ledger.claim(session, doc_id, item.schema_version, claimant, job_id, lease):
                 claimed.append(item)
             else:
                 outcomes[doc_id] = DocumentOutcome(doc_id, "skipped", item.schema_version)

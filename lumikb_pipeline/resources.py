@@ -25,7 +25,7 @@ from lumikb_pipeline.graph.store import GraphStore
 from lumikb_pipeline.infra.redis_client import connect
 from lumikb_pipeline.llm.extractor import ChunkExtractor
 from lumikb_pipeline.pipeline import DocumentOutcome, extract_documents, write_documents
-from lumikb_pipeline.reextraction import backfills, service, status
+from lumikb_pipeline.reextraction import backfills, reaper, service, status
 from lumikb_pipeline.reextraction.drift import KbDrift, drift_report
 from lumikb_pipeline.tracking.progress import job_metadata
 
@@ -170,6 +170,10 @@ class ReextractionResource(ConfigurableResource):
     def record_ui_backfills(self, instance: DagsterInstance) -> list[str]:
         """Record the jobs of UI backfills that have none yet; returns their backfill ids."""
         return backfills.record_ui_backfills(self._app_settings(), instance)
+
+    def reap_abandoned_work(self, instance: DagsterInstance) -> list[str]:
+        """Close the ledger rows of workers that died (`reextraction.reaper`); one line per job touched."""
+        return reaper.reap_abandoned_work(self._app_settings(), instance)
 
     def refresh(self, job_id: str, instance: DagsterInstance, asset_graph: BaseAssetGraph | None) -> Job:
         """Bring a job's status in line with its backfill (`reextraction.status.refresh_job_status`)."""

@@ -42,6 +42,7 @@ from lumikb_pipeline.assets.partitions import documents_partitions
 from lumikb_pipeline.core.config import get_settings
 from lumikb_pipeline.core.errors import UsageError
 from lumikb_pipeline.core.names import (
+    CLAIMANT_PREFIX,
     POOL_GRAPH_WRITE,
     POOL_LLM,
     TAG_BACKFILL,
@@ -91,7 +92,7 @@ class RunScope:
         return cls(
             doc_ids=doc_ids,
             # Stable across retries of the same run, so a retried step can take over its own claims.
-            claimant=f"dagster-run:{context.run.root_run_id or context.run_id}",
+            claimant=f"{CLAIMANT_PREFIX}{context.run.root_run_id or context.run_id}",
             jobs=jobs,
             schema_version=int(version) if version else None,
             mode=mode,

@@ -34,6 +34,11 @@ REEXTRACTION_JOB: Final = "reextraction_job"
 DRIFT_CHECK_JOB: Final = "drift_check_job"
 GRAPH_INVARIANTS_JOB: Final = "graph_invariants_job"
 
+# The ledger claimant of a run of `document_entities`: this prefix and the root run id (stable across
+# the run's retries), and Dagster's tag that names a retry's root run.
+CLAIMANT_PREFIX: Final = "dagster-run:"
+ROOT_RUN_TAG: Final = "dagster/root_run_id"
+
 # Run and backfill tags of our own.
 TAG_JOB_ID: Final = "lumikb/job_id"
 TAG_MODE: Final = "lumikb/mode"

@@ -3,16 +3,21 @@
 Every state change is one conditional UPDATE, so it is atomic and safe under concurrent workers:
 two workers can never both claim the same document (the second UPDATE finds the row no longer
 claimable). A claim is a lease: a row left `running` by a dead worker can be claimed again once its
-lease has expired.
+lease has expired. The claimant renews its lease while it works (`renew`), so an expired lease
+means the claimant stopped; `reap_abandoned` closes such rows once their claimant is known gone, and
+a document whose attempts keep dying is given up after `MAX_ATTEMPTS` (`give_up_if_dying`).
+
+A claim for a job only succeeds while the job is pending or running: a late redelivery of a step of
+an ended job claims nothing and changes nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, exists, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -29,6 +34,10 @@ from lumikb_pipeline.db.models import (
 )
 
 DEFAULT_LEASE = timedelta(minutes=30)
+# Claims of one document in one job after which a claim that finds the row still `running` (the
+# attempt before died without finishing: out of memory, a killed worker) gives up instead.
+MAX_ATTEMPTS = 3
+ACTIVE_JOB = (JobStatus.PENDING, JobStatus.RUNNING)
 CLAIMABLE = (ExtractionStatus.PENDING, ExtractionStatus.FAILED, ExtractionStatus.CANCELLED)
 
 
@@ -43,9 +52,6 @@ class Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
-
-
-ACTIVE_JOB = (JobStatus.PENDING, JobStatus.RUNNING)
 
 
 def _not_held_by_another_job(job_id: str) -> ColumnElement[bool]:
@@ -73,6 +79,15 @@ def documents_in_other_jobs(
         ).tuples()
         held.update({doc_id: owner for doc_id, owner in rows if owner is not None})
     return held
+
+
+def _job_is_active(job_id: str) -> ColumnElement[bool]:
+    return exists(select(Job.id).where(Job.id == job_id, Job.status.in_(ACTIVE_JOB)))
+
+
+def job_is_active(session: Session, job_id: str) -> bool:
+    """True while a job is pending or running (its rows may still be claimed)."""
+    return bool(session.scalar(select(_job_is_active(job_id))))
 
 
 def _insert(session: Session):  # noqa: ANN202 - returns the dialect's insert() construct
@@ -120,8 +135,13 @@ def ensure_records(
             ExtractionRecord.schema_version == schema_version,
             ExtractionRecord.status.in_(taken_over),
             _not_held_by_another_job(job_id),
+            _job_is_active(job_id),
         )
-        .values(job_id=job_id, status=ExtractionStatus.PENDING, updated_at=now)
+        .values(
+            job_id=job_id, status=ExtractionStatus.PENDING, updated_at=now,
+            # attempts count within one job: a new job starts from zero
+            attempts=case((ExtractionRecord.job_id == job_id, ExtractionRecord.attempts), else_=0),
+        )
         .execution_options(synchronize_session=False)
     )
 
@@ -142,8 +162,8 @@ def claim(
     job_id: str | None = None,
     lease: timedelta = DEFAULT_LEASE,
 ) -> bool:
-    """Atomically mark one document `running` for this worker; False when someone else holds it
-    (or it already succeeded at this revision)."""
+    """Atomically mark one document `running` for this worker; False when someone else holds it,
+    it already succeeded at this revision, or `job_id` names a job that has ended."""
     now = utcnow()
     revision = session.scalar(select(Document.revision).where(Document.id == doc_id))
     if revision is None:
@@ -159,14 +179,17 @@ def claim(
         condition,
         and_(ExtractionRecord.status == ExtractionStatus.SUCCEEDED, ExtractionRecord.document_revision < revision),
     )
+    fresh_revision = and_(
+        ExtractionRecord.status == ExtractionStatus.SUCCEEDED, ExtractionRecord.document_revision < revision
+    )
     values: dict[str, object] = {
         "status": ExtractionStatus.RUNNING, "claimed_by": worker, "lease_expires_at": now + lease,
         "started_at": now, "finished_at": None, "updated_at": now, "document_revision": revision,
-        "attempts": ExtractionRecord.attempts + 1,
+        "attempts": case((fresh_revision, 1), else_=ExtractionRecord.attempts + 1),
     }
     if job_id is not None:
         values["job_id"] = job_id
-        condition = and_(condition, _not_held_by_another_job(job_id))
+        condition = and_(condition, _not_held_by_another_job(job_id), _job_is_active(job_id))
     result = session.execute(
         update(ExtractionRecord)
         .where(
@@ -178,6 +201,112 @@ def claim(
         .execution_options(synchronize_session=False)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def give_up_if_dying(
+    session: Session, doc_id: str, schema_version: int, worker: str, max_attempts: int = MAX_ATTEMPTS
+) -> str | None:
+    """Fail a document whose last `max_attempts` claims all died before finishing (the row is still
+    `running`, by this worker or with an expired lease), instead of trying it again forever; returns
+    the error recorded, or None when the document may be tried."""
+    now = utcnow()
+    error = (
+        f"given up after {max_attempts} attempts: each attempt at document {doc_id} stopped without finishing "
+        "(its worker died, e.g. out of memory or killed); fix the cause, then re-run the document with "
+        f"`lumikb reextract SLUG --doc {doc_id}`"
+    )
+    result = session.execute(
+        update(ExtractionRecord)
+        .where(
+            ExtractionRecord.document_id == doc_id,
+            ExtractionRecord.schema_version == schema_version,
+            ExtractionRecord.status == ExtractionStatus.RUNNING,
+            or_(ExtractionRecord.claimed_by == worker, ExtractionRecord.lease_expires_at < now),
+            ExtractionRecord.attempts >= max_attempts,
+        )
+        .values(status=ExtractionStatus.FAILED, last_error=error, finished_at=now, updated_at=now,
+                lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    return error if result.rowcount else None  # type: ignore[attr-defined]
+
+
+def reap_abandoned(
+    session: Session,
+    claimant_gone: Callable[[str], bool | None],
+    max_attempts: int = MAX_ATTEMPTS,
+    limit: int = 1000,
+) -> list[ExtractionRecord]:
+    """Close `running` rows whose claimant is gone: each is marked `failed` with an error that says
+    what happened, so its job can end. `claimant_gone` answers True (gone), False (alive) or None
+    (unknown: then the row is abandoned once its lease has expired, as a live claimant renews its
+    lease while it works). Returns the rows closed."""
+    now = utcnow()
+    running = list(
+        session.scalars(
+            select(ExtractionRecord)
+            .where(ExtractionRecord.status == ExtractionStatus.RUNNING)
+            .order_by(ExtractionRecord.id)
+            .limit(limit)
+        )
+    )
+    verdicts: dict[str, bool | None] = {}
+    reaped = []
+    for row in running:
+        claimant = row.claimed_by or ""
+        if claimant not in verdicts:
+            verdicts[claimant] = claimant_gone(claimant)
+        gone = verdicts[claimant]
+        expired = row.lease_expires_at is None or row.lease_expires_at < now
+        if not (gone or (gone is None and expired)):
+            continue
+        retried = "" if row.attempts < max_attempts else f" (attempt {row.attempts} of {max_attempts}: given up)"
+        error = (
+            f"abandoned: {claimant or 'its worker'} stopped before finishing document {row.document_id}"
+            f"{retried}; a retry of the run, or `lumikb reextract SLUG --doc {row.document_id}`, extracts it again"
+        )
+        result = session.execute(
+            update(ExtractionRecord)
+            .where(
+                ExtractionRecord.id == row.id,
+                ExtractionRecord.status == ExtractionStatus.RUNNING,
+                ExtractionRecord.claimed_by == row.claimed_by,
+            )
+            .values(status=ExtractionStatus.FAILED, last_error=error, finished_at=now, updated_at=now,
+                    lease_expires_at=None)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount:  # type: ignore[attr-defined]
+            session.refresh(row)
+            reaped.append(row)
+    return reaped
+
+
+def renew(
+    session: Session, doc_ids: Sequence[str], schema_version: int, worker: str, lease: timedelta = DEFAULT_LEASE
+) -> set[str]:
+    """Extend this worker's lease on its running rows (a heartbeat); returns the documents it still
+    holds. A row missing from the answer was taken by someone else after its lease expired, or
+    closed: the worker must leave that document alone. On PostgreSQL the renewed rows stay locked
+    until the session commits, so a claim by another worker waits for (and then sees) this
+    session's outcome: renewing in the transaction that records the result makes the claim
+    check and the result one step."""
+    if not doc_ids:
+        return set()
+    now = utcnow()
+    renewed = session.execute(
+        update(ExtractionRecord)
+        .where(
+            ExtractionRecord.document_id.in_(list(doc_ids)),
+            ExtractionRecord.schema_version == schema_version,
+            ExtractionRecord.status == ExtractionStatus.RUNNING,
+            ExtractionRecord.claimed_by == worker,
+        )
+        .values(lease_expires_at=now + lease, updated_at=now)
+        .returning(ExtractionRecord.document_id)
+        .execution_options(synchronize_session=False)
+    )
+    return set(renewed.scalars())
 
 
 def _finish(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 
 from lumikb_pipeline.core.config import Settings
 from lumikb_pipeline.core.scrub import scrub
@@ -19,8 +20,12 @@ from lumikb_pipeline.llm.extractor import ChunkExtractor
 from lumikb_pipeline.pipeline.work import (
     DocumentOutcome,
     DocumentWork,
+    LeaseKeeper,
+    fail_held,
     group_by_schema,
+    job_is_active,
     load_work,
+    lost_claim,
     report_outcomes,
     stop_check,
 )
@@ -35,11 +40,21 @@ def extract_documents(
     job_id: str | None = None,
     schema_version: int | None = None,
     should_stop: Callable[[], bool] | None = None,
+    lease: timedelta = ledger.DEFAULT_LEASE,
 ) -> list[DocumentOutcome]:
     """Stage 1: claim and extract. Documents already succeeded at this version and revision are
     `skipped` (a retried step does not redo them); claimed documents whose chunks all have a
-    checkpoint now are `extracted` and stay claimed by `claimant` for stage 2."""
+    checkpoint now are `extracted` and stay claimed by `claimant` for stage 2. The claims' leases
+    (`lease` long) are renewed while the extraction runs, and once more at its end; a document
+    whose claim was lost meanwhile is `lost`."""
     started = time.monotonic()
+    if job_id is not None and not job_is_active(settings, job_id):
+        # A late redelivery of a step of an ended job: claim, cancel and close nothing.
+        ended = f"job {job_id} has ended; this step did nothing"
+        return [
+            DocumentOutcome(doc_id, "skipped", schema_version or 0, error=ended)
+            for doc_id in doc_ids
+        ]
     stop = stop_check(settings, job_id, should_stop)
     work = load_work(settings, doc_ids, schema_version)
     outcomes: dict[str, DocumentOutcome] = {}
@@ -53,45 +68,62 @@ def extract_documents(
                 )
                 continue
             ledger.ensure_records(session, item.kb_id, [doc_id], item.schema_version, job_id)
-            if ledger.claim(session, doc_id, item.schema_version, claimant, job_id):
+            given_up = ledger.give_up_if_dying(session, doc_id, item.schema_version, claimant)
+            if given_up is not None:
+                outcomes[doc_id] = DocumentOutcome(doc_id, "failed", item.schema_version, error=given_up)
+            elif ledger.claim(session, doc_id, item.schema_version, claimant, job_id, lease):
                 claimed.append(item)
             else:
                 outcomes[doc_id] = DocumentOutcome(doc_id, "skipped", item.schema_version)
 
-    results: dict[str, ChunkExtraction | ChunkFailure] = {}
-    for (kb_id, version), group in group_by_schema(claimed).items():
-        chunk_inputs = [chunk for item in group for chunk in item.chunks]
-        for result in extractor.extract_sync(kb_id, version, group[0].schema, chunk_inputs, stop, stop.on_result):
-            results[result.chunk_id] = result
+    try:
+        results: dict[str, ChunkExtraction | ChunkFailure] = {}
+        with LeaseKeeper(settings, claimed, claimant, lease) as leases:
+            for (kb_id, version), group in group_by_schema(claimed).items():
+                chunk_inputs = [chunk for item in group for chunk in item.chunks]
+                for result in extractor.extract_sync(
+                    kb_id, version, group[0].schema, chunk_inputs, stop, stop.on_result
+                ):
+                    results[result.chunk_id] = result
+        lost = leases.renew() if claimed else set()  # a full lease for the hand-over to stage 2
 
-    elapsed = time.monotonic() - started
-    with session_scope(settings.effective_database_url) as session:
-        for item in claimed:
-            outcome = DocumentOutcome(item.doc_id, "extracted", item.schema_version, chunks=len(item.chunks))
-            failures: list[ChunkFailure] = []
-            for chunk in item.chunks:
-                result = results[chunk.id]
-                outcome.llm_calls += result.llm_calls
-                if isinstance(result, ChunkFailure):
-                    failures.append(result)
+        elapsed = time.monotonic() - started
+        with session_scope(settings.effective_database_url) as session:
+            for item in claimed:
+                outcome = DocumentOutcome(item.doc_id, "extracted", item.schema_version, chunks=len(item.chunks))
+                if item.doc_id in lost:
+                    outcome.status, outcome.error = "lost", lost_claim(item.doc_id, claimant)
+                    outcomes[item.doc_id] = outcome
                     continue
-                outcome.cached_chunks += int(result.from_checkpoint)
-                outcome.prompt_tokens += result.prompt_tokens
-                outcome.completion_tokens += result.completion_tokens
-                outcome.cost_usd += result.cost_usd
-            outcome.duration_s = elapsed
-            if failures and all(f.reason == "cancelled" for f in failures):
-                outcome.status = "cancelled"
-                outcome.error = f"{stop.describe()} before every chunk was extracted; the graph was not changed"
-                ledger.mark_cancelled(session, item.doc_id, item.schema_version, claimant, outcome.error)
-            elif failures:
-                first = failures[0]
-                outcome.status = "failed"
-                outcome.error = scrub(
-                    f"{len(failures)} of {len(item.chunks)} chunks failed; chunk {first.chunk_id}: {first.reason}"
-                )
-                ledger.mark_failed(session, item.doc_id, item.schema_version, claimant, outcome.error,
-                                   outcome.ledger_outcome())
-            outcomes[item.doc_id] = outcome
+                failures: list[ChunkFailure] = []
+                for chunk in item.chunks:
+                    result = results[chunk.id]
+                    outcome.llm_calls += result.llm_calls
+                    if isinstance(result, ChunkFailure):
+                        failures.append(result)
+                        continue
+                    outcome.cached_chunks += int(result.from_checkpoint)
+                    outcome.prompt_tokens += result.prompt_tokens
+                    outcome.completion_tokens += result.completion_tokens
+                    outcome.cost_usd += result.cost_usd
+                outcome.duration_s = elapsed
+                if failures and all(f.reason == "cancelled" for f in failures):
+                    outcome.status = "cancelled"
+                    outcome.error = f"{stop.describe()} before every chunk was extracted; the graph was not changed"
+                    if not ledger.mark_cancelled(session, item.doc_id, item.schema_version, claimant, outcome.error):
+                        outcome.status, outcome.error = "lost", lost_claim(item.doc_id, claimant)
+                elif failures:
+                    first = failures[0]
+                    outcome.status = "failed"
+                    outcome.error = scrub(
+                        f"{len(failures)} of {len(item.chunks)} chunks failed; chunk {first.chunk_id}: {first.reason}"
+                    )
+                    if not ledger.mark_failed(session, item.doc_id, item.schema_version, claimant, outcome.error,
+                                              outcome.ledger_outcome()):
+                        outcome.status, outcome.error = "lost", lost_claim(item.doc_id, claimant)
+                outcomes[item.doc_id] = outcome
+    except Exception as exc:
+        fail_held(settings, claimed, claimant, job_id, exc)
+        raise
     report_outcomes(settings, job_id, [outcomes[doc_id] for doc_id in doc_ids])
     return [outcomes[doc_id] for doc_id in doc_ids]

@@ -1,15 +1,31 @@
 """What both stages share: the documents' work loaded from the database, one outcome per document,
-the job's stop conditions, and reporting final outcomes to the job's progress."""
+the job's stop conditions, the claims' leases, and reporting final outcomes to the job's progress.
+
+Claims are leases (`db.ledger`): stage 1 renews its leases while it works (`LeaseKeeper`, every
+third of the lease), and stage 2 renews the claim in the transaction that records the result,
+before the graph write. A document whose claim was lost (its lease expired, another worker took
+it) is never written by this step: its outcome is `lost` and the other worker's result stands.
+
+Nothing is left `running` by an error: when a stage stops on an error of the infrastructure (the
+database, Redis, Neo4j: anything not handled per document), the rows it still holds are marked
+`failed` with the (scrubbed) error, which reaches the job's `recent_errors` (`fail_held`), and the
+error is raised for the step's retry. A step of a job that has ended does nothing (a late
+redelivery), and a document whose attempts keep dying is given up (`ledger.give_up_if_dying`).
+"""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
+from types import TracebackType
 from typing import Literal
 
 from sqlalchemy import select
 
 from lumikb_pipeline.core.config import Settings
+from lumikb_pipeline.core.scrub import scrub
 from lumikb_pipeline.db import ledger
 from lumikb_pipeline.db.catalog import schema_at
 from lumikb_pipeline.db.models import Chunk, Document, KnowledgeBase
@@ -21,7 +37,9 @@ from lumikb_pipeline.llm.extractor import ChunkInput
 from lumikb_pipeline.tracking import progress
 from lumikb_pipeline.tracking.control import JobControl
 
-OutcomeStatus = Literal["extracted", "succeeded", "failed", "skipped", "cancelled"]
+# `lost`: another worker holds the document now (this step's claim expired and was taken); this step
+# left it alone, and it is not final for the job (the other worker reports it).
+OutcomeStatus = Literal["extracted", "succeeded", "failed", "skipped", "cancelled", "lost"]
 
 
 @dataclass
@@ -63,8 +81,59 @@ class DocumentWork:
     ordinals: dict[str, int] = field(default_factory=dict)
 
 
+def lost_claim(doc_id: str, claimant: str) -> str:
+    return (
+        f"claim lost: the lease of {claimant} on document {doc_id} expired and another worker took it; "
+        "this step left the document to that worker"
+    )
+
+
+class LeaseKeeper:
+    """Renews a step's leases on the documents it works on, every third of the lease, until closed,
+    and remembers the documents whose claim was lost. A renewal that fails (a database hiccup) is
+    retried at the next beat; the lease has two more beats of margin."""
+
+    def __init__(self, settings: Settings, items: Sequence[DocumentWork], claimant: str, lease: timedelta) -> None:
+        self._database_url = settings.effective_database_url
+        self._by_version: dict[int, list[str]] = {}
+        for item in items:
+            self._by_version.setdefault(item.schema_version, []).append(item.doc_id)
+        self._claimant = claimant
+        self._lease = lease
+        self.lost: set[str] = set()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-keeper-{claimant[:24]}", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        if self._by_version:
+            self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._closed.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def renew(self) -> set[str]:
+        """Renew every lease now; returns the documents lost so far."""
+        with session_scope(self._database_url) as session:
+            for version, doc_ids in self._by_version.items():
+                held = ledger.renew(session, doc_ids, version, self._claimant, self._lease)
+                self.lost.update(doc_id for doc_id in doc_ids if doc_id not in held)
+        for version, doc_ids in self._by_version.items():
+            self._by_version[version] = [doc_id for doc_id in doc_ids if doc_id not in self.lost]
+        return self.lost
+
+    def _beat(self) -> None:
+        while not self._closed.wait(self._lease.total_seconds() / 3):
+            try:
+                self.renew()
+            except Exception:  # noqa: BLE001 - a hiccup of the database: the next beat tries again
+                continue
+
+
 def load_work(settings: Settings, doc_ids: Sequence[str], schema_version: int | None) -> dict[str, DocumentWork]:
-    """Each document's work at `schema_version` (None: its KB's current one); a deleted document has no chunks."""
     work: dict[str, DocumentWork] = {}
     schemas: dict[tuple[int, int], DomainSchema] = {}
     with session_scope(settings.effective_database_url) as session:
@@ -112,14 +181,41 @@ class StopCheck:
 
 
 def stop_check(settings: Settings, job_id: str | None, should_stop: Callable[[], bool] | None) -> StopCheck:
-    """The stop conditions of `job_id` (none without a job) combined with the caller's `should_stop`."""
     if job_id is None:
         return StopCheck(None, should_stop)
     client = redis_client.connect(settings)
     return StopCheck(JobControl.for_job(client, settings.effective_database_url, job_id), should_stop)
 
 
-def report_outcomes(settings: Settings, job_id: str | None, outcomes: Sequence[DocumentOutcome]) -> None:
+def job_is_active(settings: Settings, job_id: str) -> bool:
+    with session_scope(settings.effective_database_url) as session:
+        return ledger.job_is_active(session, job_id)
+
+
+def fail_held(
+    settings: Settings, items: Sequence[DocumentWork], claimant: str, job_id: str | None, exc: Exception
+) -> None:
+    """After an error that stops a stage: mark the rows it still holds `failed` with the error and
+    report them (the job is not closed: the step's retry may still finish them). When the database
+    or Redis is what failed, this may fail too; the rows are then closed by the reaper
+    (`ledger.reap_abandoned`) once their lease expires."""
+    error = scrub(
+        f"the step stopped on an error of the infrastructure: {type(exc).__name__}: {exc}".strip()
+    )[:1000] + "; the step's retry extracts the document again"
+    failed: list[DocumentOutcome] = []
+    try:
+        with session_scope(settings.effective_database_url) as session:
+            for item in items:
+                if ledger.mark_failed(session, item.doc_id, item.schema_version, claimant, error):
+                    failed.append(DocumentOutcome(item.doc_id, "failed", item.schema_version, error=error))
+        report_outcomes(settings, job_id, failed, close=False)
+    except Exception:  # noqa: BLE001 - the original error is what the caller raises
+        return
+
+
+def report_outcomes(
+    settings: Settings, job_id: str | None, outcomes: Sequence[DocumentOutcome], *, close: bool = True
+) -> None:
     """Report final outcomes to the job's progress and close the job when it is done."""
     if job_id is None:
         return
@@ -129,12 +225,13 @@ def report_outcomes(settings: Settings, job_id: str | None, outcomes: Sequence[D
             redis_client.connect(settings), job_id,
             [(o.doc_id, o.status, o.cost_usd, o.error) for o in final],
         )
+    if not close:
+        return
     with session_scope(settings.effective_database_url) as session:
         ledger.finish_job_if_done(session, job_id)
 
 
 def group_by_schema(items: Sequence[DocumentWork]) -> dict[tuple[int, int], list[DocumentWork]]:
-    """The documents grouped by (KB id, schema version): one extractor call per group."""
     groups: dict[tuple[int, int], list[DocumentWork]] = {}
     for item in items:
         groups.setdefault((item.kb_id, item.schema_version), []).append(item)

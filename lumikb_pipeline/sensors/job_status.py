@@ -1,7 +1,9 @@
 """`job_status_sensor`: fires every few seconds; records a `Job` (trigger `ui-backfill`, one per KB)
 for each backfill of `document_entities` launched in the Dagster UI, brings each pending or running
 job's status, run ids and times in line with its Dagster backfill, and finishes launching a job
-whose launch was interrupted. Launches nothing else."""
+whose launch was interrupted, and closes the ledger rows of workers that died (`reap_abandoned_work`:
+rows whose Dagster run group has ended, or whose lease expired, are marked failed and their jobs
+closed when that finishes them). Launches nothing else."""
 
 
 from dagster import DefaultSensorStatus, SensorEvaluationContext, SensorResult, SkipReason, sensor
@@ -25,6 +27,7 @@ def job_status_sensor(
 ) -> SensorResult:
     recorded = reextraction.record_ui_backfills(context.instance)
     changes = [f"backfill {backfill_id}: recorded its job(s)" for backfill_id in recorded]
+    changes += reextraction.reap_abandoned_work(context.instance)
     for change in changes:
         context.log.info(change)
     with database.session() as session:

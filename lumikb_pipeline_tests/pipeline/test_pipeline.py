@@ -108,3 +108,106 @@ def test_a_late_write_at_an_older_schema_version_is_skipped_and_keeps_the_newer_
         rows = {r.schema_version: r for r in session.scalars(select(ExtractionRecord))}
     assert rows[2].status == ExtractionStatus.SUCCEEDED
     assert rows[1].status == ExtractionStatus.SKIPPED and "newer than" in (rows[1].last_error or "")
+
+
+def _job(settings_url: str, doc_ids: list[str], status: JobStatus = JobStatus.RUNNING) -> str:
+    from lumikb_pipeline.db import ledger
+
+    with session_scope(settings_url) as session:
+        kb = catalog.get_kb(session, "demo")
+        job = Job(kb_id=kb.id, target_schema_version=1, selection={"kind": "all"}, trigger=JobTrigger.CLI,
+                  total_documents=len(doc_ids), status=JobStatus.RUNNING)
+        session.add(job)
+        session.flush()
+        ledger.ensure_records(session, kb.id, doc_ids, 1, job.id)
+        job.status = status
+        return job.id
+
+
+def _rows(settings_url: str) -> dict[str, ExtractionRecord]:
+    with session_scope(settings_url) as session:
+        rows = {r.document_id: r for r in session.scalars(select(ExtractionRecord))}
+        session.expunge_all()
+    return rows
+
+
+def test_an_infrastructure_error_in_the_graph_write_fails_the_held_rows_with_the_error(
+    demo_kb: list[str], tmp_path: Path
+) -> None:
+    """The graph store is unusable (here: its file cannot be created) in the middle of a job: the step
+    raises for its retry, and the rows it held are `failed` with the error, shown in the job's
+    recent errors, instead of staying `running`."""
+    from lumikb_pipeline.graph.embedded_store import EmbeddedGraphStore
+    from lumikb_pipeline.infra import redis_client
+    from lumikb_pipeline.tracking.progress import job_progress
+
+    settings = load_settings()
+    doc_ids = demo_kb[:3]
+    job_id = _job(settings.effective_database_url, doc_ids)
+    (tmp_path / "not-a-directory").write_text("")
+    broken = EmbeddedGraphStore(tmp_path / "not-a-directory" / "graph.sqlite3")
+    extracted = extract_documents(settings, ChunkExtractor(settings), doc_ids, claimant="run-1", job_id=job_id)
+
+    with pytest.raises(OSError):
+        write_documents(settings, broken, extracted, claimant="run-1", job_id=job_id)
+
+    rows = _rows(settings.effective_database_url)
+    assert {rows[d].status for d in doc_ids} == {ExtractionStatus.FAILED}
+    assert all("infrastructure" in (rows[d].last_error or "") for d in doc_ids)
+    with session_scope(settings.effective_database_url) as session:
+        progress = job_progress(session, redis_client.connect(settings), job_id)
+        assert session.get_one(Job, job_id).status == JobStatus.RUNNING  # the step's retry may finish it
+    assert progress.failed == 3 and len(progress.recent_errors) == 3
+    assert "infrastructure" in progress.recent_errors[0]["error"]
+    # The step's retry takes the failed rows back and finishes the job.
+    retried = extract_documents(settings, ChunkExtractor(settings), doc_ids, claimant="run-1", job_id=job_id)
+    store = open_graph_store(settings)
+    try:
+        assert [o.status for o in write_documents(settings, store, retried, claimant="run-1", job_id=job_id)] == [
+            "succeeded"] * 3
+    finally:
+        store.close()
+    with session_scope(settings.effective_database_url) as session:
+        assert session.get_one(Job, job_id).status == JobStatus.SUCCEEDED
+
+
+def test_a_document_whose_attempts_keep_dying_is_failed_with_a_clear_error(demo_kb: list[str]) -> None:
+    """Each attempt at the document died mid-step (its row stayed `running`); the redelivery after the
+    last allowed attempt gives up instead of trying forever."""
+    from lumikb_pipeline.db import ledger
+
+    settings = load_settings()
+    [doc_id] = demo_kb[:1]
+    job_id = _job(settings.effective_database_url, [doc_id])
+    with session_scope(settings.effective_database_url) as session:
+        for _ in range(ledger.MAX_ATTEMPTS):  # claimed, then the worker died (out of memory)
+            assert ledger.claim(session, doc_id, 1, "run-1", job_id)
+
+    (outcome,) = extract_documents(settings, ChunkExtractor(settings), [doc_id], claimant="run-1", job_id=job_id)
+
+    assert outcome.status == "failed" and f"given up after {ledger.MAX_ATTEMPTS} attempts" in (outcome.error or "")
+    row = _rows(settings.effective_database_url)[doc_id]
+    assert row.status == ExtractionStatus.FAILED and "given up" in (row.last_error or "")
+    with session_scope(settings.effective_database_url) as session:
+        assert session.get_one(Job, job_id).status == JobStatus.FAILED
+
+
+@pytest.mark.parametrize("ended", [JobStatus.SUCCEEDED, JobStatus.CANCELLED])
+def test_a_late_redelivery_of_a_step_of_an_ended_job_changes_nothing(demo_kb: list[str], ended: JobStatus) -> None:
+    settings = load_settings()
+    doc_ids = demo_kb[:2]
+    job_id = _job(settings.effective_database_url, doc_ids, status=ended)
+    with session_scope(settings.effective_database_url) as session:
+        session.get_one(Job, job_id).cancel_requested_at = (
+            session.get_one(Job, job_id).created_at if ended == JobStatus.CANCELLED else None
+        )
+    before = {d: (r.status, r.attempts, r.claimed_by) for d, r in _rows(settings.effective_database_url).items()}
+
+    outcomes = extract_documents(settings, ChunkExtractor(settings), doc_ids, claimant="stale-run", job_id=job_id)
+
+    assert [o.status for o in outcomes] == ["skipped", "skipped"]
+    assert all("has ended" in (o.error or "") for o in outcomes)
+    after = {d: (r.status, r.attempts, r.claimed_by) for d, r in _rows(settings.effective_database_url).items()}
+    assert after == before
+    with session_scope(settings.effective_database_url) as session:
+        assert session.get_one(Job, job_id).status == ended

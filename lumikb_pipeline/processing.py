@@ -31,12 +31,15 @@ from lumikb_pipeline.db.models import Chunk, Document, ExtractionStatus, Knowled
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure, GraphChunk
 from lumikb_pipeline.domain.schema import DomainSchema, schema_from_json
+from lumikb_pipeline.domain.schema_diff import Strategy
 from lumikb_pipeline.errors import LumikbError
 from lumikb_pipeline.graph.build import build_document_graph
 from lumikb_pipeline.graph.store import GraphStore
-from lumikb_pipeline.llm.checkpoints import load_checkpoints
-from lumikb_pipeline.llm.extractor import ChunkExtractor, ChunkInput
-from lumikb_pipeline.llm.prompt import effective_prompt_version
+from lumikb_pipeline.llm import checkpoints
+from lumikb_pipeline.llm.checkpoints import CheckpointKey, load_checkpoints
+from lumikb_pipeline.llm.extractor import ChunkExtractor, ChunkInput, DeltaTask
+from lumikb_pipeline.llm.prompt import derived_prompt_version, effective_prompt_version
+from lumikb_pipeline.pipeline.migration import SchemaHistory, StrategyOption, chunk_work, plan_documents
 from lumikb_pipeline.scrub import scrub
 
 OutcomeStatus = Literal["extracted", "succeeded", "failed", "skipped", "cancelled"]
@@ -59,6 +62,7 @@ class DocumentOutcome:
     cost_usd: float = 0.0
     duration_s: float = 0.0
     error: str | None = None
+    strategy: str = "full"  # how it reached its version: full | delta | graph-only | none (schema_diff)
 
     def ledger_outcome(self) -> ledger.Outcome:
         return ledger.Outcome(
@@ -77,6 +81,7 @@ class _DocumentWork:
     schema: DomainSchema
     chunks: list[ChunkInput] = field(default_factory=list)
     ordinals: dict[str, int] = field(default_factory=dict)
+    strategy: Strategy = "full"
 
 
 def target_version(settings: Settings, doc_id: str, requested: int | None) -> int:
@@ -128,10 +133,15 @@ def extract_documents(
     job_id: str | None = None,
     schema_version: int | None = None,
     should_stop: Callable[[], bool] | None = None,
+    strategy: StrategyOption = "auto",
 ) -> list[DocumentOutcome]:
     """Stage 1: claim and extract. Documents already succeeded at this version and revision are
     `skipped` (a retried step does not redo them); claimed documents whose chunks all have a
-    checkpoint now are `extracted` and stay claimed by `claimant` for stage 2."""
+    checkpoint now are `extracted` and stay claimed by `claimant` for stage 2.
+
+    With `strategy="auto"` each document takes the cheapest correct way from the version it was
+    extracted at (`pipeline.migration`): its previous extraction migrated (`graph-only`), plus the
+    added types asked of the LLM (`delta`), or a `full` extraction; `"full"` extracts every chunk anew."""
     started = time.monotonic()
     stop = _stop_check(settings, job_id, should_stop)
     work = _load_work(settings, doc_ids, schema_version)
@@ -153,14 +163,19 @@ def extract_documents(
 
     results: dict[str, ChunkExtraction | ChunkFailure] = {}
     for (kb_id, version), group in _group_by_schema(claimed).items():
-        chunk_inputs = [chunk for item in group for chunk in item.chunks]
-        for result in extractor.extract_sync(kb_id, version, group[0].schema, chunk_inputs, stop, stop.on_result):
+        schema = group[0].schema
+        full_chunks, deltas = _migrate(settings, extractor.model, kb_id, version, schema, group, strategy, results)
+        for result in extractor.extract_sync(kb_id, version, schema, full_chunks, stop, stop.on_result):
             results[result.chunk_id] = result
+        for task, delta_chunks in deltas:
+            for result in extractor.extract_sync(kb_id, version, schema, delta_chunks, stop, stop.on_result, task):
+                results[result.chunk_id] = result
 
     elapsed = time.monotonic() - started
     with session_scope(settings.effective_database_url) as session:
         for item in claimed:
-            outcome = DocumentOutcome(item.doc_id, "extracted", item.schema_version, chunks=len(item.chunks))
+            outcome = DocumentOutcome(item.doc_id, "extracted", item.schema_version, chunks=len(item.chunks),
+                                      strategy=item.strategy)
             failures: list[ChunkFailure] = []
             for chunk in item.chunks:
                 result = results[chunk.id]
@@ -188,6 +203,43 @@ def extract_documents(
             outcomes[item.doc_id] = outcome
     _report(settings, job_id, [outcomes[doc_id] for doc_id in doc_ids])
     return [outcomes[doc_id] for doc_id in doc_ids]
+
+
+def _migrate(
+    settings: Settings, model: str, kb_id: int, version: int, schema: DomainSchema, group: Sequence[_DocumentWork],
+    strategy: StrategyOption, results: dict[str, ChunkExtraction | ChunkFailure],
+) -> tuple[list[ChunkInput], list[tuple[DeltaTask, list[ChunkInput]]]]:
+    """Plan each document of `group` (`pipeline.migration`) and do what needs no LLM: migrated chunks
+    of `graph-only` documents are stored as derived checkpoints and put in `results`. Returns the
+    chunks to extract in full and, per delta, the chunks to ask it for."""
+    full_chunks: list[ChunkInput] = []
+    deltas: dict[int, tuple[DeltaTask, list[ChunkInput]]] = {}
+    derived = CheckpointKey(kb_id, version, derived_prompt_version(schema), model)
+    with session_scope(settings.effective_database_url) as session:
+        history = SchemaHistory(session, kb_id)
+        plans = plan_documents(session, kb_id, version, [item.doc_id for item in group], strategy, history)
+        for item in group:
+            plan = plans[item.doc_id]
+            item.strategy = plan.strategy
+            if plan.strategy == "full":
+                full_chunks.extend(item.chunks)
+                continue
+            work = chunk_work(session, kb_id, plan, model, item.chunks, history)
+            request = plan.delta
+            for chunk in item.chunks:
+                migrated = work.migrated.get(chunk.content_hash)
+                if migrated is None:
+                    full_chunks.append(chunk)  # no previous extraction of this text: extracted in full
+                elif request is not None:
+                    assert plan.from_version is not None
+                    task, chunks = deltas.setdefault(plan.from_version, (DeltaTask(request, {}), []))
+                    assert isinstance(task.bases, dict)
+                    task.bases[chunk.content_hash] = migrated
+                    chunks.append(chunk)
+                else:
+                    checkpoints.save(session, derived, chunk.content_hash, migrated)
+                    results[chunk.id] = migrated.model_copy(update={"chunk_id": chunk.id, "from_checkpoint": True})
+    return full_chunks, list(deltas.values())
 
 
 @dataclass
@@ -283,6 +335,13 @@ def write_documents(
                     session, item.kb_id, item.schema_version,
                     effective_prompt_version(item.schema), settings.llm_model, item.chunks,
                 )
+                if len(extractions) < len(item.chunks):
+                    # Chunks migrated from an earlier version (graph-only, delta) have a derived checkpoint.
+                    done = {e.chunk_id for e in extractions}
+                    extractions += load_checkpoints(
+                        session, item.kb_id, item.schema_version, derived_prompt_version(item.schema),
+                        settings.llm_model, [c for c in item.chunks if c.id not in done],
+                    )
                 if len(extractions) != len(item.chunks):
                     raise LumikbError(
                         f"{len(item.chunks) - len(extractions)} of the document's chunks have no checkpoint at "

@@ -31,7 +31,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
@@ -47,11 +47,17 @@ from lumikb_pipeline.config import RateLimit, Settings, parse_model_rate_limits
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure
 from lumikb_pipeline.domain.schema import DomainSchema
+from lumikb_pipeline.domain.schema_diff import DeltaRequest, merge_delta
 from lumikb_pipeline.llm import checkpoints, send_gate
 from lumikb_pipeline.llm.cost import response_cost
 from lumikb_pipeline.llm.offline import OFFLINE_MODEL, register_offline_model
 from lumikb_pipeline.llm.parse import ParsedAnswer, UnusableAnswer, answer_format, parse_answer
-from lumikb_pipeline.llm.prompt import build_messages, effective_prompt_version
+from lumikb_pipeline.llm.prompt import (
+    build_delta_messages,
+    build_messages,
+    derived_prompt_version,
+    effective_prompt_version,
+)
 from lumikb_pipeline.llm.rate_limit import RateLimiter
 from lumikb_pipeline.llm.send_gate import GatedTransport, SendGate, current_gate
 from lumikb_pipeline.redis_client import redis_url as configured_redis_url
@@ -76,6 +82,17 @@ class ChunkInput:
     id: str
     text: str
     content_hash: str
+
+
+@dataclass(frozen=True)
+class DeltaTask:
+    """A `delta` extraction (schema evolution): ask only for `request`'s added types, with each
+    chunk's migrated previous extraction (`bases`, by content hash) as known entities, and merge the
+    answer into it. Results are checkpointed under the derived key (`prompt.derived_prompt_version`),
+    never under a full extraction's."""
+
+    request: DeltaRequest
+    bases: Mapping[str, ChunkExtraction]
 
 
 @dataclass(frozen=True)
@@ -308,11 +325,14 @@ class ChunkExtractor:
         chunks: Sequence[ChunkInput],
         should_stop: Callable[[], bool] | None = None,
         on_result: Callable[[ChunkOutcome], None] | None = None,
+        delta: DeltaTask | None = None,
     ) -> list[ChunkOutcome]:
         """`extract` for callers that are not async (Dagster ops, Celery tasks, the CLI)."""
         if isinstance(self._redis, aioredis.Redis):
             raise TypeError("extract_sync needs a Redis URL, not an asyncio client bound to another loop")
-        return _run_in_loop_thread(self.extract(kb_id, schema_version, schema, chunks, should_stop, on_result))
+        return _run_in_loop_thread(
+            self.extract(kb_id, schema_version, schema, chunks, should_stop, on_result, delta)
+        )
 
     async def extract(
         self,
@@ -322,16 +342,19 @@ class ChunkExtractor:
         chunks: Sequence[ChunkInput],
         should_stop: Callable[[], bool] | None = None,
         on_result: Callable[[ChunkOutcome], None] | None = None,
+        delta: DeltaTask | None = None,
     ) -> list[ChunkOutcome]:
         """Extract `chunks` of KB `kb_id` at `schema_version` (whose content is `schema`).
 
         Returns one outcome per chunk, in order. `should_stop` is called right before every LLM
         call, on the event loop, so it must be cheap (read a flag that something else refreshes);
         once it returns True no new call starts. `on_result` sees each outcome as it is known
-        (for progress and spend tracking).
+        (for progress and spend tracking). With `delta`, each chunk's result is its base merged
+        with the answer to a delta prompt (every chunk must have a base).
         """
         started = time.monotonic()
-        key = checkpoints.CheckpointKey(kb_id, schema_version, effective_prompt_version(schema), self.model)
+        prompt_version = effective_prompt_version(schema) if delta is None else derived_prompt_version(schema)
+        key = checkpoints.CheckpointKey(kb_id, schema_version, prompt_version, self.model)
         groups: dict[str, list[ChunkInput]] = {}
         for chunk in chunks:
             groups.setdefault(chunk.content_hash, []).append(chunk)
@@ -366,7 +389,7 @@ class ChunkExtractor:
         todo = [h for h in groups if h not in stored]
         if todo:
             try:
-                await self._extract_missing(key, schema, todo, groups, should_stop, settle)
+                await self._extract_missing(key, schema, todo, groups, should_stop, settle, delta)
             except Exception as exc:
                 # A safety net (e.g. an unusable Redis URL): per-chunk errors are handled inside.
                 log.error("extraction of KB %s stopped: %s", kb_id,
@@ -412,6 +435,7 @@ class ChunkExtractor:
         groups: dict[str, list[ChunkInput]],
         should_stop: Callable[[], bool] | None,
         settle: Callable[[str, ChunkOutcome], None],
+        delta: DeltaTask | None = None,
     ) -> None:
         if isinstance(self._redis, aioredis.Redis):
             client = self._redis
@@ -423,7 +447,7 @@ class ChunkExtractor:
             client = aioredis.Redis.from_url(url, decode_responses=True, max_connections=self.concurrency + 8)
         limiter = RateLimiter(client, self.model, self.rate_limit, self.settings.max_in_flight, **self.limiter_options)
         await _warm_up(self.model)
-        run = _Run(self, key, schema, limiter, should_stop)
+        run = _Run(self, key, schema, limiter, should_stop, delta)
         queue: asyncio.Queue[str] = asyncio.Queue()
         for content_hash in todo:
             queue.put_nowait(content_hash)
@@ -525,10 +549,13 @@ class _Run:
     """The state of one `extract` call's LLM work (one event loop)."""
 
     def __init__(self, extractor: ChunkExtractor, key: checkpoints.CheckpointKey, schema: DomainSchema,
-                 limiter: RateLimiter, should_stop: Callable[[], bool] | None) -> None:
+                 limiter: RateLimiter, should_stop: Callable[[], bool] | None,
+                 delta: DeltaTask | None = None) -> None:
         self.extractor = extractor
         self.key = key
-        self.schema = schema
+        self.delta = delta
+        # The schema answers are validated against: a delta answer may join known entities of any type.
+        self.schema = schema if delta is None else delta.request.validation_schema
         self.limiter = limiter
         self.should_stop = should_stop
         self.stopped = False
@@ -555,7 +582,13 @@ class _Run:
     async def extract_one(self, chunk: ChunkInput) -> ChunkOutcome:
         usage = _Usage()
         budget = _Budget(self.extractor.retry_policy)
-        messages = build_messages(self.schema, chunk.text)
+        # A delta chunk always has its base: the caller sends chunks without one as full extractions.
+        base = self.delta.bases[chunk.content_hash] if self.delta is not None else None
+        if self.delta is not None and base is not None:
+            known = [(e.name, e.type) for e in base.entities]
+            messages = build_delta_messages(self.delta.request.ask, chunk.text, known)
+        else:
+            messages = build_messages(self.schema, chunk.text)
         parsed: ParsedAnswer | None = None
         try:
             retrying = AsyncRetrying(retry=budget.retry, wait=budget.wait, stop=budget.stop, reraise=True,
@@ -575,11 +608,14 @@ class _Run:
                 log.warning("chunk %s failed: %s", chunk.id, reason)
             return ChunkFailure(chunk_id=chunk.id, reason=reason, llm_calls=usage.calls)
         assert parsed is not None  # the loop only ends without an exception after a successful attempt
-        return ChunkExtraction(
+        result = ChunkExtraction(
             chunk_id=chunk.id, entities=parsed.entities, relationships=parsed.relationships, dropped=parsed.dropped,
             llm_calls=usage.calls, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             cost_usd=usage.cost_usd,
         )
+        if self.delta is not None and base is not None:
+            return merge_delta(base, result, self.delta.request)
+        return result
 
     async def _call(self, messages: list[dict[str, str]], usage: _Usage) -> ParsedAnswer:
         extractor = self.extractor

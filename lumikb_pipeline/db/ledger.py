@@ -383,6 +383,24 @@ def cancel_pending(session: Session, job_id: str, reason: str = "job cancelled")
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
+def latest_succeeded_versions(
+    session: Session, kb_id: int, doc_ids: Sequence[str] | None = None
+) -> dict[str, int]:
+    """Each document of a KB (or of `doc_ids`) with its latest succeeded schema version (absent: never)."""
+    query = (
+        select(ExtractionRecord.document_id, func.max(ExtractionRecord.schema_version))
+        .where(ExtractionRecord.kb_id == kb_id, ExtractionRecord.status == ExtractionStatus.SUCCEEDED)
+        .group_by(ExtractionRecord.document_id)
+    )
+    if doc_ids is None:
+        return dict(session.execute(query).tuples().all())
+    latest: dict[str, int] = {}
+    for start in range(0, len(doc_ids), 1000):
+        batch = query.where(ExtractionRecord.document_id.in_(list(doc_ids[start : start + 1000])))
+        latest.update(session.execute(batch).tuples().all())
+    return latest
+
+
 def outdated_document_ids(session: Session, kb: KnowledgeBase) -> list[str]:
     """Live documents whose latest succeeded extraction is older than the KB's current schema
     version, or that have none (PRODUCT.md section 1)."""

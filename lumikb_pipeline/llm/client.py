@@ -8,7 +8,7 @@ import asyncio
 import gc
 import logging
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx2
@@ -20,9 +20,10 @@ from lumikb_pipeline.core.config import Settings
 from lumikb_pipeline.core.scrub import scrub
 from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure, ChunkInput
 from lumikb_pipeline.domain.schema import DomainSchema
+from lumikb_pipeline.domain.schema_diff import DeltaRequest, merge_delta
 from lumikb_pipeline.llm.cost import response_cost
 from lumikb_pipeline.llm.parse import ParsedAnswer, UnusableAnswer, answer_format, parse_answer
-from lumikb_pipeline.llm.prompt import build_messages
+from lumikb_pipeline.llm.prompt import build_delta_messages, build_messages
 from lumikb_pipeline.llm.rate_limit import RateLimiter
 from lumikb_pipeline.llm.retry import (
     Cancelled,
@@ -56,15 +57,20 @@ class ChunkCaller:
         schema: DomainSchema,
         limiter: RateLimiter,
         should_stop: Callable[[], bool] | None,
+        delta: tuple[DeltaRequest, Mapping[str, ChunkExtraction]] | None = None,
     ) -> None:
         """`should_stop` is asked before every call (cheap: on the event loop); `concurrency` sizes the
-        HTTP connection pool."""
+        HTTP connection pool. With `delta` (a request and each chunk's base by content hash), each
+        chunk is asked only for the request's added types, with its base's entities as known ones, and
+        its result is the base merged with the answer."""
         self.settings = settings
         self.model = model
         self.api_key = api_key
         self.secrets = (api_key,) if api_key else ()
         self.retry_policy = retry_policy
-        self.schema = schema
+        self.delta = delta
+        # The schema answers are validated against: a delta answer may join known entities of any type.
+        self.schema = schema if delta is None else delta[0].validation_schema
         self.limiter = limiter
         self.should_stop = should_stop
         self.stopped = False
@@ -94,7 +100,13 @@ class ChunkCaller:
         """Extract one chunk: an extraction, or a failure with its reason (never raises)."""
         usage = Usage()
         budget = RetryBudget(self.retry_policy)
-        messages = build_messages(self.schema, chunk.text)
+        # A delta chunk always has its base: the caller sends chunks without one as full extractions.
+        base = self.delta[1][chunk.content_hash] if self.delta is not None else None
+        if self.delta is not None and base is not None:
+            known = [(e.name, e.type) for e in base.entities]
+            messages = build_delta_messages(self.delta[0].ask, chunk.text, known)
+        else:
+            messages = build_messages(self.schema, chunk.text)
         parsed: ParsedAnswer | None = None
         try:
             retrying = AsyncRetrying(retry=budget.retry, wait=budget.wait, stop=budget.stop, reraise=True,
@@ -114,11 +126,14 @@ class ChunkCaller:
                 log.warning("chunk %s failed: %s", chunk.id, reason)
             return ChunkFailure(chunk_id=chunk.id, reason=reason, llm_calls=usage.calls)
         assert parsed is not None  # the loop only ends without an exception after a successful attempt
-        return ChunkExtraction(
+        result = ChunkExtraction(
             chunk_id=chunk.id, entities=parsed.entities, relationships=parsed.relationships, dropped=parsed.dropped,
             llm_calls=usage.calls, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             cost_usd=usage.cost_usd,
         )
+        if self.delta is not None and base is not None:
+            return merge_delta(base, result, self.delta[0])
+        return result
 
     async def _call(self, messages: list[dict[str, str]], usage: Usage) -> ParsedAnswer:
         while True:

@@ -27,7 +27,8 @@ import logging
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import litellm
@@ -39,12 +40,13 @@ from lumikb_pipeline.core.scrub import register_secret, scrub
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure, ChunkInput
 from lumikb_pipeline.domain.schema import DomainSchema
+from lumikb_pipeline.domain.schema_diff import DeltaRequest
 from lumikb_pipeline.infra.redis_client import redis_url as configured_redis_url
 from lumikb_pipeline.llm import checkpoints, send_gate
 from lumikb_pipeline.llm.client import ChunkCaller, ChunkOutcome, format_kwargs, uses_openai_sdk, warm_up_litellm
 from lumikb_pipeline.llm.event_loop import run_in_loop_thread
 from lumikb_pipeline.llm.offline import register_offline_model
-from lumikb_pipeline.llm.prompt import effective_prompt_version
+from lumikb_pipeline.llm.prompt import derived_prompt_version, effective_prompt_version
 from lumikb_pipeline.llm.rate_limit import RateLimiter
 from lumikb_pipeline.llm.retry import REASON_CHARS, RetryPolicy
 
@@ -55,6 +57,17 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r"Items .* are using the `ReadOnly` qualifier", category=UserWarning)
 
 _SLOW_SHOULD_STOP_S = 0.005
+
+
+@dataclass(frozen=True)
+class DeltaTask:
+    """A `delta` extraction (schema evolution): ask only for `request`'s added types, with each
+    chunk's migrated previous extraction (`bases`, by content hash) as known entities, and merge the
+    answer into it. Results are checkpointed under the derived key (`prompt.derived_prompt_version`),
+    never under a full extraction's."""
+
+    request: DeltaRequest
+    bases: Mapping[str, ChunkExtraction]
 
 
 
@@ -126,11 +139,14 @@ class ChunkExtractor:
         chunks: Sequence[ChunkInput],
         should_stop: Callable[[], bool] | None = None,
         on_result: Callable[[ChunkOutcome], None] | None = None,
+        delta: DeltaTask | None = None,
     ) -> list[ChunkOutcome]:
         """`extract` for callers that are not async (Dagster ops, Celery tasks, the CLI)."""
         if isinstance(self._redis, aioredis.Redis):
             raise TypeError("extract_sync needs a Redis URL, not an asyncio client bound to another loop")
-        return run_in_loop_thread(self.extract(kb_id, schema_version, schema, chunks, should_stop, on_result))
+        return run_in_loop_thread(
+            self.extract(kb_id, schema_version, schema, chunks, should_stop, on_result, delta)
+        )
 
     async def extract(
         self,
@@ -140,16 +156,19 @@ class ChunkExtractor:
         chunks: Sequence[ChunkInput],
         should_stop: Callable[[], bool] | None = None,
         on_result: Callable[[ChunkOutcome], None] | None = None,
+        delta: DeltaTask | None = None,
     ) -> list[ChunkOutcome]:
         """Extract `chunks` of KB `kb_id` at `schema_version` (whose content is `schema`).
 
         Returns one outcome per chunk, in order. `should_stop` is called right before every LLM
         call, on the event loop, so it must be cheap (read a flag that something else refreshes);
         once it returns True no new call starts. `on_result` sees each outcome as it is known
-        (for progress and spend tracking).
+        (for progress and spend tracking). With `delta`, each chunk's result is its base merged
+        with the answer to a delta prompt (every chunk must have a base).
         """
         started = time.monotonic()
-        key = checkpoints.CheckpointKey(kb_id, schema_version, effective_prompt_version(schema), self.model)
+        prompt_version = effective_prompt_version(schema) if delta is None else derived_prompt_version(schema)
+        key = checkpoints.CheckpointKey(kb_id, schema_version, prompt_version, self.model)
         groups: dict[str, list[ChunkInput]] = {}
         for chunk in chunks:
             groups.setdefault(chunk.content_hash, []).append(chunk)
@@ -184,7 +203,7 @@ class ChunkExtractor:
         todo = [h for h in groups if h not in stored]
         if todo:
             try:
-                await self._extract_missing(key, schema, todo, groups, should_stop, settle)
+                await self._extract_missing(key, schema, todo, groups, should_stop, settle, delta)
             except Exception as exc:
                 # A safety net (e.g. an unusable Redis URL): per-chunk errors are handled inside.
                 log.error("extraction of KB %s stopped: %s", kb_id,
@@ -230,6 +249,7 @@ class ChunkExtractor:
         groups: dict[str, list[ChunkInput]],
         should_stop: Callable[[], bool] | None,
         settle: Callable[[str, ChunkOutcome], None],
+        delta: DeltaTask | None = None,
     ) -> None:
         if isinstance(self._redis, aioredis.Redis):
             client = self._redis
@@ -245,6 +265,7 @@ class ChunkExtractor:
         run = ChunkCaller(
             settings=self.settings, model=self.model, api_key=self._api_key, concurrency=self.concurrency,
             retry_policy=self.retry_policy, schema=schema, limiter=limiter, should_stop=checked_stop,
+            delta=None if delta is None else (delta.request, delta.bases),
         )
         queue: asyncio.Queue[str] = asyncio.Queue()
         for content_hash in todo:
@@ -315,4 +336,4 @@ class ChunkExtractor:
         return answer
 
 
-__all__ = ["ChunkExtractor", "ChunkInput", "ChunkOutcome", "RetryPolicy"]
+__all__ = ["ChunkExtractor", "ChunkInput", "ChunkOutcome", "DeltaTask", "RetryPolicy"]

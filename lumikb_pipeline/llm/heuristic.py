@@ -5,12 +5,19 @@ fast enough for the demo, so it is simple on purpose:
 
 - entities are capitalised phrases ("Acme Corp", "Jane Doe", "Bank of Nordland"), minus leading
   function words ("The", "In", ...);
-- an entity's type is chosen among the schema's entity types by keywords: the words of each type's
-  name and description, widened by a small lexicon of cues (an "Inc." or "Ltd" suggests an
-  organisation-like type, a preceding "Dr." a person-like type, a preceding "in" a place-like type);
-  when nothing matches, a stable hash of the name picks the type, so answers never depend on chance;
-- relationships join entities of the same sentence when the schema allows their endpoint types,
-  the relationship type whose description words best match the sentence winning.
+- each entity type takes, on its own, the names it fits, by keywords: the words of the type's
+  description (its name when it has none), widened by a small lexicon of cues (an "Inc." or "Ltd"
+  suggests an organisation-like type, a preceding "Dr." a person-like type, a preceding "in" a
+  place-like type); a type no cue describes takes a stable third of the names (by hash), so answers
+  never depend on chance;
+- each relationship type joins, on its own, every two entities of the same sentence whose types it
+  allows (the first named is the source when both directions are allowed).
+
+Because every type is decided without looking at the others, the answer under a schema is the union
+of the answers per type: adding a type adds exactly its items, removing one removes exactly its
+items, and a type renamed with its description kept is extracted as before. That is what a
+well-behaved model does, and what lets tests hold `delta` and `graph-only` migrations to the graph
+of a full re-extraction.
 
 This module imports no LLM library, so the fake server starts quickly.
 """
@@ -19,10 +26,11 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lumikb_pipeline.domain.schema import DomainSchema, EntityType
+from lumikb_pipeline.domain.schema import DomainSchema, EntityType, RelationshipType
 
 MAX_ENTITIES = 40
 MAX_RELATIONSHIPS = 30
@@ -45,6 +53,7 @@ _FUNCTION_WORDS = frozenset(
     mr mrs ms dr prof sir monday tuesday wednesday thursday friday saturday sunday january february
     march april may june july august september october november december""".split()
 )
+_COPULAS = frozenset("is was are were be been".split())
 _STOP_KEYWORDS = _FUNCTION_WORDS | frozenset("is are was were be been has have had any such other type".split())
 
 
@@ -87,7 +96,7 @@ _CUES = (
     _Cue(
         _words("product products software tool tools device devices service services model platform"),
         _words("pro max mini plus cloud os app api"),
-        _words("uses use using released launched built"),
+        _words("uses use using released launched built product products sells makes"),
     ),
 )
 
@@ -103,9 +112,15 @@ def _split_camel(name: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", name).replace("_", " ")
 
 
-def _type_keywords(entity_type: EntityType) -> frozenset[str]:
-    text = f"{_split_camel(entity_type.name)} {entity_type.description}".lower()
-    return frozenset(w for w in _WORD.findall(text) if len(w) > 2 and w not in _STOP_KEYWORDS)
+def _type_keywords(item: EntityType | RelationshipType) -> frozenset[str]:
+    # The description when there is one, else the name: a type renamed with its description kept is
+    # extracted exactly as before (what makes a rename a graph-only migration for this model).
+    text = item.description if item.description.strip() else _split_camel(item.name)
+    return frozenset(w for w in _WORD.findall(text.lower()) if len(w) > 2 and w not in _STOP_KEYWORDS)
+
+
+def _identity(item: EntityType | RelationshipType) -> str:
+    return item.description.strip().lower() or item.name.lower()
 
 
 def _article(word: str) -> str:
@@ -149,7 +164,9 @@ def _mentions(text: str) -> tuple[list[_Mention], list[list[str]]]:
                 if len(by_key) >= MAX_ENTITIES:
                     continue
                 mention = by_key[key] = _Mention(name=name, first=offset + match.start())
-            before = _WORD.findall(sentence[: match.start()].lower())[-1:]
+            # The word before the name, looking past a copula ("its product is Atlas" -> "product").
+            preceding = [w for w in _WORD.findall(sentence[: match.start()].lower()) if w not in _COPULAS]
+            before = preceding[-1:]
             mention.contexts.append((frozenset(_WORD.findall(name.lower())), before[0] if before else ""))
             if name not in names_here:
                 names_here.append(name)
@@ -158,71 +175,92 @@ def _mentions(text: str) -> tuple[list[_Mention], list[list[str]]]:
     return sorted(by_key.values(), key=lambda m: m.first), sentences
 
 
-def _choose_type(mention: _Mention, schema: DomainSchema, keywords: dict[str, frozenset[str]]) -> str:
-    best_name, best_score = "", 0
-    for entity_type in schema.entity_types:
-        type_words = keywords[entity_type.name]
-        score = 0
-        for name_words, before in mention.contexts:
-            score += 2 * len(name_words & type_words)
-            for cue in _CUES:
-                if type_words & cue.type_words:
-                    score += 3 * len(name_words & cue.name_words) + 2 * int(before in cue.before_words)
-        if score > best_score:
-            best_name, best_score = entity_type.name, score
-    if best_score == 0:
-        return schema.entity_types[_stable_index(mention.name, len(schema.entity_types))].name
-    return best_name
+def _type_cues(type_words: frozenset[str]) -> tuple[_Cue, ...]:
+    """The kinds of entity a type is: the cues whose type words it shares most (none: an unusual type)."""
+    overlaps = [len(type_words & cue.type_words) for cue in _CUES]
+    best = max(overlaps)
+    return tuple(cue for cue, n in zip(_CUES, overlaps, strict=True) if n and n == best)
 
 
-def extract(schema: DomainSchema, text: str) -> dict[str, Any]:
+def _accepts(mention: _Mention, entity_type: EntityType, type_words: frozenset[str]) -> bool:
+    """Whether `mention` is an entity of `entity_type`, decided from the two alone.
+
+    The decision never looks at the schema's other types, so adding a type only adds its entities,
+    removing one only removes its entities, and every model answer is the union of per-type answers
+    (what makes `delta` and `graph-only` migrations give the same graph as a full extraction).
+    """
+    cues = _type_cues(type_words)
+    score = 0
+    for name_words, before in mention.contexts:
+        score += 2 * len(name_words & type_words)
+        for cue in cues:
+            score += 3 * len(name_words & cue.name_words) + 2 * int(before in cue.before_words)
+    if score:
+        return True
+    # A type no cue describes (e.g. Gene): a stable third of the names that no rule types.
+    return not cues and _stable_index(f"{mention.name}\0{_identity(entity_type)}", 3) == 0
+
+
+def extract(
+    schema: DomainSchema, text: str, known: Sequence[tuple[str, str]] = ()
+) -> dict[str, Any]:
     """The answer a well-behaved model would give for `text` under `schema`, deterministically.
 
-    The result has the prompt's answer shape: `{"entities": [...], "relationships": [...]}`.
+    The result has the prompt's answer shape: `{"entities": [...], "relationships": [...]}`. Each
+    entity type and each relationship type is decided on its own. `known` lists (name, type) of
+    entities already extracted from the chunk (a delta prompt's context): they are not repeated as
+    entities but relationships of `schema`'s types may join them.
     """
-    keywords = {t.name: _type_keywords(t) for t in schema.entity_types}
     mentions, sentences = _mentions(text)
-    types = {m.name: _choose_type(m, schema, keywords) for m in mentions}
-    entities = [
-        {"name": m.name, "type": types[m.name], "description": f"{_article(types[m.name])} "
-         f"{_split_camel(types[m.name]).lower()} named in the text as {m.name}."}
-        for m in mentions
-    ]
-    rel_keywords = {
-        r.name: frozenset(
-            w for w in _WORD.findall(f"{r.name.replace('_', ' ')} {r.description}".lower())
-            if len(w) > 2 and w not in _STOP_KEYWORDS
-        )
-        for r in schema.relationship_types
-    }
+    typed: dict[str, list[str]] = {m.name: [] for m in mentions}  # mention name -> its types, in schema order
+    entities = []
+    for entity_type in schema.entity_types:
+        type_words = _type_keywords(entity_type)
+        for mention in mentions:
+            if _accepts(mention, entity_type, type_words):
+                typed[mention.name].append(entity_type.name)
+    for mention in mentions:
+        for type_name in typed[mention.name]:
+            entities.append({"name": mention.name, "type": type_name, "description": f"{_article(type_name)} "
+                             f"{_split_camel(type_name).lower()} named in the text as {mention.name}."})
+    by_key = {m.name.casefold(): m.name for m in mentions}
+    for name, type_name in known:
+        mention_name = by_key.get(name.casefold())
+        if mention_name is not None and type_name not in typed[mention_name]:
+            typed[mention_name].append(type_name)
+
     relationships: list[dict[str, str]] = []
-    seen: set[frozenset[str]] = set()
-    for sentence_names, sentence in zip(sentences, _SENTENCE_SPLIT.split(text), strict=True):
-        sentence_words = frozenset(_WORD.findall(sentence.lower()))
-        for i, first in enumerate(sentence_names):
-            for second in sentence_names[i + 1:]:
-                pair = frozenset((first.lower(), second.lower()))
-                if len(pair) < 2 or pair in seen or len(relationships) >= MAX_RELATIONSHIPS:
-                    continue
-                best: tuple[int, str, str, str] | None = None
-                for source, target in ((first, second), (second, first)):
-                    for rel in schema.relationship_types:
-                        if not schema.allows_relationship(rel.name, types[source], types[target]):
-                            continue
-                        score = len(rel_keywords[rel.name] & sentence_words)
-                        if best is None or score > best[0]:
-                            best = (score, rel.name, source, target)
-                if best is None:
-                    continue
-                seen.add(pair)
-                _, rel_name, source, target = best
-                relationships.append({
-                    "source": source, "source_type": types[source],
-                    "target": target, "target_type": types[target],
-                    "type": rel_name,
-                    "description": f"{source} {rel_name.lower().replace('_', ' ')} {target}, "
-                                   f"as the text says: {sentence.strip()[:120]}",
-                })
+    for rel in schema.relationship_types:
+        counts: dict[tuple[str, str], int] = {}
+        seen: set[tuple[str, str, str, str]] = set()
+        for sentence_names, sentence in zip(sentences, _SENTENCE_SPLIT.split(text), strict=True):
+            ends = [(name, type_name) for name in sentence_names for type_name in typed.get(name, [])]
+            for i, first in enumerate(ends):
+                for second in ends[i + 1:]:
+                    if first[0].lower() == second[0].lower():
+                        continue
+                    if schema.allows_relationship(rel.name, first[1], second[1]):
+                        source, target = first, second
+                    elif schema.allows_relationship(rel.name, second[1], first[1]):
+                        source, target = second, first
+                    else:
+                        continue
+                    key = (source[0].lower(), source[1], target[0].lower(), target[1])
+                    if key in seen:
+                        continue
+                    combo = (source[1], target[1])
+                    # The cap is per (type, endpoint types): narrowing other endpoints changes nothing here.
+                    if counts.get(combo, 0) >= MAX_RELATIONSHIPS:
+                        continue
+                    counts[combo] = counts.get(combo, 0) + 1
+                    seen.add(key)
+                    relationships.append({
+                        "source": source[0], "source_type": source[1],
+                        "target": target[0], "target_type": target[1],
+                        "type": rel.name,
+                        "description": f"{source[0]} {rel.name.lower().replace('_', ' ')} {target[0]}, "
+                                       f"as the text says: {sentence.strip()[:120]}",
+                    })
     return {"entities": entities, "relationships": relationships}
 
 

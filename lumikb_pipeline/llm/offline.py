@@ -19,7 +19,7 @@ from litellm.types.utils import Choices, Message, ModelResponse, Usage
 
 from lumikb_pipeline.core.names import OFFLINE_MODEL
 from lumikb_pipeline.llm import heuristic
-from lumikb_pipeline.llm.prompt import PromptFormatError, read_prompt
+from lumikb_pipeline.llm.prompt import PromptFormatError, read_prompt_request
 
 PROVIDER = "lumikb"
 
@@ -43,13 +43,13 @@ class OfflineLLM(CustomLLM):
 def answer(model: str, messages: list[Any]) -> ModelResponse:
     """The offline model's response to `messages` (built by `prompt.build_messages`)."""
     try:
-        schema, text = read_prompt(messages)
+        schema, text, known = read_prompt_request(messages)
     except PromptFormatError as exc:
         # A 400 in LiteLLM's terms: the caller sent something that is not an extraction prompt.
         raise CustomLLMError(
             status_code=400, message=f"lumikb/offline only answers extraction prompts: {exc}"
         ) from None
-    content = json.dumps(heuristic.extract(schema, text), ensure_ascii=False)
+    content = json.dumps(heuristic.extract(schema, text, known), ensure_ascii=False)
     prompt_text = "".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
     prompt_tokens, completion_tokens = heuristic.estimate_tokens(prompt_text), heuristic.estimate_tokens(content)
     return ModelResponse(

@@ -13,6 +13,10 @@ returns one `DocumentOutcome` per document.
 For documents of a job, both stages also obey the job's stop conditions (`lumikb cancel`, the
 `--max-cost` budget: `tracking.control.JobControl`), report every final outcome to the job's progress in
 Redis, and close the job once its last document is final.
+
+After a schema change, `migration` plans each document from the version it was extracted at: its
+previous extraction migrated with no LLM call (`graph-only`), the added types asked of the LLM
+(`delta`), or a `full` extraction.
 """
 
 from lumikb_pipeline.pipeline.extract import extract_documents

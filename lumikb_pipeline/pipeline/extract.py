@@ -15,8 +15,13 @@ from lumikb_pipeline.core.config import Settings
 from lumikb_pipeline.core.scrub import scrub
 from lumikb_pipeline.db import ledger
 from lumikb_pipeline.db.session import session_scope
-from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure
-from lumikb_pipeline.llm.extractor import ChunkExtractor
+from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure, ChunkInput
+from lumikb_pipeline.domain.schema import DomainSchema
+from lumikb_pipeline.llm import checkpoints
+from lumikb_pipeline.llm.checkpoints import CheckpointKey
+from lumikb_pipeline.llm.extractor import ChunkExtractor, DeltaTask
+from lumikb_pipeline.llm.prompt import derived_prompt_version
+from lumikb_pipeline.pipeline.migration import SchemaHistory, StrategyOption, chunk_work, plan_documents
 from lumikb_pipeline.pipeline.work import (
     DocumentOutcome,
     DocumentWork,
@@ -41,6 +46,7 @@ def extract_documents(
     schema_version: int | None = None,
     should_stop: Callable[[], bool] | None = None,
     lease: timedelta = ledger.DEFAULT_LEASE,
+    strategy: StrategyOption = "auto",
 ) -> list[DocumentOutcome]:
     """Stage 1: claim and extract. Documents already succeeded at this version and revision are
     `skipped` (a retried step does not redo them); claimed documents whose chunks all have a
@@ -80,17 +86,25 @@ def extract_documents(
         results: dict[str, ChunkExtraction | ChunkFailure] = {}
         with LeaseKeeper(settings, claimed, claimant, lease) as leases:
             for (kb_id, version), group in group_by_schema(claimed).items():
-                chunk_inputs = [chunk for item in group for chunk in item.chunks]
-                for result in extractor.extract_sync(
-                    kb_id, version, group[0].schema, chunk_inputs, stop, stop.on_result
-                ):
+                schema = group[0].schema
+                full_chunks, deltas = _migrate(
+                    settings, extractor.model, kb_id, version, schema, group, strategy, results
+                )
+                for result in extractor.extract_sync(kb_id, version, schema, full_chunks, stop, stop.on_result):
                     results[result.chunk_id] = result
+                for task, delta_chunks in deltas:
+                    for result in extractor.extract_sync(
+                        kb_id, version, schema, delta_chunks, stop, stop.on_result, task
+                    ):
+                        results[result.chunk_id] = result
         lost = leases.renew() if claimed else set()  # a full lease for the hand-over to stage 2
 
         elapsed = time.monotonic() - started
         with session_scope(settings.effective_database_url) as session:
             for item in claimed:
-                outcome = DocumentOutcome(item.doc_id, "extracted", item.schema_version, chunks=len(item.chunks))
+                outcome = DocumentOutcome(
+                    item.doc_id, "extracted", item.schema_version, chunks=len(item.chunks), strategy=item.strategy
+                )
                 if item.doc_id in lost:
                     outcome.status, outcome.error = "lost", lost_claim(item.doc_id, claimant)
                     outcomes[item.doc_id] = outcome
@@ -127,3 +141,40 @@ def extract_documents(
         raise
     report_outcomes(settings, job_id, [outcomes[doc_id] for doc_id in doc_ids])
     return [outcomes[doc_id] for doc_id in doc_ids]
+
+
+def _migrate(
+    settings: Settings, model: str, kb_id: int, version: int, schema: DomainSchema, group: Sequence[DocumentWork],
+    strategy: StrategyOption, results: dict[str, ChunkExtraction | ChunkFailure],
+) -> tuple[list[ChunkInput], list[tuple[DeltaTask, list[ChunkInput]]]]:
+    """Plan each document of `group` (`pipeline.migration`) and do what needs no LLM: migrated chunks
+    of `graph-only` documents are stored as derived checkpoints and put in `results`. Returns the
+    chunks to extract in full and, per delta, the chunks to ask it for."""
+    full_chunks: list[ChunkInput] = []
+    deltas: dict[int, tuple[DeltaTask, list[ChunkInput]]] = {}
+    derived = CheckpointKey(kb_id, version, derived_prompt_version(schema), model)
+    with session_scope(settings.effective_database_url) as session:
+        history = SchemaHistory(session, kb_id)
+        plans = plan_documents(session, kb_id, version, [item.doc_id for item in group], strategy, history)
+        for item in group:
+            plan = plans[item.doc_id]
+            item.strategy = plan.strategy
+            if plan.strategy == "full":
+                full_chunks.extend(item.chunks)
+                continue
+            work = chunk_work(session, kb_id, plan, model, item.chunks, history)
+            request = plan.delta
+            for chunk in item.chunks:
+                migrated = work.migrated.get(chunk.content_hash)
+                if migrated is None:
+                    full_chunks.append(chunk)  # no previous extraction of this text: extracted in full
+                elif request is not None:
+                    assert plan.from_version is not None
+                    task, chunks = deltas.setdefault(plan.from_version, (DeltaTask(request, {}), []))
+                    assert isinstance(task.bases, dict)
+                    task.bases[chunk.content_hash] = migrated
+                    chunks.append(chunk)
+                else:
+                    checkpoints.save(session, derived, chunk.content_hash, migrated)
+                    results[chunk.id] = migrated.model_copy(update={"chunk_id": chunk.id, "from_checkpoint": True})
+    return full_chunks, list(deltas.values())

@@ -32,6 +32,7 @@ from lumikb_pipeline.db.models import Chunk, Document, KnowledgeBase
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure
 from lumikb_pipeline.domain.schema import DomainSchema
+from lumikb_pipeline.domain.schema_diff import Strategy
 from lumikb_pipeline.infra import redis_client
 from lumikb_pipeline.llm.extractor import ChunkInput
 from lumikb_pipeline.tracking import progress
@@ -59,6 +60,7 @@ class DocumentOutcome:
     cost_usd: float = 0.0
     duration_s: float = 0.0
     error: str | None = None
+    strategy: str = "full"  # how it reached its version: full | delta | graph-only | none (schema_diff)
 
     def ledger_outcome(self) -> ledger.Outcome:
         return ledger.Outcome(
@@ -79,6 +81,7 @@ class DocumentWork:
     schema: DomainSchema
     chunks: list[ChunkInput] = field(default_factory=list)
     ordinals: dict[str, int] = field(default_factory=dict)
+    strategy: Strategy = "full"
 
 
 def lost_claim(doc_id: str, claimant: str) -> str:

@@ -19,7 +19,7 @@ from lumikb_pipeline.domain.results import GraphChunk
 from lumikb_pipeline.graph.build import build_document_graph
 from lumikb_pipeline.graph.store import GraphStore
 from lumikb_pipeline.llm.checkpoints import load_checkpoints
-from lumikb_pipeline.llm.prompt import effective_prompt_version
+from lumikb_pipeline.llm.prompt import derived_prompt_version, effective_prompt_version
 from lumikb_pipeline.pipeline.work import (
     DocumentOutcome,
     DocumentWork,
@@ -78,6 +78,13 @@ def write_documents(
                         session, item.kb_id, item.schema_version,
                         effective_prompt_version(item.schema), settings.llm_model, item.chunks,
                     )
+                    if len(extractions) < len(item.chunks):
+                        # Chunks migrated from an earlier version (graph-only, delta) have a derived checkpoint.
+                        done = {e.chunk_id for e in extractions}
+                        extractions += load_checkpoints(
+                            session, item.kb_id, item.schema_version, derived_prompt_version(item.schema),
+                            settings.llm_model, [c for c in item.chunks if c.id not in done],
+                        )
                     if len(extractions) != len(item.chunks):
                         raise LumikbError(
                             f"{len(item.chunks) - len(extractions)} of the document's chunks have no checkpoint at "

@@ -40,7 +40,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from lumikb_pipeline.llm import heuristic
-from lumikb_pipeline.llm.prompt import PromptFormatError, read_prompt
+from lumikb_pipeline.llm.prompt import PromptFormatError, read_prompt, read_prompt_request
 
 MalformedKind = Literal["malformed_json", "truncated", "prose", "empty", "unknown_types", "bad_endpoints"]
 MALFORMED_KINDS: tuple[MalformedKind, ...] = (
@@ -158,12 +158,12 @@ class FakeLLM:
             detail = f" (request made with key {presented})" if config.echo_key_in_5xx else ""
             return _error(500, f"The server had an error while processing your request{detail}.", "server_error")
         try:
-            schema, text = read_prompt(messages)
+            schema, text, known = read_prompt_request(messages)
         except PromptFormatError as exc:
             call["kind"] = "bad_request"
             return _error(400, f"not a lumikb extraction prompt: {exc}", "invalid_request_error")
         call["chunk"] = hashlib.sha256(text.encode()).hexdigest()[:16]
-        answer = heuristic.extract(schema, text)
+        answer = heuristic.extract(schema, text, known)
         finish_reason = "stop"
         if draw_malformed < config.malformed_rate:
             call["kind"] = kind

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from lumikb_pipeline.db import catalog
 from lumikb_pipeline.core.config import Settings
+from lumikb_pipeline.db import catalog
 from lumikb_pipeline.db.models import Document
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.schema import parse_schema_text

@@ -54,7 +54,7 @@ def test_ingest_shows_file_names_with_brackets_as_written_and_reports_every_erro
 
 def test_progress_shows_a_model_answer_with_markup_as_written() -> None:
     progress = JobProgress(
-        job_id="[/]job", status="[draft]", total=2, completed=0, failed=1, remaining=1, rate_per_s=0.0,
+        job_id="[/]job", status="[draft]", total=2, completed=0, failed=1, cancelled=0, remaining=1, rate_per_s=0.0,
         eta_seconds=None, started_at=None, updated_at=None,
         recent_errors=[{"at": "2026-01-01T00:00:00", "doc_id": "[link=x]d", "error": "model said [/] and [b]x[/b]"}],
     )

@@ -9,7 +9,7 @@ import pytest
 from dagster import DagsterInstance, build_sensor_context
 
 from lumikb_pipeline.core.errors import LumikbError
-from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource
+from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource, ReextractionResource
 
 
 @pytest.fixture
@@ -41,7 +41,11 @@ def test_each_sensor_names_lumikb_home_and_creates_no_database(
     try:
         for sensor in _sensors():
             context = build_sensor_context(
-                instance=instance, resources={"database": DatabaseResource(), "graph_store": GraphStoreResource()}
+                instance=instance,
+                resources={
+                    "database": DatabaseResource(), "graph_store": GraphStoreResource(),
+                    "reextraction": ReextractionResource(),
+                },
             )
             with pytest.raises(LumikbError) as raised:
                 sensor(context)  # type: ignore[operator]

@@ -173,7 +173,7 @@ class Settings(BaseSettings):
     @field_validator("redis_url", "celery_broker_url")
     @classmethod
     def _check_redis_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://", "redis+socket://")):
             raise ValueError("must be a redis:// (or rediss://, unix://) URL, e.g. redis://127.0.0.1:6379/0")
         return value
 

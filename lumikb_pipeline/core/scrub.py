@@ -40,7 +40,9 @@ _KEY_VALUE = re.compile(
 )
 _SK_KEY = re.compile(r"\bsk-[A-Za-z0-9_\-]{6,}")
 REDACTED = "[REDACTED]"
-_MIN_SECRET_CHARS = 4  # shorter values would redact ordinary words; the URL pattern still covers them
+# Scrubbing by value needs a value unlike ordinary words: a short one ("neo4j", "lumikb") would redact
+# them everywhere. Shorter secrets are still removed from URLs, headers and key=value pairs by shape.
+_MIN_SECRET_CHARS = 8
 
 _registered: set[str] = set()
 

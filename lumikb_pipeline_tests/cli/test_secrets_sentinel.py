@@ -144,14 +144,25 @@ def test_no_sentinel_on_the_success_paths_up_to_a_full_demo(tmp_path: Path, fake
     docs.mkdir()
     (docs / "a.md").write_text("Acme Corp hired Dr. Jane Doe in Berlin.")
     output = []
+    try:
+        output = _run_all(env, docs)
+    finally:
+        from lumikb_pipeline.infra.redis_client import stop_embedded_redis
+
+        stop_embedded_redis(home)  # `progress` after the demo started it again
+    assert "LLM calls" in output[7]
+    calls = fake_llm_with_key.calls()
+    assert calls and all(call["status"] == 200 for call in calls)  # the key was sent, and accepted
+    assert_no_sentinel("\n".join(output), "the output")
+    assert_home_is_clean(home)
+
+
+def _run_all(env: dict[str, str], docs: Path) -> list[str]:
+    output = []
     for args in (["kb", "create", "k", "--schema", str(SCHEMA)], ["ingest", "k", str(docs)], ["kb", "list"],
                  ["schema", "show", "k"], ["reextract", "k", "--dry-run"], ["drift"], ["schedule", "show"],
                  ["demo"], ["progress", "--json", "x"], ["drift", "--json"]):
         done = subprocess.run([LUMIKB, *args], env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode in (0, 2) and "Traceback" not in done.stderr, (args, done.stderr[-3000:])
         output.append(done.stdout + done.stderr)
-    assert "LLM calls" in output[7]
-    calls = fake_llm_with_key.calls()
-    assert calls and all(call["status"] == 200 for call in calls)  # the key was sent, and accepted
-    assert_no_sentinel("\n".join(output), "the output")
-    assert_home_is_clean(home)
+    return output

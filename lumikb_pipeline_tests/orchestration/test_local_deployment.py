@@ -147,3 +147,15 @@ def test_the_demo_leaves_an_embedded_redis_that_was_already_running(lumikb_env: 
     monkeypatch.setattr(demo, "run_demo", lambda settings, console: (_ for _ in ()).throw(KeyboardInterrupt()))
     runner.invoke(app, ["demo"])
     assert embedded_redis_running(lumikb_env)
+
+
+def test_the_environment_lumikb_up_gives_its_processes_loads_on_the_embedded_defaults(
+    lumikb_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The embedded Redis is a unix socket: Celery's broker URL for it is redis+socket://, which every
+    # process (code server, daemon, workers) must accept when it reads its settings.
+    env = processes.service_env(load_settings(), base={"LUMIKB_HOME": str(lumikb_env)})
+    assert env["CELERY_BROKER_URL"].startswith("redis+socket://")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert load_settings().celery_broker_url == env["CELERY_BROKER_URL"]

@@ -38,6 +38,9 @@ DEFAULT_LEASE = timedelta(minutes=30)
 # attempt before died without finishing: out of memory, a killed worker) gives up instead.
 MAX_ATTEMPTS = 3
 ACTIVE_JOB = (JobStatus.PENDING, JobStatus.RUNNING)
+# Jobs whose documents may still be worked on: a failed job's failed documents are redone by Dagster's
+# run retries and re-executions from failure; a cancelled or succeeded job takes no more work.
+TAKES_WORK = (*ACTIVE_JOB, JobStatus.FAILED)
 CLAIMABLE = (ExtractionStatus.PENDING, ExtractionStatus.FAILED, ExtractionStatus.CANCELLED)
 
 
@@ -81,13 +84,14 @@ def documents_in_other_jobs(
     return held
 
 
-def _job_is_active(job_id: str) -> ColumnElement[bool]:
-    return exists(select(Job.id).where(Job.id == job_id, Job.status.in_(ACTIVE_JOB)))
+def _job_takes_work(job_id: str) -> ColumnElement[bool]:
+    return exists(select(Job.id).where(Job.id == job_id, Job.status.in_(TAKES_WORK)))
 
 
-def job_is_active(session: Session, job_id: str) -> bool:
-    """True while a job is pending or running (its rows may still be claimed)."""
-    return bool(session.scalar(select(_job_is_active(job_id))))
+def job_takes_work(session: Session, job_id: str) -> bool:
+    """True while a job's rows may still be claimed: it is pending or running, or it failed (a retry
+    from failure redoes its failed documents); False once it succeeded or was cancelled."""
+    return bool(session.scalar(select(_job_takes_work(job_id))))
 
 
 def _insert(session: Session):  # noqa: ANN202 - returns the dialect's insert() construct
@@ -135,7 +139,7 @@ def ensure_records(
             ExtractionRecord.schema_version == schema_version,
             ExtractionRecord.status.in_(taken_over),
             _not_held_by_another_job(job_id),
-            _job_is_active(job_id),
+            _job_takes_work(job_id),
         )
         .values(
             job_id=job_id, status=ExtractionStatus.PENDING, updated_at=now,
@@ -189,7 +193,7 @@ def claim(
     }
     if job_id is not None:
         values["job_id"] = job_id
-        condition = and_(condition, _not_held_by_another_job(job_id), _job_is_active(job_id))
+        condition = and_(condition, _not_held_by_another_job(job_id), _job_takes_work(job_id))
     result = session.execute(
         update(ExtractionRecord)
         .where(
@@ -440,14 +444,17 @@ def find_job(session: Session, reference: str, *, for_update: bool = False) -> J
 
 def finish_job_if_done(session: Session, job_id: str) -> JobStatus | None:
     """Close a job whose every ledger row is final: `succeeded` when all succeeded, `cancelled` when
-    it was cancelled (or stopped at its budget), else `failed`. Returns the new status, or None
-    while rows are still pending or running."""
+    it was cancelled (or stopped at its budget), else `failed`; a failed job whose failed documents
+    a retry has since redone becomes `succeeded`. Returns the new status, or None while rows are
+    still pending or running (or nothing changed)."""
     counts = status_counts(session, job_id)
     if counts[ExtractionStatus.PENDING] or counts[ExtractionStatus.RUNNING]:
         return None
     job = session.get(Job, job_id, with_for_update=True)
-    if job is None or job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED):
+    if job is None or job.status in (JobStatus.SUCCEEDED, JobStatus.CANCELLED):
         return None
+    if job.status == JobStatus.FAILED and counts[ExtractionStatus.FAILED]:
+        return None  # still failed; a retry that repairs every failed document makes it succeeded
     if job.cancel_requested_at is not None or counts[ExtractionStatus.CANCELLED]:
         job.status = JobStatus.CANCELLED
     elif counts[ExtractionStatus.FAILED]:

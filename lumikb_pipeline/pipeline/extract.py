@@ -28,7 +28,7 @@ from lumikb_pipeline.pipeline.work import (
     LeaseKeeper,
     fail_held,
     group_by_schema,
-    job_is_active,
+    job_takes_work,
     load_work,
     lost_claim,
     report_outcomes,
@@ -54,7 +54,7 @@ def extract_documents(
     (`lease` long) are renewed while the extraction runs, and once more at its end; a document
     whose claim was lost meanwhile is `lost`."""
     started = time.monotonic()
-    if job_id is not None and not job_is_active(settings, job_id):
+    if job_id is not None and not job_takes_work(settings, job_id):
         # A late redelivery of a step of an ended job: claim, cancel and close nothing.
         ended = f"job {job_id} has ended; this step did nothing"
         return [

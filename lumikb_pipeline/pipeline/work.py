@@ -190,9 +190,9 @@ def stop_check(settings: Settings, job_id: str | None, should_stop: Callable[[],
     return StopCheck(JobControl.for_job(client, settings.effective_database_url, job_id), should_stop)
 
 
-def job_is_active(settings: Settings, job_id: str) -> bool:
+def job_takes_work(settings: Settings, job_id: str) -> bool:
     with session_scope(settings.effective_database_url) as session:
-        return ledger.job_is_active(session, job_id)
+        return ledger.job_takes_work(session, job_id)
 
 
 def fail_held(

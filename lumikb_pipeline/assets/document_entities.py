@@ -243,10 +243,28 @@ def _writable(
     return ready
 
 
+def _document_labels(database: DatabaseResource, doc_ids: Sequence[str]) -> dict[str, dict[str, object]]:
+    """Each document's `kb`, `title` and `source`, for its materializations (one query per run step)."""
+    from sqlalchemy import select
+
+    from lumikb_pipeline.db.models import Document, KnowledgeBase
+
+    if not doc_ids:
+        return {}
+    with database.session() as session:
+        rows = session.execute(
+            select(Document.id, KnowledgeBase.slug, Document.title, Document.source)
+            .join(KnowledgeBase, KnowledgeBase.id == Document.kb_id)
+            .where(Document.id.in_(list(doc_ids)))
+        ).tuples()
+        return {doc_id: {"kb": kb, "title": title, "source": source} for doc_id, kb, title, source in rows}
+
+
 def _materialization(
-    reextraction: ReextractionResource, outcome: DocumentOutcome, scope: RunScope
+    reextraction: ReextractionResource, outcome: DocumentOutcome, scope: RunScope, labels: dict[str, object]
 ) -> AssetMaterialization:
     metadata: dict[str, object] = {
+        **labels,
         "schema_version": outcome.schema_version,
         "entities": outcome.entities,
         "relationships": outcome.relationships,
@@ -265,9 +283,10 @@ def _materialization(
     return AssetMaterialization(asset_key=DOCUMENT_ENTITIES, partition=outcome.doc_id, metadata=metadata)  # type: ignore[arg-type]
 
 
-def _already_current(database: DatabaseResource, outcomes: Sequence[DocumentOutcome], scope: RunScope) -> list[
-    AssetMaterialization
-]:
+def _already_current(
+    database: DatabaseResource, outcomes: Sequence[DocumentOutcome], scope: RunScope,
+    labels: dict[str, dict[str, object]],
+) -> list[AssetMaterialization]:
     """Materializations for the skipped documents that are already extracted at this version and
     revision (done by an earlier attempt of this run, or before it): the partition is current, so
     it says so, with `reused: true` and the numbers of the extraction that made it. Nothing is
@@ -287,6 +306,7 @@ def _already_current(database: DatabaseResource, outcomes: Sequence[DocumentOutc
                 if row.status != ExtractionStatus.SUCCEEDED:
                     continue  # someone else is on it: not this run's to report
                 metadata: dict[str, object] = {
+                    **labels.get(doc_id, {}),
                     "schema_version": version,
                     "entities": row.entity_count,
                     "relationships": row.relationship_count,
@@ -317,7 +337,8 @@ def write_document_entities(
     reextraction: ReextractionResource,
 ) -> Iterator[object]:
     scope = RunScope.of(context, reextraction)
-    current = _already_current(database, outcomes, scope)
+    labels = _document_labels(database, [o.doc_id for o in outcomes if o.status in ("skipped", "extracted")])
+    current = _already_current(database, outcomes, scope, labels)
     yield from current
     ready = _writable(database, outcomes, scope.claimant, scope.jobs)
     if not ready:
@@ -336,7 +357,7 @@ def write_document_entities(
             )
             results.append(result)
             if result.status == "succeeded":
-                yield _materialization(reextraction, result, scope)
+                yield _materialization(reextraction, result, scope, labels.get(result.doc_id, {}))
     written = sum(1 for o in results if o.status == "succeeded")
     context.log.info(f"wrote {written} of {len(ready)} document(s) ({scope.mode}); {len(current)} already current")
     failed = _failures(results)

@@ -34,7 +34,7 @@ from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource
 def graph_store_name(settings: Settings) -> str:
     """The configured graph store, as the descriptions name it (no credentials)."""
     if settings.uses_embedded_graph:
-        return f"the embedded graph store ({settings.home_dir / 'graph.sqlite3'})"
+        return "the embedded graph store (graph.sqlite3 under LUMIKB_HOME)"
     return f"Neo4j ({scrub(settings.neo4j_uri or '')})"
 
 

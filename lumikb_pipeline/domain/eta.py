@@ -50,22 +50,22 @@ def _paced(times: Sequence[float], now: float) -> tuple[float, int] | None:
     """(documents per second, finishes counted) of sorted finish times, or None without two groups.
 
     Finishes come in groups (a run writes its batch one document after the other, then the next run
-    extracts): a finish more than half the mean interval after the previous one starts a group. The rate
-    is the finishes after the first group over the time from the end of the first group to the last
-    finish, so it is the same just after a group and just before the next one; a wait longer than
-    the usual time between groups then counts too, so a slowdown shows before the next finish.
+    extracts): a finish more than half the mean interval after the previous one starts a group. The
+    rate is the finishes of the complete groups over the time from the first group's start to the
+    last group's start, so it is the same just after a group, in the middle of one and just before
+    the next; a wait since the last group's start longer than the usual time between groups counts
+    too, so a slowdown shows before the next finish.
     """
     if len(times) < 2 or times[-1] <= times[0]:
         return None
     mean = (times[-1] - times[0]) / (len(times) - 1)
-    ends = [i for i in range(1, len(times)) if times[i] - times[i - 1] > mean / 2]  # group starts
-    if not ends:
+    starts = [0] + [i for i in range(1, len(times)) if times[i] - times[i - 1] > mean / 2]
+    if len(starts) < 2:
         return None
-    first_end = times[ends[0] - 1]
-    counted = len(times) - ends[0]
-    span = times[-1] - first_end
-    usual_gap = span / len(ends)
-    span += max(0.0, (now - times[-1]) - usual_gap)
+    counted = starts[-1]  # the finishes before the last (maybe unfinished) group
+    span = times[starts[-1]] - times[0]
+    usual_gap = span / (len(starts) - 1)
+    span += max(0.0, (now - times[starts[-1]]) - usual_gap)
     return counted / span, counted
 
 

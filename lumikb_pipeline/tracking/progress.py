@@ -31,7 +31,7 @@ class JobProgress:
     """`lumikb progress JOB --json` (PRODUCT.md section 5), plus spend for the human view.
 
     `completed + failed + cancelled + remaining == total`; `rate_per_s` and `eta_seconds` are None
-    until the job has finished enough documents to measure its pace (see `progress.eta`)."""
+    until the job has finished enough documents to measure its pace (see `domain.eta`)."""
 
     job_id: str
     status: str

@@ -37,3 +37,19 @@ def test_a_bad_slug_for_drift_states_the_rule(lumikb_env: Path) -> None:
     result = runner.invoke(app, ["drift", "Not_A_Slug", "--json"])
     assert result.exit_code == 2
     assert "lowercase" in result.output
+
+
+def test_reextract_with_nothing_outdated_starts_no_job(lumikb_env: Path) -> None:
+    from sqlalchemy import func, select
+
+    from lumikb_pipeline.core.config import get_settings
+    from lumikb_pipeline.db.models import Job
+    from lumikb_pipeline.db.session import session_scope
+    from lumikb_pipeline.demo import SCHEMA_V1
+
+    assert runner.invoke(app, ["kb", "create", "empty", "--schema", str(SCHEMA_V1)]).exit_code == 0
+    result = runner.invoke(app, ["reextract", "empty"])
+    assert result.exit_code == 0, result.output
+    assert "nothing to re-extract: no document of empty is outdated; no job was started" in result.output
+    with session_scope(get_settings().effective_database_url) as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 0

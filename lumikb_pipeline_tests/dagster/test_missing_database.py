@@ -19,9 +19,14 @@ def instance() -> Iterator[DagsterInstance]:
 
 
 def _sensors() -> list[object]:
-    from lumikb_pipeline.sensors import document_partitions_sensor, job_status_sensor, schema_version_sensor
+    from lumikb_pipeline.sensors import (
+        document_partitions_sensor,
+        graph_checks_sensor,
+        job_status_sensor,
+        schema_version_sensor,
+    )
 
-    return [document_partitions_sensor, schema_version_sensor, job_status_sensor]
+    return [document_partitions_sensor, schema_version_sensor, job_status_sensor, graph_checks_sensor]
 
 
 @pytest.mark.parametrize("state", ["missing", "empty"])

@@ -72,7 +72,7 @@ def test_failed_documents_count_as_finished_work() -> None:
 
 def test_from_a_quarter_on_the_eta_is_within_30_percent_on_a_noisy_ramping_job() -> None:
     """A simulated 200-document job: runs ramp up over 20 s, then ~3 docs/s with jitter and bursts.
-    (The fake-LLM version of this is lumikb_pipeline_tests/dagster/test_eta_honest.py.)"""
+    (The fake-LLM version of this is lumikb_pipeline_tests/tracking/test_eta_honest.py.)"""
     rng = random.Random(7)
     t, finishes = 30.0, []
     while len(finishes) < 200:

@@ -143,6 +143,16 @@ def test_the_partitions_are_all_materialized(console: Console) -> None:
     assert len(node["partitionKeys"]) == 36
     assert sorted(statuses["materializedPartitions"]) == sorted(node["partitionKeys"])
     assert statuses["failedPartitions"] == []
+    # Each materialization says which document it is: its KB, title and source.
+    events = console.query(
+        """query { assetOrError(assetKey: {path: ["document_entities"]}) { ... on Asset {
+             assetMaterializations(limit: 5) { partition metadataEntries {
+               label ... on TextMetadataEntry { text } } } } } }"""
+    )["assetOrError"]["assetMaterializations"]
+    assert events
+    for event in events:
+        labels = {e["label"]: e.get("text") for e in event["metadataEntries"]}
+        assert labels["kb"] == "demo" and labels["title"] and labels["source"], labels
 
 
 def _schedule(console: Console) -> dict[str, Any]:

@@ -251,7 +251,7 @@ def test_the_sensors_tick_without_error_and_start_no_job(console: Console) -> No
 def test_a_screenshot_of_the_partitions_page(console: Console, tmp_path: Path) -> None:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
-        pytest.skip("Chromium is not installed (apt-get install -y chromium)")
+        pytest.fail("Chromium is not installed: apt-get install -y chromium (scripts/test installs it)")
     target = ROOT / "docs" / "ui-partitions.png"
     subprocess.run(
         [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

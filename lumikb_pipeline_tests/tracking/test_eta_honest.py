@@ -68,6 +68,8 @@ def documents(
     get_settings.cache_clear()
 
 
+# Timing-based and about a minute long: in the slow step, on the quieter machine after the fast tests.
+@pytest.mark.slow
 def test_from_a_quarter_on_eta_and_rate_are_within_30_percent(documents: list[str], redis_url: str) -> None:
     from lumikb_pipeline.orchestration.in_process import run_documents_in_process
 

@@ -32,10 +32,8 @@ class ReloadOutcome:
 
 
 def webserver_url(settings: Settings) -> str:
-    from lumikb_pipeline.core.config import get_settings
-
-    orchestration = get_settings()
-    return f"http://{orchestration.webserver_host}:{orchestration.webserver_port}"
+    """Where `lumikb up` serves the Dagster UI (`LUMIKB_WEBSERVER_HOST`, `LUMIKB_WEBSERVER_PORT`)."""
+    return f"http://{settings.webserver_host}:{settings.webserver_port}"
 
 
 def reload_code_location(url: str, location: str = LOCATION_NAME, timeout_s: float = 60.0) -> ReloadOutcome:

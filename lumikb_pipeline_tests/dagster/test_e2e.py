@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from dagster import AssetKey, DagsterRunStatus, RunsFilter
+from dagster._core.storage.tags import SCHEDULE_NAME_TAG, SCHEDULED_EXECUTION_TIME_TAG
 from sqlalchemy import select
 
 from lumikb_pipeline.db import ledger
@@ -473,9 +474,12 @@ def test_the_drift_check_ran_every_minute_without_a_daemon_restart(stack: Stack)
     set_at: datetime = STATE["cron_set_at"]
 
     def ticks() -> list[datetime]:
-        runs = instance.get_runs(RunsFilter(job_name="drift_check_job"))
-        return sorted(datetime.fromisoformat(run.tags["lumikb/drift_tick"]) for run in runs
-                      if "lumikb/drift_tick" in run.tags)
+        # Runs of drift_check_schedule carry the tick's time (Dagster's scheduled-execution-time tag).
+        runs = instance.get_runs(
+            RunsFilter(job_name="drift_check_job", tags={SCHEDULE_NAME_TAG: "drift_check_schedule"})
+        )
+        return sorted(datetime.fromisoformat(run.tags[SCHEDULED_EXECUTION_TIME_TAG]) for run in runs
+                      if SCHEDULED_EXECUTION_TIME_TAG in run.tags)
 
     found = wait_until(lambda: len(ticks()) >= 2 and ticks(), 150, 5, "two drift-check ticks")
     assert all(tick.second == 0 for tick in found)

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from lumikb_pipeline.estimate import ReextractionEstimate, estimate_reextraction
-
-from lumikb_pipeline import catalog
+from lumikb_pipeline.db import catalog
 from lumikb_pipeline.db.session import session_scope
+from lumikb_pipeline.reextraction.estimate import ReextractionEstimate, estimate_reextraction
 from lumikb_pipeline_tests.pipeline.conftest import Pass, Scenario
 from lumikb_pipeline_tests.pipeline.test_schema_migration import ADD, CORPUS, V1
 

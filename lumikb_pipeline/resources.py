@@ -25,6 +25,7 @@ from lumikb_pipeline.graph.store import GraphStore
 from lumikb_pipeline.infra.redis_client import connect
 from lumikb_pipeline.llm.extractor import ChunkExtractor
 from lumikb_pipeline.pipeline import DocumentOutcome, extract_documents, write_documents
+from lumikb_pipeline.pipeline.migration import StrategyOption
 from lumikb_pipeline.reextraction import backfills, reaper, service, status
 from lumikb_pipeline.reextraction.drift import KbDrift, drift_report
 from lumikb_pipeline.tracking.progress import job_metadata
@@ -121,12 +122,13 @@ class LLMResource(ConfigurableResource):
         job_id: str | None,
         schema_version: int | None,
         should_stop: Callable[[], bool] | None = None,
+        strategy: StrategyOption = "auto",
     ) -> list[DocumentOutcome]:
         """Claim the documents in the ledger and extract their chunks (`pipeline.extract.extract_documents`)."""
         settings = _app_database(self.database_url)
         return extract_documents(
             settings, ChunkExtractor(settings), doc_ids, claimant=claimant, job_id=job_id,
-            schema_version=schema_version, should_stop=should_stop,
+            schema_version=schema_version, should_stop=should_stop, strategy=strategy,
         )
 
 

@@ -49,9 +49,11 @@ from lumikb_pipeline.core.names import (
     TAG_JOB_ID,
     TAG_MODE,
     TAG_SCHEMA_VERSION,
+    TAG_STRATEGY,
 )
 from lumikb_pipeline.domain.modes import WriteMode
 from lumikb_pipeline.pipeline import DocumentOutcome
+from lumikb_pipeline.pipeline.migration import StrategyOption
 from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource, LLMResource, ReextractionResource
 
 DOCUMENT_ENTITIES = AssetKey("document_entities")
@@ -70,6 +72,7 @@ class RunScope:
     jobs: Mapping[str, str]  # document id -> the job it belongs to (documents of no job are absent)
     schema_version: int | None
     mode: WriteMode
+    strategy: StrategyOption = "auto"
 
     @classmethod
     def of(cls, context: OpExecutionContext, reextraction: ReextractionResource) -> "RunScope":
@@ -96,6 +99,7 @@ class RunScope:
             jobs=jobs,
             schema_version=int(version) if version else None,
             mode=mode,
+            strategy="full" if tags.get(TAG_STRATEGY) == "full" else "auto",
         )
 
     def by_job(self) -> dict[str | None, list[str]]:
@@ -200,7 +204,7 @@ def extract_document_entities(
         for job_id, doc_ids in scope.by_job().items():
             outcomes += llm.extract_documents(
                 doc_ids, claimant=scope.claimant, job_id=job_id, schema_version=scope.schema_version,
-                should_stop=run_ended,
+                should_stop=run_ended, strategy=scope.strategy,
             )
     counts = {status: sum(1 for o in outcomes if o.status == status) for status in {o.status for o in outcomes}}
     context.log.info(
@@ -274,6 +278,7 @@ def _materialization(
         "duration_s": round(outcome.duration_s, 3),
         "cost_usd": round(outcome.cost_usd, 6),
         "mode": scope.mode.value,
+        "strategy": outcome.strategy,
         "reused": False,
     }
     if job_id := scope.jobs.get(outcome.doc_id):

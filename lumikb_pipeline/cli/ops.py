@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -23,6 +24,11 @@ if TYPE_CHECKING:
     from lumikb_pipeline.core.config import Settings
     from lumikb_pipeline.db.app_settings import DriftSchedule
     from lumikb_pipeline.reextraction.service import Selection
+
+
+class Strategy(StrEnum):
+    AUTO = "auto"
+    FULL = "full"
 
 
 # --------------------------------------------------------------------------- up / down / status
@@ -128,6 +134,9 @@ def reextract(
     idle_timeout: Annotated[float, typer.Option(
         "--idle-timeout", help="With --wait: give up after this many seconds without a Dagster daemon or a "
         "Celery worker to run the job (the job is kept).", metavar="SECONDS", min=1, max=86400)] = 60.0,
+    strategy: Annotated[Strategy, typer.Option(
+        help="auto: each document the cheapest correct way from the version it was extracted at (graph-only, "
+             "delta or full); full: extract every chunk anew.")] = Strategy.AUTO,
 ) -> None:
     """Start a re-extraction job on the `reprocessing` queue and print its id."""
     from lumikb_pipeline.reextraction.service import Selection, start_reextraction
@@ -139,7 +148,7 @@ def reextract(
     selection = Selection.of_ids(doc or []) if doc else Selection.all() if all_ else Selection.outdated()
     settings = ready_settings()
     if dry_run:
-        _dry_run(settings, slug, selection, as_json)
+        _dry_run(settings, slug, selection, as_json, strategy.value)
         return
     if not _selected_count(settings, slug, selection):
         which = "outdated" if selection.kind == "outdated" else "selected"
@@ -149,7 +158,8 @@ def reextract(
         )
         return
     job = start_reextraction(
-        settings, slug, selection, mode=mode, trigger="cli", max_cost=max_cost, asset_graph=_asset_graph()
+        settings, slug, selection, mode=mode, trigger="cli", max_cost=max_cost, asset_graph=_asset_graph(),
+        strategy=strategy.value,
     )
     err_console.print(
         f"job {job.id}: {job.total_documents} document(s) of {slug} to schema version {job.target_schema_version} "
@@ -170,7 +180,7 @@ def _selected_count(settings: Settings, slug: str, selection: Selection) -> int:
         return len(select_documents(session, get_kb(session, slug), selection))
 
 
-def _dry_run(settings: Settings, slug: str, selection: Selection, as_json: bool) -> None:
+def _dry_run(settings: Settings, slug: str, selection: Selection, as_json: bool, strategy: str = "auto") -> None:
     """Print what the job would do: documents, chunks, calls still needed, tokens and cost."""
     from lumikb_pipeline.db.catalog import current_schema, get_kb
     from lumikb_pipeline.db.session import session_scope
@@ -181,7 +191,8 @@ def _dry_run(settings: Settings, slug: str, selection: Selection, as_json: bool)
         kb = get_kb(session, slug)
         doc_ids = select_documents(session, kb, selection)
         estimate = estimate_reextraction(
-            session, kb, current_schema(session, kb), kb.current_schema_version, settings.llm_model, doc_ids
+            session, kb, current_schema(session, kb), kb.current_schema_version, settings.llm_model, doc_ids,
+            "full" if strategy == "full" else "auto",
         )
     if as_json:
         echo(json.dumps(estimate.to_json()))
@@ -196,6 +207,14 @@ def _dry_run(settings: Settings, slug: str, selection: Selection, as_json: bool)
         f"  estimated cost: {cost}",
         highlight=False,
     )
+    for group in estimate.by_strategy:
+        group_cost = "unknown" if group.estimated_cost_usd is None else f"${group.estimated_cost_usd:.4f}"
+        console.print(
+            f"  {group.strategy}: {group.documents} document(s), {group.chunks} chunk(s), {group.llm_calls} LLM "
+            f"call(s), {group.estimated_prompt_tokens} + {group.estimated_completion_tokens} tokens, {group_cost}",
+            highlight=False, markup=False,
+        )
+    console.print(f"  completion tokens estimated from: {estimate.completion_model}", highlight=False, markup=False)
 
 
 def missing_processes(settings: Settings, instance: DagsterInstance, heartbeat_max_age_s: float = 60.0) -> list[str]:

@@ -46,6 +46,7 @@ TAG_SCHEMA_VERSION: Final = "lumikb/schema_version"
 TAG_KB: Final = "lumikb/kb"
 TAG_QUEUE: Final = "lumikb/queue"
 TAG_TRIGGER: Final = "lumikb/trigger"
+TAG_STRATEGY: Final = "lumikb/strategy"  # auto | full (schema evolution; absent: auto)
 
 # Dagster's own tags that we set.
 TAG_PRIORITY: Final = "dagster/priority"

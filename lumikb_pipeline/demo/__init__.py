@@ -1,9 +1,12 @@
 """`lumikb demo`: the whole product in one command, on the embedded defaults.
 
 It loads the bundled sample corpus (36 short documents the project wrote) into the KB `demo`,
-extracts it, evolves the schema, re-extracts the outdated documents as a job — all through the
-same Dagster job code as production, run in this process — shows the job's live progress, proves
-that a re-run is served from the chunk checkpoints, and prints a summary.
+extracts it, evolves the schema by adding types, re-extracts the outdated documents as a job — all
+through the same Dagster job code as production, run in this process — shows the job's live
+progress and what it paid beside what a full re-extraction would have (the job asks the LLM only for
+the added types: strategy `delta`), then removes one type and renames another, which the next job
+migrates in the graph without one LLM call (`graph-only`), proves that a re-run is served from the
+chunk checkpoints, and prints a summary.
 """
 
 from __future__ import annotations
@@ -36,11 +39,15 @@ if TYPE_CHECKING:
     from dagster import DagsterInstance
 
     from lumikb_pipeline.orchestration.in_process import InProcessRun
+from lumikb_pipeline.reextraction.estimate import ReextractionEstimate, estimate_reextraction
 
 DEMO_DIR = Path(__file__).resolve().parent
 CORPUS = DEMO_DIR / "corpus"
 SCHEMA_V1 = DEMO_DIR / "schema_v1.yaml"
 SCHEMA_V2 = DEMO_DIR / "schema_v2.yaml"
+SCHEMA_V3 = DEMO_DIR / "schema_v3.yaml"
+# The offline model is free; the demo shows what the tokens would cost at a common paid model's prices.
+PRICE_MODEL = "gpt-4o-mini"
 KB = "demo"
 
 
@@ -77,6 +84,27 @@ def _reset(settings: Settings, console: Console) -> None:
     with session_scope(settings.effective_database_url) as session:
         session.delete(session.scalars(select(KnowledgeBase).where(KnowledgeBase.slug == KB)).one())
     console.print(f"removed the previous demo: KB {KB!r} with {len(doc_ids)} documents")
+
+
+def _ledger_usage(settings: Settings, kb_id: int, schema_version: int) -> tuple[int, int, int]:
+    """LLM calls, prompt and completion tokens of the extractions at a version."""
+    with session_scope(settings.effective_database_url) as session:
+        calls, prompt, completion = session.execute(
+            select(func.coalesce(func.sum(ExtractionRecord.llm_calls), 0),
+                   func.coalesce(func.sum(ExtractionRecord.prompt_tokens), 0),
+                   func.coalesce(func.sum(ExtractionRecord.completion_tokens), 0))
+            .where(ExtractionRecord.kb_id == kb_id, ExtractionRecord.schema_version == schema_version)
+        ).one()
+    return int(calls), int(prompt), int(completion)
+
+
+def _priced(prompt_tokens: int, completion_tokens: int) -> str:
+    from lumikb_pipeline.llm.cost import estimate_cost, is_priced
+
+    if not is_priced(PRICE_MODEL):
+        return f"{prompt_tokens} + {completion_tokens} tokens"
+    cost = estimate_cost(PRICE_MODEL, prompt_tokens, completion_tokens)
+    return f"{prompt_tokens} + {completion_tokens} tokens (${cost:.4f} at {PRICE_MODEL} prices)"
 
 
 def _ledger_totals(settings: Settings, kb_id: int, schema_version: int) -> tuple[int, int]:
@@ -170,10 +198,11 @@ def run_demo(settings: Settings, console: Console) -> DemoSummary:
         drift = drift_report(session, KB)[0]
     console.print(
         f"schema version {version} adds Product, MAKES and PARTNERS_WITH: "
-        f"{drift.outdated} of {drift.documents} documents are outdated"
+        f"{drift.outdated} of {drift.documents} documents are outdated; strategy {_strategy(settings, 1, version)}"
     )
+    full_estimate = _estimate(settings, "full")
 
-    console.rule("4. re-extraction of the outdated documents, as a job (a backfill of document_entities)")
+    console.rule("4. re-extraction of the outdated documents, as a job (only the added types are asked)")
     job = start_reextraction(settings, KB, Selection.outdated(), launch=False, instance=instance)
     client = redis_client.connect(settings)
 
@@ -186,9 +215,29 @@ def run_demo(settings: Settings, console: Console) -> DemoSummary:
                              on_batch=lambda _run: live.update(show()))
         live.update(show())
     console.print()
-
-    console.rule("5. the same job again: every chunk comes from its checkpoint")
+    delta_calls, delta_prompt, delta_completion = _ledger_usage(settings, kb_id, version)
+    console.print(
+        f"delta paid:  {delta_calls} LLM calls, {_priced(delta_prompt, delta_completion)}\n"
+        f"full would:  {full_estimate.llm_calls} LLM calls, "
+        f"{_priced(full_estimate.estimated_prompt_tokens, full_estimate.estimated_completion_tokens)} (estimated)",
+        highlight=False,
+    )
     calls_v2, cached_v2 = _ledger_totals(settings, kb_id, version)
+
+    console.rule("5. the schema evolves again: PARTNERS_WITH removed, Person renamed Individual")
+    with session_scope(settings.effective_database_url) as session:
+        previous = version
+        version, _ = catalog.set_schema(session, KB, parse_schema_file(SCHEMA_V3))
+    console.print(f"schema version {version}: strategy {_strategy(settings, previous, version)}", highlight=False)
+    migration = start_reextraction(settings, KB, Selection.outdated(), launch=False, instance=instance)
+    _run_job_as_backfill(settings, instance, migration, report.document_ids)
+    calls_v3, cached_v3 = _ledger_totals(settings, kb_id, version)
+    console.print(
+        f"{migration.total_documents} documents migrated in the graph with {calls_v3} LLM calls: every Person is an "
+        "Individual, with its relationships and provenance", highlight=False,
+    )
+
+    console.rule("6. the same job again: every chunk comes from its checkpoint")
     rerun = start_reextraction(settings, KB, Selection.all(), launch=False, instance=instance)
     _run_job_as_backfill(settings, instance, rerun, report.document_ids)
     rerun_calls, rerun_cached = _ledger_totals(settings, kb_id, version)
@@ -197,7 +246,7 @@ def run_demo(settings: Settings, console: Console) -> DemoSummary:
         f"{rerun_cached} chunks from checkpoints"
     )
 
-    console.rule("6. the graph invariant checks (knowledge_graph's asset checks)")
+    console.rule("7. the graph invariant checks (knowledge_graph's asset checks)")
     from lumikb_pipeline.orchestration.in_process import run_graph_checks_in_process
 
     checks = run_graph_checks_in_process(instance)
@@ -212,9 +261,27 @@ def run_demo(settings: Settings, console: Console) -> DemoSummary:
         store.close()
     return DemoSummary(
         documents=counts.documents, entities=counts.entities, relationships=counts.relationships,
-        llm_calls=calls_v1 + calls_v2 + rerun_calls, checkpoints_reused=cached_v1 + cached_v2 + rerun_cached,
+        llm_calls=calls_v1 + calls_v2 + calls_v3 + rerun_calls,
+        checkpoints_reused=cached_v1 + cached_v2 + cached_v3 + rerun_cached,
         seconds=time.monotonic() - started, job_id=job.id,
     )
+
+
+def _strategy(settings: Settings, from_version: int, to_version: int) -> str:
+    with session_scope(settings.effective_database_url) as session:
+        diff = catalog.schema_diff(session, catalog.get_kb(session, KB), from_version, to_version)
+    return diff.strategy
+
+
+def _estimate(settings: Settings, strategy: str) -> ReextractionEstimate:
+    """The dry-run estimate of re-extracting the demo's outdated documents with `strategy`."""
+    from lumikb_pipeline.reextraction.service import Selection, select_documents
+
+    with session_scope(settings.effective_database_url) as session:
+        kb = catalog.get_kb(session, KB)
+        doc_ids = select_documents(session, kb, Selection.outdated())
+        return estimate_reextraction(session, kb, catalog.current_schema(session, kb), kb.current_schema_version,
+                                     settings.llm_model, doc_ids, "full" if strategy == "full" else "auto")
 
 
 def print_summary(summary: DemoSummary, settings: Settings, console: Console) -> None:

@@ -77,7 +77,9 @@ _CUES = (
                "government ministry team vendor supplier customer"),
         _words("inc ltd llc corp corporation gmbh ag plc sa co company group bank university institute "
                "agency ministry department foundation association labs systems technologies partners "
-               "council committee college school hospital holdings industries"),
+               "council committee college school hospital holdings industries analytics energy robotics "
+               "foods health press logistics textiles mining motors media capital consulting software "
+               "pharma airlines bank insurance mobility seeds"),
         _words("at joined company firm"),
     ),
     _Cue(
@@ -99,6 +101,8 @@ _CUES = (
         _words("uses use using released launched built product products sells makes"),
     ),
 )
+
+_PERSON_CUE = _CUES[1]
 
 
 @dataclass
@@ -165,7 +169,11 @@ def _mentions(text: str) -> tuple[list[_Mention], list[list[str]]]:
                     continue
                 mention = by_key[key] = _Mention(name=name, first=offset + match.start())
             # The word before the name, looking past a copula ("its product is Atlas" -> "product").
-            preceding = [w for w in _WORD.findall(sentence[: match.start()].lower()) if w not in _COPULAS]
+            # (A title the name was cleaned of, as in "Dr. Jane Doe", counts as a word before it.)
+            raw = match.group(0)
+            prefix = raw[: raw.find(name)] if name in raw else ""
+            preceding = [w for w in _WORD.findall((sentence[: match.start()] + " " + prefix).lower())
+                         if w not in _COPULAS]
             before = preceding[-1:]
             mention.contexts.append((frozenset(_WORD.findall(name.lower())), before[0] if before else ""))
             if name not in names_here:
@@ -197,8 +205,18 @@ def _accepts(mention: _Mention, entity_type: EntityType, type_words: frozenset[s
             score += 3 * len(name_words & cue.name_words) + 2 * int(before in cue.before_words)
     if score:
         return True
+    if _PERSON_CUE in cues and len(mention.name.split()) >= 2 and not _has_cue(mention):
+        return True  # a name of two or more words that nothing else explains is most often a person's
     # A type no cue describes (e.g. Gene): a stable third of the names that no rule types.
     return not cues and _stable_index(f"{mention.name}\0{_identity(entity_type)}", 3) == 0
+
+
+def _has_cue(mention: _Mention) -> bool:
+    """Whether any cue, of any kind, speaks for the mention (independent of the schema)."""
+    return any(
+        name_words & cue.name_words or before in cue.before_words
+        for name_words, before in mention.contexts for cue in _CUES
+    )
 
 
 def extract(

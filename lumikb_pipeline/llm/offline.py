@@ -18,8 +18,9 @@ from litellm.llms.custom_llm import CustomLLM, CustomLLMError
 from litellm.types.utils import Choices, Message, ModelResponse, Usage
 
 from lumikb_pipeline.core.names import OFFLINE_MODEL
+from lumikb_pipeline.domain.chunking import count_tokens
 from lumikb_pipeline.llm import heuristic
-from lumikb_pipeline.llm.prompt import PromptFormatError, read_prompt_request
+from lumikb_pipeline.llm.prompt import PromptFormatError, chat_prompt_tokens, read_prompt_request
 
 PROVIDER = "lumikb"
 
@@ -50,8 +51,9 @@ def answer(model: str, messages: list[Any]) -> ModelResponse:
             status_code=400, message=f"lumikb/offline only answers extraction prompts: {exc}"
         ) from None
     content = json.dumps(heuristic.extract(schema, text, known), ensure_ascii=False)
-    prompt_text = "".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
-    prompt_tokens, completion_tokens = heuristic.estimate_tokens(prompt_text), heuristic.estimate_tokens(content)
+    # Counted like OpenAI counts (cl100k_base and the chat format's framing), as a provider reports usage.
+    prompt_tokens = chat_prompt_tokens([m for m in messages if isinstance(m, dict)])
+    completion_tokens = count_tokens(content)
     return ModelResponse(
         model=model if model.startswith(f"{PROVIDER}/") else f"{PROVIDER}/{model}",
         created=int(time.time()),

@@ -18,6 +18,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lumikb_pipeline.domain.chunking import count_tokens
 from lumikb_pipeline.domain.schema import DomainSchema
 
 PROMPT_VERSION = 1
@@ -162,6 +163,18 @@ def build_delta_messages(
         {"role": "system", "content": _DELTA_SYSTEM_TEMPLATE.format(schema_json=schema_json)},
         {"role": "user", "content": _DELTA_USER_TEMPLATE.format(known_json=known_json, text=text)},
     ]
+
+
+# OpenAI's chat format: every message costs 3 tokens of framing, and 3 more prime the reply.
+_TOKENS_PER_MESSAGE = 3
+_REPLY_PRIMING_TOKENS = 3
+
+
+def chat_prompt_tokens(messages: Sequence[Mapping[str, Any]], *, priming: bool = True) -> int:
+    """The prompt tokens of chat `messages` as OpenAI counts them: each message's text in
+    cl100k_base plus its framing, plus the reply's priming (`priming=False` for a part of a prompt)."""
+    total = sum(count_tokens(_content_text(m.get("content"))) + _TOKENS_PER_MESSAGE for m in messages)
+    return total + (_REPLY_PRIMING_TOKENS if priming else 0)
 
 
 class PromptFormatError(ValueError):

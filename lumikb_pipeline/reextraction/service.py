@@ -28,6 +28,7 @@ from lumikb_pipeline.core.names import (
     TAG_KB,
     TAG_MODE,
     TAG_SCHEMA_VERSION,
+    TAG_STRATEGY,
     TAG_TRIGGER,
 )
 from lumikb_pipeline.db import ledger
@@ -39,6 +40,7 @@ from lumikb_pipeline.domain.modes import WriteMode
 from lumikb_pipeline.infra import redis_client
 from lumikb_pipeline.infra.dagster_instance import add_missing_partitions, open_instance
 from lumikb_pipeline.infra.tags import reextraction_tags
+from lumikb_pipeline.pipeline.migration import STRATEGY_OPTIONS, StrategyOption
 from lumikb_pipeline.tracking.tracker import ProgressTracker
 
 if TYPE_CHECKING:
@@ -113,6 +115,7 @@ def start_reextraction(
     asset_graph: BaseAssetGraph | None = None,
     launch: bool = True,
     backfill_id: str | None = None,
+    strategy: str = "auto",
 ) -> Job:
     """Start a re-extraction job of `kb_slug`'s selected documents on the `reprocessing` queue.
 
@@ -124,8 +127,12 @@ def start_reextraction(
     the job without launching anything (the demo runs its documents in-process). `backfill_id` records
     the job of a backfill that already exists (one launched in the Dagster UI) and launches nothing.
     Launching needs the code location's `asset_graph` (a sensor's `context.repository_def.asset_graph`,
-    the CLI's `defs.resolve_asset_graph()`).
+    the CLI's `defs.resolve_asset_graph()`). `strategy` is `auto` (each document the cheapest correct
+    way from the version it was extracted at: `pipeline.migration`) or `full`; it is kept in the job's
+    selection and its runs' tags.
     """
+    if strategy not in STRATEGY_OPTIONS:
+        raise UsageError(f"strategy {strategy!r} is not one of {', '.join(STRATEGY_OPTIONS)}")
     mode = WriteMode.parse(mode, "--mode")
     max_cost = check_max_cost(max_cost)
     trigger = JobTrigger(trigger)
@@ -148,7 +155,8 @@ def start_reextraction(
         now = utcnow()
         job = Job(
             kb_id=kb.id, target_schema_version=kb.current_schema_version, mode=mode,
-            selection=selection.to_json(), trigger=trigger, status=JobStatus.PENDING, dedupe_key=dedupe_key,
+            selection={**selection.to_json(), **({"strategy": strategy} if strategy != "auto" else {})},
+            trigger=trigger, status=JobStatus.PENDING, dedupe_key=dedupe_key,
             total_documents=len(doc_ids), max_cost_usd=max_cost, created_at=now, updated_at=now,
             dagster_backfill_id=backfill_id,
         )
@@ -193,7 +201,13 @@ def _job_tags(job: Job, kb_slug: str) -> dict[str, str]:
         TAG_SCHEMA_VERSION: str(job.target_schema_version),
         TAG_KB: kb_slug,
         TAG_TRIGGER: job.trigger.value,
+        TAG_STRATEGY: job_strategy(job),
     }
+
+
+def job_strategy(job: Job) -> StrategyOption:
+    """The strategy option a job was started with (`auto` unless `full` was asked)."""
+    return "full" if (job.selection or {}).get("strategy") == "full" else "auto"
 
 
 def launch_job(

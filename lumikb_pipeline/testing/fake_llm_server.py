@@ -39,8 +39,9 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from lumikb_pipeline.domain.chunking import count_tokens
 from lumikb_pipeline.llm import heuristic
-from lumikb_pipeline.llm.prompt import PromptFormatError, read_prompt, read_prompt_request
+from lumikb_pipeline.llm.prompt import PromptFormatError, chat_prompt_tokens, read_prompt, read_prompt_request
 
 MalformedKind = Literal["malformed_json", "truncated", "prose", "empty", "unknown_types", "bad_endpoints"]
 MALFORMED_KINDS: tuple[MalformedKind, ...] = (
@@ -170,8 +171,9 @@ class FakeLLM:
             content, finish_reason = _malform(kind, answer, config.truncate_at)
         else:
             content = json.dumps(answer, ensure_ascii=False)
-        prompt_text = "".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
-        prompt_tokens, completion_tokens = heuristic.estimate_tokens(prompt_text), heuristic.estimate_tokens(content)
+        # Counted like OpenAI counts (cl100k_base and the chat format's framing), as a provider reports usage.
+        prompt_tokens = chat_prompt_tokens([m for m in messages if isinstance(m, dict)])
+        completion_tokens = count_tokens(content)
         return web.json_response({
             "id": f"chatcmpl-{key}-{attempt}",
             "object": "chat.completion",

@@ -10,6 +10,9 @@ import pytest
 
 from lumikb_pipeline_tests.pipeline.conftest import DEMO, Graph, Pass, Scenario
 
+# About two minutes on both graph stores: in the slow step, which CI runs too.
+pytestmark = pytest.mark.slow
+
 V1 = (DEMO / "schema_v1.yaml").read_text()
 PRODUCT = "  - name: Product\n    description: A product, service or piece of software that a company makes.\n"
 MAKES = ("  - name: MAKES\n    source: [Organization]\n    target: [Product]\n"

@@ -37,14 +37,14 @@ STALE_AFTER_S = 90.0  # six missed beats: a stalled storage, not a slow one
 def run_heartbeat(instance: DagsterInstance, run_id: str, interval_s: float = HEARTBEAT_INTERVAL_S) -> Iterator[None]:
     """Record this process as the run's worker and renew its heartbeat until the block ends."""
     instance.add_run_tags(run_id, {
-        TAG_RUN_HOST: socket.gethostname(), TAG_RUN_PID: str(os.getpid()), TAG_RUN_HEARTBEAT: f"{time.time():.0f}",
+        TAG_RUN_HOST: socket.gethostname(), TAG_RUN_PID: str(os.getpid()), TAG_RUN_HEARTBEAT: f"{time.time():.3f}",
     })
     stop = threading.Event()
 
     def beat() -> None:
         while not stop.wait(interval_s):
             try:
-                instance.add_run_tags(run_id, {TAG_RUN_HEARTBEAT: f"{time.time():.0f}"})
+                instance.add_run_tags(run_id, {TAG_RUN_HEARTBEAT: f"{time.time():.3f}"})
             except Exception:  # noqa: BLE001 - a storage hiccup: the next beat tries again
                 continue
 
@@ -76,17 +76,27 @@ def _process_gone(pid: int) -> bool:
         return False
 
 
-def why_dead(run: DagsterRun, now: float | None = None, stale_after_s: float = STALE_AFTER_S) -> str | None:
-    """Why a started run's worker is gone, or None when it is alive (or the run has no heartbeat)."""
+def why_dead(
+    run: DagsterRun, start_time: float | None = None, now: float | None = None, stale_after_s: float = STALE_AFTER_S
+) -> str | None:
+    """Why a started run's worker is gone, or None when it is alive (or the run has no heartbeat).
+
+    A retry of a run copies its parent's tags, heartbeat included, until its own executor starts
+    beating: a heartbeat older than the run's `start_time` is not this run's, and only its silence
+    for `stale_after_s` since the start counts."""
     tags = run.tags
     if TAG_RUN_HEARTBEAT not in tags:
         return None
+    now = now if now is not None else time.time()
     host, pid = tags.get(TAG_RUN_HOST), int(tags.get(TAG_RUN_PID, "0") or 0)
+    beat = float(tags[TAG_RUN_HEARTBEAT])
+    if start_time is not None and beat < start_time:
+        silent = now - start_time
+        return f"its process never gave a heartbeat in {silent:.0f} s" if silent > stale_after_s else None
     if host == socket.gethostname() and pid and _process_gone(pid):
         return f"its process (pid {pid} on {host}) is gone"
-    silent = (now if now is not None else time.time()) - float(tags[TAG_RUN_HEARTBEAT])
-    if silent > stale_after_s:
-        return f"its process (pid {pid} on {host}) has not given a heartbeat for {silent:.0f} s"
+    if now - beat > stale_after_s:
+        return f"its process (pid {pid} on {host}) has not given a heartbeat for {now - beat:.0f} s"
     return None
 
 
@@ -96,8 +106,9 @@ def fail_dead_runs(instance: DagsterInstance, now: float | None = None) -> list[
     from dagster import DagsterRunStatus, RunsFilter
 
     lines = []
-    for run in instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED])):
-        reason = why_dead(run, now)
+    for record in instance.get_run_records(RunsFilter(statuses=[DagsterRunStatus.STARTED])):
+        run = record.dagster_run
+        reason = why_dead(run, record.start_time, now)
         if reason is None:
             continue
         instance.report_run_failed(

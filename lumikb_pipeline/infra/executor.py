@@ -39,7 +39,8 @@ class _PlanWithDependencyConfig(ExecutionPlan):
 
 
 class LumikbCeleryExecutor(CeleryExecutor):
-    """dagster-celery's executor, starting steps as soon as their inputs exist."""
+    """dagster-celery's executor, starting steps as soon as their inputs exist, with a run heartbeat
+    (`run_watchdog`)."""
 
     @property
     def step_dependency_config(self) -> StepDependencyConfig:
@@ -49,8 +50,12 @@ class LumikbCeleryExecutor(CeleryExecutor):
         from dagster_celery.core_execution_loop import core_celery_execution_loop
         from dagster_celery.executor import _submit_task
 
+        from lumikb_pipeline.infra.run_watchdog import with_run_heartbeat
+
         plan = _PlanWithDependencyConfig(**execution_plan._asdict())
-        return core_celery_execution_loop(plan_context, plan, step_execution_fn=_submit_task)
+        # The run's heartbeat: the job-status sensor fails the run if this process dies.
+        events = core_celery_execution_loop(plan_context, plan, step_execution_fn=_submit_task)
+        return with_run_heartbeat(plan_context, events)
 
 
 @executor(

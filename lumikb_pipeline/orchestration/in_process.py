@@ -7,11 +7,22 @@ They carry the repository label the Dagster UI scopes runs by, so the job pages 
 show them, and, given a backfill id, that backfill's tag (see `record_in_process_backfill`).
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dagster import DagsterInstance, JobDefinition, execute_job, in_process_executor, reconstructable
+from dagster import (
+    DagsterInstance,
+    Executor,
+    InitExecutorContext,
+    JobDefinition,
+    execute_job,
+    executor,
+    reconstructable,
+)
+from dagster._core.execution.retries import RetryMode
+from dagster._core.execution.step_dependency_config import StepDependencyConfig
+from dagster._core.executor.in_process import InProcessExecutor
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from lumikb_pipeline.core.config import Settings
@@ -41,13 +52,27 @@ class InProcessRun:
     success: bool
 
 
+class _HeartbeatInProcessExecutor(InProcessExecutor):
+    """Dagster's in-process executor with the run heartbeat of `infra.run_watchdog` (a killed demo's
+    runs are failed and their slots freed by the job-status sensor's watchdog)."""
+
+    def execute(self, plan_context: Any, execution_plan: Any) -> Iterator[Any]:
+        from lumikb_pipeline.infra.run_watchdog import with_run_heartbeat
+
+        return with_run_heartbeat(plan_context, super().execute(plan_context, execution_plan))
+
+
+@executor(name="in_process_lumikb")
+def _in_process_lumikb_executor(_init_context: InitExecutorContext) -> Executor:
+    return _HeartbeatInProcessExecutor(
+        retries=RetryMode.ENABLED, step_dependency_config=StepDependencyConfig(require_upstream_step_success=False)
+    )
+
+
 def _with_in_process_executor(job_name: str) -> JobDefinition:
     from lumikb_pipeline.definitions import defs
 
-    executor = in_process_executor.configured(
-        {"step_dependency_config": {"require_upstream_step_success": False}}, name="in_process_lumikb"
-    )
-    return defs.resolve_job_def(job_name).with_executor_def(executor)
+    return defs.resolve_job_def(job_name).with_executor_def(_in_process_lumikb_executor)
 
 
 def in_process_job() -> JobDefinition:

@@ -24,10 +24,12 @@ if TYPE_CHECKING:
 RUN_RETRY_GRACE_S = 60.0
 
 
-def dagster_claimant_gone(instance: DagsterInstance, now: float | None = None) -> Callable[[str], bool | None]:
+def dagster_claimant_gone(
+    instance: DagsterInstance, grace_s: float = RUN_RETRY_GRACE_S, now: float | None = None
+) -> Callable[[str], bool | None]:
     """Whether the claimant of a ledger row is gone, for `ledger.reap_abandoned`: a claimant
     `dagster-run:ROOT` is gone once every run of that run group (the run and its retries) has
-    finished more than `RUN_RETRY_GRACE_S` ago; other claimants are unknown (None)."""
+    finished more than `grace_s` ago; other claimants are unknown (None)."""
     from dagster import RunsFilter
 
     def gone(claimant: str) -> bool | None:
@@ -43,17 +45,19 @@ def dagster_claimant_gone(instance: DagsterInstance, now: float | None = None) -
         if any(not record.dagster_run.is_finished for record in records):
             return False
         last = max((record.end_time or record.update_timestamp.timestamp()) for record in records)
-        return (now if now is not None else time.time()) - last > RUN_RETRY_GRACE_S
+        return (now if now is not None else time.time()) - last > grace_s
 
     return gone
 
 
-def reap_abandoned_work(settings: Settings, instance: DagsterInstance) -> list[str]:
+def reap_abandoned_work(
+    settings: Settings, instance: DagsterInstance, grace_s: float = RUN_RETRY_GRACE_S
+) -> list[str]:
     """Close the ledger rows whose claimant is gone (`ledger.reap_abandoned`, with the Dagster run
     groups as claimants), report them to their jobs' progress and close the jobs they finish.
     Returns one line per job touched."""
     with session_scope(settings.effective_database_url) as session:
-        reaped = ledger.reap_abandoned(session, dagster_claimant_gone(instance))
+        reaped = ledger.reap_abandoned(session, dagster_claimant_gone(instance, grace_s))
         by_job: dict[str, list[tuple[str, str, float, str | None]]] = {}
         for row in reaped:
             if row.job_id is not None:

@@ -1,9 +1,11 @@
 """`job_status_sensor`: fires every few seconds; records a `Job` (trigger `ui-backfill`, one per KB)
 for each backfill of `document_entities` launched in the Dagster UI, brings each pending or running
 job's status, run ids and times in line with its Dagster backfill, and finishes launching a job
-whose launch was interrupted, and closes the ledger rows of workers that died (`reap_abandoned_work`:
-rows whose Dagster run group has ended, or whose lease expired, are marked failed and their jobs
-closed when that finishes them). Launches nothing else."""
+whose launch was interrupted. It also recovers from dead workers: it fails the started runs whose
+process died and frees their pool slots (`infra.run_watchdog.fail_dead_runs`), marks failed the
+ledger rows their claimants abandoned and closes the jobs that finishes (`reap_abandoned_work`), and
+every ten minutes deletes the step outputs and compute logs of runs finished over a day ago
+(`infra.run_retention`). Launches nothing else."""
 
 
 from dagster import DefaultSensorStatus, SensorEvaluationContext, SensorResult, SkipReason, sensor
@@ -11,6 +13,8 @@ from sqlalchemy import select
 
 from lumikb_pipeline.core.config import get_settings
 from lumikb_pipeline.db.models import Job, JobStatus
+from lumikb_pipeline.infra.run_retention import prune_run_storage_now_and_then
+from lumikb_pipeline.infra.run_watchdog import fail_dead_runs
 from lumikb_pipeline.resources import DatabaseResource, ReextractionResource
 
 
@@ -27,7 +31,9 @@ def job_status_sensor(
 ) -> SensorResult:
     recorded = reextraction.record_ui_backfills(context.instance)
     changes = [f"backfill {backfill_id}: recorded its job(s)" for backfill_id in recorded]
+    changes += fail_dead_runs(context.instance)
     changes += reextraction.reap_abandoned_work(context.instance)
+    changes += prune_run_storage_now_and_then(context.instance)
     for change in changes:
         context.log.info(change)
     with database.session() as session:

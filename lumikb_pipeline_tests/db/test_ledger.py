@@ -124,3 +124,33 @@ def test_two_processes_claiming_concurrently_never_claim_the_same_document(pg_ur
         owners = dict(session.execute(select(ExtractionRecord.document_id, ExtractionRecord.claimed_by)).tuples().all())
     for worker, claimed in results.items():
         assert all(owners[doc] == worker for doc in claimed)
+
+
+def test_the_reaper_fails_rows_whose_claimant_is_gone_and_keeps_live_ones(db_url: str) -> None:
+    _, [dead, alive, unknown_expired, unknown_leased], job_id = _seed(db_url, 4)
+    with session_scope(db_url) as session:
+        assert ledger.claim(session, dead, 1, "dagster-run:dead", job_id)
+        assert ledger.claim(session, alive, 1, "dagster-run:alive", job_id)
+        assert ledger.claim(session, unknown_expired, 1, "cli", job_id, lease=timedelta(seconds=-1))
+        assert ledger.claim(session, unknown_leased, 1, "cli-2", job_id)
+
+        reaped = ledger.reap_abandoned(
+            session, {"dagster-run:dead": True, "dagster-run:alive": False}.get
+        )
+
+        assert sorted(r.document_id for r in reaped) == sorted([dead, unknown_expired])
+        rows = {r.document_id: r for r in session.scalars(select(ExtractionRecord))}
+        assert rows[dead].status == ExtractionStatus.FAILED and "abandoned" in (rows[dead].last_error or "")
+        assert rows[unknown_expired].status == ExtractionStatus.FAILED
+        assert rows[alive].status == rows[unknown_leased].status == ExtractionStatus.RUNNING
+
+
+def test_renewing_extends_only_the_claimants_own_leases(db_url: str) -> None:
+    _, [mine, theirs], job_id = _seed(db_url, 2)
+    with session_scope(db_url) as session:
+        assert ledger.claim(session, mine, 1, "a", job_id, lease=timedelta(seconds=-1))
+        assert ledger.claim(session, theirs, 1, "b", job_id, lease=timedelta(seconds=-1))
+        assert ledger.renew(session, [mine, theirs], 1, "a") == {mine}
+        assert not ledger.claim(session, mine, 1, "c", job_id)  # renewed: no longer expired
+        assert ledger.claim(session, theirs, 1, "c", job_id)  # expired: taken over
+        assert ledger.renew(session, [theirs], 1, "b") == set()  # b lost it

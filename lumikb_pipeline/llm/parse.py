@@ -296,8 +296,9 @@ def _text_problem(fields: dict[str, str], names: tuple[str, ...], descriptions: 
 
 
 def _safe(text: str) -> str:
-    """`text` cut to an excerpt, with lone surrogates escaped so that it can be stored anywhere."""
-    return _excerpt(text).encode("utf-8", "backslashreplace").decode("utf-8")
+    """`text` with lone surrogates escaped so that it can be stored anywhere, cut to an excerpt (after
+    escaping: an escaped surrogate takes six characters, so cutting first could leave six times the bound)."""
+    return _excerpt(text.encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
 def _describe(raw: Any) -> str:

@@ -70,3 +70,13 @@ def test_an_unknown_type_with_a_lone_surrogate_gives_a_storable_reason() -> None
     [dropped] = parsed.dropped
     assert dropped.reason == "unknown_type"
     dropped.detail.encode("utf-8")
+
+
+def test_the_reason_of_a_name_of_lone_surrogates_stays_short_once_escaped() -> None:
+    # Found by the fuzz test: each escaped surrogate takes six characters, so a reason cut before
+    # escaping grew to six times its bound.
+    content = json.dumps({"entities": [{"name": "\udc80" * 400, "type": "Person"}], "relationships": []})
+    parsed = parse_answer(content, SCHEMA, "stop")
+    (dropped,) = parsed.dropped
+    assert dropped.reason == "invalid_text" and len(dropped.detail) < 300
+    dropped.detail.encode("utf-8")

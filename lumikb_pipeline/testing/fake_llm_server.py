@@ -159,21 +159,14 @@ class FakeLLM:
             detail = f" (request made with key {presented})" if config.echo_key_in_5xx else ""
             return _error(500, f"The server had an error while processing your request{detail}.", "server_error")
         try:
-            schema, text, known = read_prompt_request(messages)
+            # The extraction and the token counts take milliseconds of CPU: off the event loop, so the
+            # arrival times of the requests that come meanwhile are taken when they arrive, not in a bunch.
+            content, finish_reason, prompt_tokens, completion_tokens = await asyncio.to_thread(
+                _complete, config, messages, draw_malformed, kind, call
+            )
         except PromptFormatError as exc:
             call["kind"] = "bad_request"
             return _error(400, f"not a lumikb extraction prompt: {exc}", "invalid_request_error")
-        call["chunk"] = hashlib.sha256(text.encode()).hexdigest()[:16]
-        answer = heuristic.extract(schema, text, known)
-        finish_reason = "stop"
-        if draw_malformed < config.malformed_rate:
-            call["kind"] = kind
-            content, finish_reason = _malform(kind, answer, config.truncate_at)
-        else:
-            content = json.dumps(answer, ensure_ascii=False)
-        # Counted like OpenAI counts (cl100k_base and the chat format's framing), as a provider reports usage.
-        prompt_tokens = chat_prompt_tokens([m for m in messages if isinstance(m, dict)])
-        completion_tokens = count_tokens(content)
         return web.json_response({
             "id": f"chatcmpl-{key}-{attempt}",
             "object": "chat.completion",
@@ -190,6 +183,25 @@ class FakeLLM:
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         })
+
+
+def _complete(
+    config: FakeConfig, messages: list[Any], draw_malformed: float, kind: MalformedKind, call: dict[str, Any]
+) -> tuple[str, str, int, int]:
+    """The answer to an extraction prompt (by the offline model's rules, malformed when drawn so) and
+    the usage a provider would report: (content, finish_reason, prompt tokens, completion tokens)."""
+    schema, text, known = read_prompt_request(messages)
+    call["chunk"] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    answer = heuristic.extract(schema, text, known)
+    finish_reason = "stop"
+    if draw_malformed < config.malformed_rate:
+        call["kind"] = kind
+        content, finish_reason = _malform(kind, answer, config.truncate_at)
+    else:
+        content = json.dumps(answer, ensure_ascii=False)
+    # Counted like OpenAI counts (cl100k_base and the chat format's framing), as a provider reports usage.
+    prompt_tokens = chat_prompt_tokens([m for m in messages if isinstance(m, dict)])
+    return content, finish_reason, prompt_tokens, count_tokens(content)
 
 
 def _malform(kind: MalformedKind, answer: dict[str, Any], truncate_at: float) -> tuple[str, str]:
@@ -300,6 +312,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     host, port = sock.getsockname()[:2]
     _warm_up()
     print(f"listening on http://{host}:{port}", flush=True)
+    # tiktoken loads its encoding on first use (a few hundred ms holding the GIL): done before the first
+    # request, or the arrival times of the first calls would come in a bunch.
+    count_tokens("warm-up")
     web.run_app(FakeLLM(config).app(), sock=sock, print=None, access_log=None, backlog=1024)
 
 

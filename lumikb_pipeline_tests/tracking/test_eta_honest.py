@@ -69,6 +69,8 @@ def documents(
 
 
 # Timing-based and about a minute long: in the slow step, on the quieter machine after the fast tests.
+# unreliable: failed on the last full run (2026-11-30): 2.57 s off with 2.45 s allowed at 72 of 96 (docs/testing.md).
+@pytest.mark.unreliable
 @pytest.mark.slow
 def test_from_a_quarter_on_eta_and_rate_are_within_30_percent(documents: list[str], redis_url: str) -> None:
     from lumikb_pipeline.orchestration.in_process import run_documents_in_process

@@ -1,7 +1,15 @@
-"""Engines and sessions for the app database, one engine per URL and process."""
+"""Engines and sessions for the app database, one engine per URL and process.
+
+A forked child (a Celery prefork child, a Dagster subprocess) must not use the connections pooled by
+its parent: two processes on one socket corrupt each other's protocol state (seen as psycopg's
+"prepared statement _pg3_0 already exists"). After a fork the child forgets the parent's pools
+without closing their sockets, as SQLAlchemy's pooling guide advises for `os.fork()`
+(https://docs.sqlalchemy.org/en/20/core/pooling.html#using-connection-pools-with-multiprocessing-or-os-fork).
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,6 +66,14 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def _forget_parent_pools() -> None:
+    for engine in _engines.values():
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_parent_pools)
 
 
 def dispose_engines() -> None:

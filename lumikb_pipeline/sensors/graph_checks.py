@@ -4,7 +4,7 @@ checks' results are those of the graph as it is now. Its cursor is the end time 
 handled; on its first tick it starts from the jobs ended until then (it does not check old jobs)."""
 
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
 from sqlalchemy import func, select
@@ -28,9 +28,9 @@ def graph_checks_sensor(context: SensorEvaluationContext, database: DatabaseReso
             last = session.scalar(select(func.max(Job.finished_at)))
             return SensorResult(
                 skip_reason=SkipReason("first tick: checks follow the jobs that end from now on"),
-                cursor=last.isoformat() if last else datetime.min.isoformat(),
+                cursor=(last or datetime.min.replace(tzinfo=UTC)).isoformat(),
             )
-        since = datetime.fromisoformat(context.cursor)
+        since = _as_utc(datetime.fromisoformat(context.cursor))
         ended = session.execute(
             select(Job.id, Job.finished_at).where(Job.finished_at > since).order_by(Job.finished_at, Job.id)
         ).tuples().all()
@@ -45,3 +45,8 @@ def graph_checks_sensor(context: SensorEvaluationContext, database: DatabaseReso
         ],
         cursor=last_end.isoformat(),
     )
+
+
+def _as_utc(moment: datetime) -> datetime:
+    """The cursor as an aware time (cursors stored before it carried a zone are UTC)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

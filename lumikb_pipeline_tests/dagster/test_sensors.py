@@ -2,6 +2,7 @@
 Neo4j for deletions) with an in-memory Dagster instance."""
 
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,20 @@ def test_the_graph_checks_run_once_after_re_extraction_jobs_end(pg_url: str, ins
     [request] = after.run_requests or []
     assert request.run_key == f"invariants-after:{last}" and request.tags["lumikb/job_id"] == last
     assert not _tick(graph_checks_sensor, instance, pg_url, after.cursor).run_requests
+
+
+def test_the_graph_checks_sensor_reads_a_cursor_without_a_time_zone(instance: DagsterInstance, pg_url: str) -> None:
+    # On a database where no job has ended yet, the first tick's cursor is the earliest time; stored
+    # without a zone, every later tick failed with "naive datetime given to the database".
+    from lumikb_pipeline.sensors.graph_checks import graph_checks_sensor
+
+    slug = unique_slug("checks")
+    with session_scope(pg_url) as session:
+        catalog.create_kb(session, slug, parse_schema_file(SCHEMA_V1))
+    _ended_job(pg_url, slug)
+    result = _tick(graph_checks_sensor, instance, pg_url, "0001-01-01T00:00:00")
+    assert result.run_requests and result.cursor is not None
+    assert datetime.fromisoformat(result.cursor).tzinfo is not None
 
 
 def _store_sensor_status(instance: DagsterInstance, status: str) -> None:

@@ -16,6 +16,7 @@ from sqlalchemy.engine import make_url
 
 from lumikb_pipeline.db.models import Base
 from lumikb_pipeline.db.session import dispose_engines, get_engine
+from lumikb_pipeline_tests.fake_llm import DEFAULT_CONFIG, FakeServer, start_fake_server, stop_fake_server
 
 SERVICES_HINT = 'start the services with `scripts/services up` and `eval "$(scripts/services env)"`'
 # Read once, before any fixture clears the LUMIKB_ variables for a test of the embedded defaults.
@@ -120,3 +121,18 @@ def lumikb_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path
     from lumikb_pipeline.infra.redis_client import stop_embedded_redis
 
     stop_embedded_redis(home)
+
+
+@pytest.fixture(scope="session")
+def fake_llm_session() -> Iterator[FakeServer]:
+    server = start_fake_server()
+    yield server
+    stop_fake_server(server)
+
+
+@pytest.fixture
+def fake_llm(fake_llm_session: FakeServer) -> FakeServer:
+    """The fake LLM server (one process per test session), reset and with default behaviour."""
+    fake_llm_session.reset()
+    fake_llm_session.configure(**DEFAULT_CONFIG)
+    return fake_llm_session

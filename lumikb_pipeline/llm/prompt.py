@@ -27,14 +27,13 @@ PROMPT_VERSION = 1
 # checkpoint table has a single integer column for "the prompt that produced this result".
 _SCHEMA_PROMPT_VERSION_SPAN = 100_000
 
-_SYSTEM_TEMPLATE = """\
-You extract a knowledge graph from one chunk of a document. You follow a fixed domain schema.
-
-Rules:
+# The rules and the answer's shape, shared by the full and the delta prompt (their text is part of
+# every checkpoint's key through the prompt versions below: change it only with a version bump).
+_RULE_TYPES = """\
 1. Extract only entities of the entity types listed in the schema below, and only relationships of \
 the relationship types listed there.
-2. A relationship's source must have one of the relationship type's allowed source entity types \
-and its target one of its allowed target entity types. Both ends must also be listed as entities.
+"""
+_RULES_NAMES_TO_ANSWER = """\
 3. Use each entity's name as written in the text (the most complete form). Never invent entities \
 that the text does not mention.
 4. Descriptions are one short sentence grounded in the text.
@@ -46,43 +45,32 @@ The answer has exactly this shape:
 "target": "<entity name>", "target_type": "<entity type>", "type": "<relationship type>", \
 "description": "..."}}]}}
 If the chunk mentions nothing of these types, answer {{"entities": [], "relationships": []}}.
+"""
 
-The domain schema:
-<schema>
-{schema_json}
-</schema>"""
+_SYSTEM_TEMPLATE = (
+    "You extract a knowledge graph from one chunk of a document. You follow a fixed domain schema.\n\nRules:\n"
+    + _RULE_TYPES
+    + "2. A relationship's source must have one of the relationship type's allowed source entity types "
+    "and its target one of its allowed target entity types. Both ends must also be listed as entities.\n"
+    + _RULES_NAMES_TO_ANSWER
+    + "\nThe domain schema:\n<schema>\n{schema_json}\n</schema>"
+)
 
 # A delta prompt (schema evolution, `delta` strategy) asks only for types added to a schema, with the
 # chunk's already-extracted entities as context. Bump DELTA_PROMPT_VERSION when its wording changes:
 # it is part of the key of every derived checkpoint (`derived_prompt_version`).
 DELTA_PROMPT_VERSION = 1
 
-_DELTA_SYSTEM_TEMPLATE = """\
-You extract a knowledge graph from one chunk of a document. The chunk was already extracted under a \
-domain schema that has since gained new types: you extract only what the new types add.
-
-Rules:
-1. Extract only entities of the entity types listed in the schema below, and only relationships of \
-the relationship types listed there.
-2. A relationship's source must have one of the relationship type's allowed source entity types \
-and its target one of its allowed target entity types. An end may be an entity you list or one of \
-the chunk's known entities (given with the chunk, with their types); do not list known entities again.
-3. Use each entity's name as written in the text (the most complete form). Never invent entities \
-that the text does not mention.
-4. Descriptions are one short sentence grounded in the text.
-5. Answer with one JSON object and nothing else: no prose, no code fences, no comments.
-
-The answer has exactly this shape:
-{{"entities": [{{"name": "...", "type": "<entity type>", "description": "..."}}],
- "relationships": [{{"source": "<entity name>", "source_type": "<entity type>", \
-"target": "<entity name>", "target_type": "<entity type>", "type": "<relationship type>", \
-"description": "..."}}]}}
-If the chunk mentions nothing of these types, answer {{"entities": [], "relationships": []}}.
-
-The new types:
-<schema>
-{schema_json}
-</schema>"""
+_DELTA_SYSTEM_TEMPLATE = (
+    "You extract a knowledge graph from one chunk of a document. The chunk was already extracted under a "
+    "domain schema that has since gained new types: you extract only what the new types add.\n\nRules:\n"
+    + _RULE_TYPES
+    + "2. A relationship's source must have one of the relationship type's allowed source entity types "
+    "and its target one of its allowed target entity types. An end may be an entity you list or one of "
+    "the chunk's known entities (given with the chunk, with their types); do not list known entities again.\n"
+    + _RULES_NAMES_TO_ANSWER
+    + "\nThe new types:\n<schema>\n{schema_json}\n</schema>"
+)
 
 _DELTA_USER_TEMPLATE = """\
 The entities already known in this chunk:

@@ -19,13 +19,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from lumikb_pipeline.db import ledger
-from lumikb_pipeline.db.models import SchemaVersion
+from lumikb_pipeline.db.catalog import schema_at
+from lumikb_pipeline.db.models import KnowledgeBase
 from lumikb_pipeline.domain.results import ChunkExtraction
-from lumikb_pipeline.domain.schema import DomainSchema, schema_from_json
+from lumikb_pipeline.domain.schema import DomainSchema
 from lumikb_pipeline.domain.schema_diff import (
     DeltaRequest,
     SchemaDiff,
@@ -74,12 +74,7 @@ class SchemaHistory:
 
     def schema(self, version: int) -> DomainSchema:
         if version not in self._schemas:
-            definition = self.session.scalar(select(SchemaVersion.definition).where(
-                SchemaVersion.kb_id == self.kb_id, SchemaVersion.version == version
-            ))
-            if definition is None:
-                raise LookupError(f"KB {self.kb_id} has no schema version {version}")
-            self._schemas[version] = schema_from_json(definition)
+            self._schemas[version] = schema_at(self.session, self.session.get_one(KnowledgeBase, self.kb_id), version)
         return self._schemas[version]
 
     def diff(self, from_version: int, to_version: int) -> SchemaDiff:

@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lumikb_pipeline.cli import app
-from lumikb_pipeline_tests.llm.conftest import FakeServer, start_fake_server, stop_fake_server
+from lumikb_pipeline_tests.fake_llm import FakeServer, start_fake_server, stop_fake_server
 
 runner = CliRunner()
 TOKEN = secrets.token_hex(6)

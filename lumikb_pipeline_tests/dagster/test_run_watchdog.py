@@ -26,7 +26,7 @@ from lumikb_pipeline.infra.dagster_instance import apply_pool_limits, open_insta
 from lumikb_pipeline.infra.run_watchdog import TAG_RUN_PID, fail_dead_runs
 from lumikb_pipeline.reextraction.reaper import reap_abandoned_work
 from lumikb_pipeline.reextraction.service import Selection, start_reextraction
-from lumikb_pipeline_tests.llm.conftest import FakeServer, start_fake_server, stop_fake_server
+from lumikb_pipeline_tests.fake_llm import FakeServer, start_fake_server, stop_fake_server
 
 DEMO = Path(__file__).resolve().parents[2] / "lumikb_pipeline" / "demo"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,16 +19,9 @@ from lumikb_pipeline.domain.schema import parse_schema_file
 from lumikb_pipeline.graph.embedded_store import EmbeddedGraphStore
 from lumikb_pipeline.llm.extractor import ChunkExtractor
 from lumikb_pipeline.pipeline import DocumentOutcome, extract_documents, write_documents
-from lumikb_pipeline_tests.llm.conftest import FakeServer, start_fake_server, stop_fake_server
+from lumikb_pipeline_tests.fake_llm import FakeServer
 
 DEMO = Path(__file__).resolve().parents[2] / "lumikb_pipeline" / "demo"
-
-
-@pytest.fixture(scope="module")
-def fake_llm() -> Iterator[FakeServer]:
-    server = start_fake_server()
-    yield server
-    stop_fake_server(server)
 
 
 @pytest.fixture

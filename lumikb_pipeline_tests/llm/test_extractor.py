@@ -13,7 +13,8 @@ from lumikb_pipeline.core.config import Settings
 from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure
 from lumikb_pipeline.domain.schema import DomainSchema
 from lumikb_pipeline.llm.extractor import ChunkExtractor, ChunkInput, ChunkOutcome, RetryPolicy
-from lumikb_pipeline_tests.llm.conftest import FakeServer, create_kb
+from lumikb_pipeline_tests.fake_llm import FakeServer
+from lumikb_pipeline_tests.llm.conftest import create_kb
 from lumikb_pipeline_tests.llm.limits import early_retries
 
 FAST_RETRIES = RetryPolicy(max_attempts=3, max_rate_limited=20, backoff_base_s=0.05, backoff_max_s=0.2)

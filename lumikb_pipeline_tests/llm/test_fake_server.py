@@ -9,7 +9,7 @@ from typing import Any
 
 from lumikb_pipeline.domain.schema import DomainSchema
 from lumikb_pipeline.llm.prompt import build_messages
-from lumikb_pipeline_tests.llm.conftest import FakeServer
+from lumikb_pipeline_tests.fake_llm import FakeServer
 
 
 def post(server: FakeServer, messages: list[dict[str, str]]) -> tuple[int, dict[str, str], Any]:

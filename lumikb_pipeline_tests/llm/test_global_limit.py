@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from lumikb_pipeline_tests.llm.conftest import SCHEMA_V1, FakeServer, create_kb
+from lumikb_pipeline_tests.fake_llm import FakeServer
+from lumikb_pipeline_tests.llm.conftest import SCHEMA_V1, create_kb
 from lumikb_pipeline_tests.llm.limits import early_retries, max_calls_in_window, wait_for_idle_cpus
 
 pytestmark = pytest.mark.slow

@@ -40,3 +40,37 @@ def test_the_effective_prompt_version_changes_with_the_template_and_with_the_sch
 def test_a_prompt_without_the_blocks_is_refused() -> None:
     with pytest.raises(prompt.PromptFormatError):
         prompt.read_prompt([{"role": "user", "content": "hello"}])
+
+
+# The prompts' exact bytes at PROMPT_VERSION 1 and DELTA_PROMPT_VERSION 1. Checkpoints are keyed by
+# these versions, so a change of wording that keeps the versions would make stored results answer a
+# prompt that was never sent: change the text only with a version bump, and then these digests.
+_GOLDEN_SCHEMA = """\
+entity_types:
+  - name: Organization
+    description: A company.
+  - name: Person
+    description: A person.
+relationship_types:
+  - name: EMPLOYS
+    source: [Organization]
+    target: [Person]
+"""
+
+
+def test_the_prompts_bytes_change_only_with_their_versions() -> None:
+    import hashlib
+
+    from lumikb_pipeline.domain.schema import parse_schema_text
+
+    schema = parse_schema_text(_GOLDEN_SCHEMA)
+    full = json.dumps(prompt.build_messages(schema, "Acme employs Jane."), sort_keys=True)
+    delta = json.dumps(
+        prompt.build_delta_messages(schema, "Acme employs Jane.", [("Acme", "Organization")]), sort_keys=True
+    )
+    assert (prompt.PROMPT_VERSION, prompt.DELTA_PROMPT_VERSION) == (1, 1)
+    digests = {name: hashlib.sha256(text.encode()).hexdigest() for name, text in (("full", full), ("delta", delta))}
+    assert digests == {
+        "full": "89953def716f6aac5b72b90d348105392f53ff13674dd7fbcf6ca4b8d05e1afd",
+        "delta": "e0a7368de83f5c94bb3843fc6020d257ed0a62e7a9ff7bc412954a3e99e33740",
+    }

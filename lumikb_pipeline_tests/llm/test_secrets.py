@@ -18,7 +18,8 @@ from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.results import ChunkFailure
 from lumikb_pipeline.domain.schema import DomainSchema
 from lumikb_pipeline.llm.extractor import ChunkExtractor, ChunkInput, RetryPolicy
-from lumikb_pipeline_tests.llm.conftest import FakeServer, create_kb
+from lumikb_pipeline_tests.fake_llm import FakeServer
+from lumikb_pipeline_tests.llm.conftest import create_kb
 
 TOKEN = secrets.token_hex(16)
 SENTINEL = f"sk-SENTINEL-{TOKEN}"

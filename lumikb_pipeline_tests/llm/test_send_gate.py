@@ -12,7 +12,7 @@ import pytest
 from lumikb_pipeline.domain.schema import DomainSchema
 from lumikb_pipeline.llm.prompt import build_messages
 from lumikb_pipeline.llm.send_gate import GatedTransport, SendGate, SlotMissed, current_gate
-from lumikb_pipeline_tests.llm.conftest import FakeServer
+from lumikb_pipeline_tests.fake_llm import FakeServer
 
 
 async def post_through_gate(server: FakeServer, gate: SendGate, body: dict[str, object]) -> httpx2.Response:

@@ -1,5 +1,5 @@
-"""Fixtures of the pipeline tests: the fake LLM server (a real subprocess) and a migration scenario
-runner that extracts the demo corpus at one schema version, changes the schema, and re-extracts."""
+"""Fixtures of the pipeline tests: a migration scenario runner that extracts the demo corpus at one
+schema version, changes the schema, and re-extracts."""
 
 from __future__ import annotations
 
@@ -21,23 +21,10 @@ from lumikb_pipeline.graph.embedded_store import EmbeddedGraphStore
 from lumikb_pipeline.graph.store import GraphStore, check_invariants
 from lumikb_pipeline.llm.extractor import ChunkExtractor
 from lumikb_pipeline.pipeline import DocumentOutcome, extract_documents, write_documents
+from lumikb_pipeline_tests.fake_llm import FakeServer
 from lumikb_pipeline_tests.graph.conftest import delete_kbs, neo4j_store
-from lumikb_pipeline_tests.llm.conftest import FakeServer, start_fake_server, stop_fake_server
 
 DEMO = Path(__file__).resolve().parents[2] / "lumikb_pipeline" / "demo"
-
-
-@pytest.fixture(scope="session")
-def fake_llm_session() -> Iterator[FakeServer]:
-    server = start_fake_server()
-    yield server
-    stop_fake_server(server)
-
-
-@pytest.fixture
-def fake_llm(fake_llm_session: FakeServer) -> FakeServer:
-    fake_llm_session.reset()
-    return fake_llm_session
 
 
 @dataclass

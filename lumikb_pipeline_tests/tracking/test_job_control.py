@@ -6,72 +6,36 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 from sqlalchemy import select
 
-from lumikb_pipeline.core.config import get_settings, load_settings
+from lumikb_pipeline.core.config import load_settings
 from lumikb_pipeline.db import catalog, ledger
 from lumikb_pipeline.db.models import ExtractionRecord, ExtractionStatus, Job, JobStatus
 from lumikb_pipeline.db.session import session_scope
-from lumikb_pipeline.domain.schema import parse_schema_text
 from lumikb_pipeline.graph import open_graph_store
 from lumikb_pipeline.llm.extractor import ChunkExtractor
 from lumikb_pipeline.pipeline import extract_documents, write_documents
 from lumikb_pipeline.reextraction.cancel import cancel_job
 from lumikb_pipeline.reextraction.service import Selection, start_reextraction
 from lumikb_pipeline.tracking.progress import job_progress
-from lumikb_pipeline_tests.llm.conftest import FakeServer, start_fake_server, stop_fake_server
+from lumikb_pipeline_tests.fake_llm import FakeServer
+from lumikb_pipeline_tests.tracking.conftest import reports_kb
 
-SCHEMA = """\
-entity_types:
-  - name: Organization
-    description: A company.
-  - name: Person
-    description: A person.
-relationship_types:
-  - name: EMPLOYS
-    source: [Organization]
-    target: [Person]
-"""
 DOCUMENTS = 60
 
 
 @pytest.fixture
-def fake_server() -> Iterator[FakeServer]:
-    server = start_fake_server()
-    server.configure(latency_mean_s=0.15, latency_jitter_s=0.05)
-    yield server
-    stop_fake_server(server)
-
-
-@pytest.fixture
 def job_env(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pg_url: str, redis_url: str, fake_server: FakeServer
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pg_url: str, redis_url: str, fake_llm: FakeServer
 ) -> list[str]:
-    """A KB with 60 ingested documents on PostgreSQL, Redis, the embedded graph and the fake LLM."""
-    for name, value in {
-        "LUMIKB_HOME": str(tmp_path / "home"), "LUMIKB_DATABASE_URL": pg_url, "LUMIKB_REDIS_URL": redis_url,
-        "LUMIKB_LLM_MODEL": "openai/gpt-4o-mini", "LUMIKB_LLM_API_BASE": fake_server.api_base,
-        "LUMIKB_LLM_API_KEY": "sk-test-key", "LUMIKB_LLM_RATE_LIMIT": "20/s", "LUMIKB_LLM_MAX_IN_FLIGHT": "4",
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("LUMIKB_NEO4J_URI", raising=False)
-    get_settings.cache_clear()
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(DOCUMENTS):
-        (corpus / f"doc-{i:03d}.md").write_text(
-            f"# Report {i}\n\nAcme Corp {i} employs Jane Doe {i}.\n\nGlobex Group {i} hired John Roe {i}.\n"
-        )
-    with session_scope(pg_url) as session:
-        catalog.create_kb(session, "acme", parse_schema_text(SCHEMA))
-    report = catalog.ingest(pg_url, "acme", [corpus])
-    assert not report.errors
-    return report.document_ids
+    """A KB `acme` of 60 reports; the fake LLM answers in 0.15 s (± 0.05 s)."""
+    fake_llm.configure(latency_mean_s=0.15, latency_jitter_s=0.05)
+    return reports_kb(monkeypatch, tmp_path, slug="acme", documents=DOCUMENTS, database_url=pg_url,
+                      redis_url=redis_url, llm=fake_llm, rate_limit="20/s")
 
 
 class Worker(threading.Thread):

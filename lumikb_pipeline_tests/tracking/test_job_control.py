@@ -123,7 +123,7 @@ def test_progress_is_right_again_within_5_s_of_a_flushall_and_the_job_completes(
 
 
 def test_after_cancel_no_llm_call_arrives_and_graph_and_ledger_agree(
-    job_env: list[str], redis_url: str, fake_server: FakeServer
+    job_env: list[str], redis_url: str, fake_llm: FakeServer
 ) -> None:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     settings = load_settings()
@@ -138,7 +138,7 @@ def test_after_cancel_no_llm_call_arrives_and_graph_and_ledger_agree(
     cancelled_at = time.time()
     worker.join(timeout=60)
     assert worker.error is None and not worker.is_alive()
-    late = [c for c in fake_server.calls() if c["arrived"] > cancelled_at + 1.0]
+    late = [c for c in fake_llm.calls() if c["arrived"] > cancelled_at + 1.0]
     assert late == [], f"{len(late)} LLM calls arrived more than 1 s after cancel returned"
     assert report.documents_cancelled > 0
     with session_scope(settings.effective_database_url) as session:
@@ -161,10 +161,10 @@ def test_after_cancel_no_llm_call_arrives_and_graph_and_ledger_agree(
 
 
 def test_max_cost_stops_the_job_within_one_batch_of_calls_past_its_budget(
-    job_env: list[str], redis_url: str, fake_server: FakeServer
+    job_env: list[str], redis_url: str, fake_llm: FakeServer
 ) -> None:
     settings = load_settings()
-    calls = fake_server.calls()
+    calls = fake_llm.calls()
     from lumikb_pipeline.reextraction.estimate import estimate_reextraction
     from lumikb_pipeline.reextraction.service import select_documents
 
@@ -186,7 +186,7 @@ def test_max_cost_stops_the_job_within_one_batch_of_calls_past_its_budget(
         rows = list(session.scalars(select(ExtractionRecord).where(ExtractionRecord.job_id == job.id)))
         job_row = session.get_one(Job, job.id)
     spent = sum(r.cost_usd for r in rows)
-    made = len(fake_server.calls()) - len(calls)
+    made = len(fake_llm.calls()) - len(calls)
     assert made < DOCUMENTS, "the budget did not stop the job"
     # At most one batch of calls (the in-flight cap, 4) past the budget.
     assert spent <= budget + 4 * max(r.cost_usd for r in rows if r.cost_usd), (spent, budget)

@@ -469,9 +469,6 @@ def test_pool_limits_held_in_every_run(stack: Stack, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- 6 (second half)
 
 
-# unreliable: failed on the last full run (2026-11-30): no run of drift_check_schedule within 150 s of the
-# daemon after `set-cron` reloaded the code location (docs/testing.md).
-@pytest.mark.unreliable
 def test_the_drift_check_ran_every_minute_without_a_daemon_restart(stack: Stack) -> None:
     instance = stack.instance()
     set_at: datetime = STATE["cron_set_at"]

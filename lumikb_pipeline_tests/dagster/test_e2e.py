@@ -442,7 +442,15 @@ def test_pool_limits_held_in_every_run(stack: Stack, tmp_path: Path) -> None:
             return steps_in_progress(instance, runs, EXTRACT_STEP)
 
         wait_until(lambda: extracting() >= 3, 180, 1, "3 extract steps in progress")
-        time.sleep(3)  # time for a 4th to start if the pool let it
+
+        def fourth_step_waits() -> bool:
+            # The 4th run's extract step is launched (its run process may take a while to start on a
+            # busy machine) and asks the pool for a slot: it waits, or (a broken limit) it runs.
+            return extracting() > 3 or instance.event_log_storage.get_concurrency_info(
+                "lumikb_llm").pending_step_count >= 1
+
+        wait_until(fourth_step_waits, 120, 1, "a 4th extract step asking for a lumikb_llm slot")
+        time.sleep(2)  # time for it to start if the pool let it
         in_progress = extracting()
         info = instance.event_log_storage.get_concurrency_info("lumikb_llm")
         _say(f"held LLM: {in_progress} extract steps in progress, {stack.hold_llm()['waiting']} requests held, "

@@ -157,7 +157,13 @@ def test_reprocessing_workers_without_a_shared_folder_reextract_through_the_app_
     assert ledger_counts(slug)[(2, "succeeded")] == DOCUMENTS
 
     instance = stack.instance()
-    runs = list(instance.get_runs(RunsFilter(tags={"dagster/backfill": job.dagster_backfill_id})))
+
+    def finished_runs() -> list[Any]:
+        # The workers close the job when its last document ends, seconds before its run ends.
+        runs = list(instance.get_runs(RunsFilter(tags={"dagster/backfill": job.dagster_backfill_id})))
+        return runs if runs and all(run.is_finished for run in runs) else []
+
+    runs = wait_until(finished_runs, 120, 1, "the re-extraction's runs to end")
     run_ids = {run.run_id for run in runs}
     assert runs and all(run.status == DagsterRunStatus.SUCCESS for run in runs), [r.status for r in runs]
     step_workers = {run_id: _step_workers(instance, run_id) for run_id in run_ids}

@@ -77,6 +77,31 @@ BENCHMARKS: tuple[Benchmark, ...] = (
                    unit="x"),
         ),
     ),
+    Benchmark(
+        "scale",
+        full=("--sizes", "1000,10000,100000"),
+        quick=("--quick",),
+        # The targets are the at 100,000 documents; each figure is read at the largest size run.
+        figures=(
+            Figure("scale: documents (the largest size run)", lambda r: r["largest"]["documents"], None),
+            Figure("scale: registering the partitions (s)", lambda r: r["largest"]["register_partitions_s"], 60,
+                   "<=", "s"),
+            Figure("scale: idle partitions-sensor tick (s)", lambda r: r["largest"]["idle_tick_s"], 10, "<=", "s"),
+            Figure("scale: reconciling partitions-sensor tick (s)", lambda r: r["largest"]["reconcile_tick_s"], 10,
+                   "<=", "s"),
+            Figure("scale: partitions-sensor tick with 1% changed (s)",
+                   lambda r: r["largest"]["changed_1pct_tick_s"], None, "<=", "s"),
+            Figure("scale: lumikb drift (s)", lambda r: r["largest"]["drift_s"], 5, "<=", "s"),
+            Figure("scale: reextract --all to the first run (s)", lambda r: r["largest"]["first_run_s"], 60, "<=",
+                   "s"),
+            Figure("scale: reextract --all to all runs queued (s)", lambda r: r["largest"]["all_runs_queued_s"],
+                   None, "<=", "s"),
+            Figure("scale: ledger statements per batch", lambda r: r["largest"]["ledger_batch"]["statements"], None,
+                   "<="),
+            Figure("scale: ledger time per batch (ms)", lambda r: r["largest"]["ledger_batch"]["ms"], None, "<=",
+                   "ms"),
+        ),
+    ),
 )
 
 _COMPARATORS = {">=": operator.ge, "<=": operator.le}

@@ -17,6 +17,7 @@ from lumikb_pipeline.resources import (
     LLMResource,
     RedisResource,
     ReextractionResource,
+    StepOutputIOManager,
 )
 from lumikb_pipeline.schedules.drift_check import drift_check_schedule
 from lumikb_pipeline.sensors import (
@@ -42,6 +43,9 @@ defs = Definitions(
         "llm": LLMResource(),
         "redis": RedisResource(),
         "reextraction": ReextractionResource(),
+        # The outcome lists handed from extract to write go through the app database, not a folder
+        # every machine would have to share (docs/scaling.md, "Several machines").
+        "io_manager": StepOutputIOManager(),
     },
     # Runs Dagster builds itself (backfills launched from the UI) are re-extraction work.
     executor=celery_executor_for(QUEUE_REPROCESSING),

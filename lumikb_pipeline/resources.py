@@ -8,21 +8,25 @@ definitions serve every environment and the choice is made in one place, the env
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import redis
-from dagster import ConfigurableResource
+from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, OutputContext
 from sqlalchemy.orm import Session
 
 from lumikb_pipeline.core.config import Settings, get_settings
+from lumikb_pipeline.db import step_outputs
 from lumikb_pipeline.db.migrate import require_database
 from lumikb_pipeline.db.session import session_scope
+from lumikb_pipeline.db.step_outputs import StepOutputKey
 from lumikb_pipeline.domain.modes import WriteMode
 from lumikb_pipeline.graph import open_graph_store
 from lumikb_pipeline.graph.store import GraphStore
 from lumikb_pipeline.infra.redis_client import connect
+from lumikb_pipeline.infra.run_retention import RETENTION_S, expired_step_output_runs
 from lumikb_pipeline.llm.extractor import ChunkExtractor
 from lumikb_pipeline.pipeline import DocumentOutcome, extract_documents, write_documents
 from lumikb_pipeline.pipeline.migration import StrategyOption
@@ -67,6 +71,17 @@ class DatabaseResource(ConfigurableResource):
         """A session that commits on success and rolls back on error."""
         with session_scope(self.url) as session:
             yield session
+
+    def prune_step_outputs(self, instance: DagsterInstance) -> list[str]:
+        """Delete the step outputs (`StepOutputIOManager`) of the runs the retention rule lets go
+        (succeeded ones at once); one line when something was deleted."""
+        with self.session() as session:
+            stored = step_outputs.stored_runs(session)
+            if not stored:
+                return []
+            expired = expired_step_output_runs(instance, stored)
+            deleted = step_outputs.delete_runs(session, expired)
+        return [f"deleted {deleted} step output(s) of {len(expired)} ended run(s)"] if deleted else []
 
 
 class GraphStoreResource(ConfigurableResource):
@@ -196,6 +211,52 @@ class ReextractionResource(ConfigurableResource):
         return settings.drift_threshold, settings.drift_webhook_url
 
 
+class StepOutputIOManager(ConfigurableIOManager):
+    """Hands a run's step outputs to its next steps through the app database (`db.step_outputs`),
+    so the steps of one run may run on different machines with no shared folder: a Celery worker
+    needs the databases, Redis and the broker, nothing else.
+
+    Outputs are pickled, as Dagster's filesystem IO manager does, and keyed by run, step, output and
+    mapping key; a re-execution reads a skipped step's output from the run that made it (Dagster
+    names that run in `upstream_output.run_id`). They are run-scoped hand-overs, not assets' values:
+    `DatabaseResource.prune_step_outputs` deletes them once their run succeeded, or by the run
+    retention rule.
+    """
+
+    database_url: str | None = None
+
+    def _url(self) -> str:
+        return _app_database(self.database_url).effective_database_url
+
+    def handle_output(self, context: OutputContext, obj: object) -> None:
+        key = _output_key(context)
+        payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        with session_scope(self._url()) as session:
+            size = step_outputs.save(session, key, payload)
+        context.add_output_metadata({"stored_in": "app database (dagster_step_outputs)", "size_bytes": size})
+
+    def load_input(self, context: InputContext) -> object:
+        upstream = context.upstream_output
+        if upstream is None:
+            raise ValueError(f"input {context.name!r} has no upstream output to load; give it a value instead")
+        key = _output_key(upstream)
+        with session_scope(self._url()) as session:
+            payload = step_outputs.load(session, key)
+        if payload is None:
+            raise FileNotFoundError(
+                f"the {key.describe()} is not stored (any more): step outputs are deleted once their run "
+                f"succeeded or {RETENTION_S / 3600:.0f} h after it ended. Re-execute the whole run, not from a step."
+            )
+        return pickle.loads(payload)  # noqa: S301 - written by this IO manager into the app database
+
+
+def _output_key(context: OutputContext) -> StepOutputKey:
+    if context.run_id is None or context.step_key is None:
+        raise ValueError(f"output {context.name!r} has no run or step to store it under (not a run's step output)")
+    return StepOutputKey(context.run_id, context.step_key, context.name or "result", context.mapping_key or "")
+
+
 __all__ = [
     "DatabaseResource", "GraphStoreResource", "LLMResource", "RedisResource", "ReextractionResource",
+    "StepOutputIOManager",
 ]

@@ -21,6 +21,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -251,3 +252,23 @@ class AppSetting(Base):
     key: Mapped[str] = mapped_column(String(128), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class StepOutput(Base):
+    """One output of one Dagster step of one run, handed to the run's next step through this table
+    (`resources.StepOutputIOManager`) instead of a folder every machine would have to share.
+
+    Short-lived: a run's rows are deleted once it succeeded, or by the run retention rule
+    (`infra.run_retention`) after it failed, so a retry from failure can still read them.
+    """
+
+    __tablename__ = "dagster_step_outputs"
+
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    step_key: Mapped[str] = mapped_column(String(512), primary_key=True)
+    output_name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # "" for an ordinary output; the mapping key of a dynamic output otherwise.
+    mapping_key: Mapped[str] = mapped_column(String(255), primary_key=True, default="")
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,12 +1,17 @@
-"""Retention of Dagster's per-run files: step outputs and compute logs.
+"""Retention of what Dagster keeps per run outside its event log: step outputs and compute logs.
 
-Dagster keeps, under the instance's storage directory (`DAGSTER_HOME/storage`), one folder per run:
-the outputs of its steps (the filesystem IO manager: the outcome lists handed from extract to
-write) and its steps' compute logs (`<run id>/compute_logs`). Nothing deletes them, so the folder
-grows by one entry per run. `prune_run_storage` deletes the folders of runs that finished more than
-`RETENTION_S` ago (a retry from failure, which reads its parent run's outputs, comes long before),
-and of runs the instance no longer knows; the folders of unfinished runs are never touched. The
-job-status sensor runs it at most every `PRUNE_INTERVAL_S`.
+The rule, in one place: a run's leftovers are deleted once the run finished more than `RETENTION_S`
+ago (a retry from failure, which reads its parent run's step outputs, comes long before), or, for a
+run the instance no longer knows, once they were left untouched that long; an unfinished run's are
+never touched. Step outputs of a run that *succeeded* go at once: nothing re-executes from it.
+
+- Step outputs (the outcome lists handed from extract to write) live in the app database
+  (`resources.StepOutputIOManager`); `expired_step_output_runs` says whose rows to delete, and the
+  job-status sensor deletes them on every tick.
+- Compute logs live under the instance's storage directory (`DAGSTER_HOME/storage/<run id>/`), one
+  folder per run on each machine that ran a step; `prune_run_storage` deletes the expired folders.
+  The job-status sensor runs it at most every `PRUNE_INTERVAL_S`, and so does every Celery worker
+  after a task (for the folders on its own machine).
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dagster import DagsterInstance
@@ -47,15 +54,40 @@ def prune_run_storage(instance: DagsterInstance, retention_s: float = RETENTION_
         records = {r.dagster_run.run_id: r for r in instance.get_run_records(RunsFilter(run_ids=batch))}
         for name in batch:
             record = records.get(name)
-            if record is None:
-                expired = now - folders[name].stat().st_mtime > retention_s
-            else:
-                end = record.end_time
-                expired = record.dagster_run.is_finished and end is not None and now - end > retention_s
-            if expired:
+            if _expired(record, folders[name].stat().st_mtime, retention_s, now):
                 shutil.rmtree(folders[name], ignore_errors=True)
                 deleted += 1
     return deleted
+
+
+def expired_step_output_runs(
+    instance: DagsterInstance, stored: Mapping[str, datetime], retention_s: float = RETENTION_S,
+    now: float | None = None,
+) -> list[str]:
+    """The runs among `stored` (run id -> time of its newest stored output) whose step outputs may
+    be deleted: succeeded ones at once, the others by the retention rule."""
+    from dagster import DagsterRunStatus, RunsFilter
+
+    now = now if now is not None else time.time()
+    names = list(stored)
+    expired: list[str] = []
+    for start in range(0, len(names), _BATCH):
+        batch = names[start : start + _BATCH]
+        records = {r.dagster_run.run_id: r for r in instance.get_run_records(RunsFilter(run_ids=batch))}
+        for name in batch:
+            record = records.get(name)
+            succeeded = record is not None and record.dagster_run.status == DagsterRunStatus.SUCCESS
+            if succeeded or _expired(record, stored[name].timestamp(), retention_s, now):
+                expired.append(name)
+    return expired
+
+
+def _expired(record: Any, touched: float, retention_s: float, now: float) -> bool:
+    """The rule: finished more than `retention_s` ago, or unknown and untouched for as long."""
+    if record is None:
+        return now - touched > retention_s
+    end = record.end_time
+    return bool(record.dagster_run.is_finished and end is not None and now - end > retention_s)
 
 
 def prune_run_storage_now_and_then(instance: DagsterInstance, interval_s: float = PRUNE_INTERVAL_S) -> list[str]:

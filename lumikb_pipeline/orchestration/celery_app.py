@@ -8,12 +8,18 @@ One worker (process group) per queue; see docs/operations.md. The definitions an
 code are imported here, in the parent, so every forked worker process starts warm.
 """
 
+import logging
+import threading
+import time
+
+from celery.signals import task_postrun
 from dagster_celery.make_app import make_app
 from dagster_celery.tasks import create_task
 
 from lumikb_pipeline.core import scrub
 from lumikb_pipeline.core.config import get_settings
 from lumikb_pipeline.infra.celery_config import worker_app_args
+from lumikb_pipeline.infra.run_retention import PRUNE_INTERVAL_S, prune_run_storage
 
 scrub.install()  # before Celery logs anything (the broker URL in its banner, task errors)
 app = make_app(worker_app_args(get_settings()))
@@ -26,3 +32,30 @@ def _preload() -> None:
 
 
 _preload()
+
+
+_log = logging.getLogger(__name__)
+_last_prune = time.monotonic()  # not at start: the first prune comes PRUNE_INTERVAL_S after it
+_prune_lock = threading.Lock()
+
+
+@task_postrun.connect
+def _prune_this_machines_run_folders(**_: object) -> None:
+    """The compute logs of the steps this worker ran are on its own machine (`DAGSTER_HOME/storage`,
+    which need not be shared): they follow the run retention rule here, at most every
+    `PRUNE_INTERVAL_S`, as the daemon's job-status sensor does for its own machine."""
+    global _last_prune
+    with _prune_lock:
+        if time.monotonic() - _last_prune < PRUNE_INTERVAL_S:
+            return
+        _last_prune = time.monotonic()
+    from dagster import DagsterInstance
+
+    try:
+        with DagsterInstance.get() as instance:
+            deleted = prune_run_storage(instance)
+    except Exception as exc:  # noqa: BLE001 - housekeeping never fails a task; tried again later
+        _log.warning("could not prune this machine's old run folders: %s", exc)
+        return
+    if deleted:
+        _log.info("deleted the compute logs of %d old run(s) on this machine", deleted)

@@ -3,9 +3,10 @@ for each backfill of `document_entities` launched in the Dagster UI, brings each
 job's status, run ids and times in line with its Dagster backfill, and finishes launching a job
 whose launch was interrupted. It also recovers from dead workers: it fails the started runs whose
 process died and frees their pool slots (`infra.run_watchdog.fail_dead_runs`), marks failed the
-ledger rows their claimants abandoned and closes the jobs that finishes (`reap_abandoned_work`), and
-every ten minutes deletes the step outputs and compute logs of runs finished over a day ago
-(`infra.run_retention`). Launches nothing else."""
+ledger rows their claimants abandoned and closes the jobs that finishes (`reap_abandoned_work`). It
+keeps what runs leave behind bounded (`infra.run_retention`): on every tick it deletes the step
+outputs of runs that succeeded or ended over a day ago (`DatabaseResource.prune_step_outputs`), and every ten
+minutes the compute-log folders of runs finished over a day ago. Launches nothing else."""
 
 
 from dagster import DefaultSensorStatus, SensorEvaluationContext, SensorResult, SkipReason, sensor
@@ -33,6 +34,7 @@ def job_status_sensor(
     changes = [f"backfill {backfill_id}: recorded its job(s)" for backfill_id in recorded]
     changes += fail_dead_runs(context.instance)
     changes += reextraction.reap_abandoned_work(context.instance)
+    changes += database.prune_step_outputs(context.instance)
     changes += prune_run_storage_now_and_then(context.instance)
     for change in changes:
         context.log.info(change)

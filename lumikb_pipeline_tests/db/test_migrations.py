@@ -10,7 +10,7 @@ from lumikb_pipeline.db.session import get_engine
 
 TABLES = {
     "knowledge_bases", "schema_versions", "documents", "chunks", "extraction_records", "jobs",
-    "chunk_checkpoints", "app_settings",
+    "chunk_checkpoints", "app_settings", "dagster_step_outputs",
 }
 
 

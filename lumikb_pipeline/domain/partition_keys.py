@@ -23,15 +23,15 @@ from pathlib import PurePath
 from lumikb_pipeline.domain.schema import KB_SLUG_PATTERN
 
 # The title part is cut at a word boundary to at most this many characters.
-MAX_TITLE_SLUG = 32
+MAX_TITLE_SLUG = 48
 # Hex digits of the document id in a key; more (`id_digits`) only when a key is already taken.
 SHORT_ID_DIGITS = 8
-# 63 (KB slug) + "/" + 32 (title) + "-" + 32 (a whole id, the last resort against collisions).
+# 63 (KB slug) + "/" + 48 (title) + "-" + 32 (a whole id, the last resort against collisions).
 MAX_KEY_LENGTH = 63 + 1 + MAX_TITLE_SLUG + 1 + 32
 FALLBACK_TITLE = "document"
 
 # The KB part is the KB slug as it is (`KB_SLUG_PATTERN`), so filtering by a slug finds its documents.
-KEY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}/(?:[a-z0-9]+-)+[a-z0-9]+$")
+KEY_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,62}/(?:[a-z0-9]+-)+[a-z0-9]+")
 
 
 def slugify(text: str, max_length: int = MAX_TITLE_SLUG) -> str:
@@ -63,11 +63,11 @@ def document_partition_key(kb_slug: str, title: str, doc_id: str, *, source: str
     """The partition key of a new document: `<kb slug>/<slug of title>-<short id>`. The title slug
     falls back to the slug of the source's file name, then to `document`, so any title (empty,
     unicode only, control characters, very long) gives a valid key."""
-    kb = kb_slug if KB_SLUG_PATTERN.match(kb_slug) else (slugify(kb_slug, 63) or "kb")
+    kb = kb_slug if KB_SLUG_PATTERN.fullmatch(kb_slug) else (slugify(kb_slug, 63) or "kb")
     name = slugify(title) or slugify(PurePath(source).stem if source else "") or FALLBACK_TITLE
     return f"{kb}/{name}-{short_id(doc_id, id_digits)}"
 
 
 def is_valid_partition_key(key: str) -> bool:
     """Whether `key` has the shape `document_partition_key` gives and fits `MAX_KEY_LENGTH`."""
-    return len(key) <= MAX_KEY_LENGTH and KEY_PATTERN.match(key) is not None
+    return len(key) <= MAX_KEY_LENGTH and KEY_PATTERN.fullmatch(key) is not None

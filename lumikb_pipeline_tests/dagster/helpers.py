@@ -256,3 +256,11 @@ def partition_status(instance: Any) -> tuple[set[str], set[str]]:
         materialized = set(value.deserialize_materialized_partition_subsets(documents_partitions).get_partition_keys())
         failed = set(value.deserialize_failed_partition_subsets(documents_partitions).get_partition_keys())
     return documents_of(materialized), documents_of(failed)
+
+
+def ui_partition_filter(keys: Iterable[str], search: str) -> list[str]:
+    """The Dagster UI's partition search on an asset page, as the UI does it (ui-core
+    assets/AssetPartitions.tsx: `keys.filter((key) => key.toLowerCase().includes(searchLower))`,
+    `searchLower` the search text lowercased and trimmed)."""
+    needle = search.lower().strip()
+    return [key for key in keys if needle in key.lower()]

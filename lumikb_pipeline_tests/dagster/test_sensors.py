@@ -17,7 +17,14 @@ from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.definitions import defs
 from lumikb_pipeline.domain.schema import parse_schema_file
 from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource, ReextractionResource
-from lumikb_pipeline_tests.dagster.helpers import SCHEMA_V1, SCHEMA_V2, document_text, partition_keys, unique_slug
+from lumikb_pipeline_tests.dagster.helpers import (
+    SCHEMA_V1,
+    SCHEMA_V2,
+    document_text,
+    partition_keys,
+    ui_partition_filter,
+    unique_slug,
+)
 
 
 @pytest.fixture
@@ -112,6 +119,35 @@ def test_a_partition_key_is_readable_and_stays_when_the_title_changes(
     with session_scope(pg_url) as session:
         document = session.get_one(Document, doc_id)
         assert document.title == "Amended and Restated Agreement" and document.partition_key == key
+
+
+def test_filtering_the_partitions_by_a_kb_slug_or_a_word_of_a_title_selects_the_right_documents(
+    pg_url: str, tmp_path: Path, instance: DagsterInstance
+) -> None:
+    titles = {"contracts": ["Master Services Agreement", "Mutual NDA with Acme", "Supply agreement: Müller GmbH"],
+              "hr": ["Leave policy", "Onboarding agreement template"]}
+    kb_slugs, by_title = {}, {}
+    for name, kb_titles in titles.items():
+        slug = kb_slugs[name] = unique_slug(name)
+        with session_scope(pg_url) as session:
+            catalog.create_kb(session, slug, parse_schema_file(SCHEMA_V1))
+        folder = tmp_path / name
+        folder.mkdir()
+        for i, title in enumerate(kb_titles):
+            (folder / f"{i}.md").write_text(f"# {title}\n\n" + document_text(name, i))
+        report = catalog.ingest(pg_url, slug, [folder])
+        by_title.update(zip(kb_titles, partition_keys(report.document_ids, pg_url), strict=True))
+    _partitions_tick(instance, pg_url, None)
+    keys = list(instance.get_dynamic_partitions("documents"))
+    assert set(by_title.values()) <= set(keys)
+
+    assert set(ui_partition_filter(keys, kb_slugs["hr"])) == {by_title["Leave policy"],
+                                                              by_title["Onboarding agreement template"]}
+    assert set(ui_partition_filter(keys, " Agreement ")) == {
+        by_title["Master Services Agreement"], by_title["Supply agreement: Müller GmbH"],
+        by_title["Onboarding agreement template"]}
+    assert ui_partition_filter(keys, "muller") == [by_title["Supply agreement: Müller GmbH"]]
+    assert ui_partition_filter(keys, "nda") == [by_title["Mutual NDA with Acme"]]
 
 
 def test_partitions_keyed_by_document_id_are_replaced_by_readable_keys_and_the_graph_is_kept(

@@ -157,17 +157,11 @@ def test_the_partitions_are_all_materialized(console: Console) -> None:
         assert labels["kb"] == "demo" and labels["title"] and labels["source"], labels
 
 
-def ui_partition_filter(keys: list[str], search: str) -> list[str]:
-    """The asset page's partition search, as the UI does it (ui-core assets/AssetPartitions.tsx:
-    `keys.filter((key) => key.toLowerCase().includes(searchValue.toLocaleLowerCase().trim()))`)."""
-    needle = search.lower().strip()
-    return [key for key in keys if needle in key.lower()]
-
-
 def test_the_partition_keys_are_readable_and_filtering_them_by_kb_or_title_word_finds_the_documents(
     console: Console,
 ) -> None:
     from lumikb_pipeline.domain.partition_keys import is_valid_partition_key
+    from lumikb_pipeline_tests.dagster.helpers import ui_partition_filter
 
     # The partitions list of the asset page: the keys as the UI receives them.
     [node] = console.query(

@@ -20,6 +20,8 @@ from sqlalchemy.orm import Session
 from lumikb_pipeline.db.models import Document, ExtractionRecord, ExtractionStatus, KnowledgeBase
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Ids or keys per `IN (...)` query (PostgreSQL takes at most 65535 bind parameters per statement).
+PAGE = 1000
 
 
 @dataclass
@@ -101,19 +103,20 @@ def needing_processing(session: Session, doc_ids: Sequence[str]) -> list[str]:
     """Of these live documents, those that no extraction has covered at their current revision
     (new, or changed since): normal processing's work. Documents merely behind their KB's schema
     are re-extraction's work and are left out."""
-    if not doc_ids:
-        return []
-    done = set(
-        session.scalars(
-            select(ExtractionRecord.document_id)
-            .join(Document, Document.id == ExtractionRecord.document_id)
-            .where(
-                ExtractionRecord.document_id.in_(list(doc_ids)),
-                ExtractionRecord.document_revision >= Document.revision,
-                ExtractionRecord.status.in_([ExtractionStatus.SUCCEEDED, ExtractionStatus.RUNNING]),
+    ids = list(doc_ids)
+    done: set[str] = set()
+    for start in range(0, len(ids), PAGE):  # a bounded number of bind parameters per query
+        done.update(
+            session.scalars(
+                select(ExtractionRecord.document_id)
+                .join(Document, Document.id == ExtractionRecord.document_id)
+                .where(
+                    ExtractionRecord.document_id.in_(ids[start : start + PAGE]),
+                    ExtractionRecord.document_revision >= Document.revision,
+                    ExtractionRecord.status.in_([ExtractionStatus.SUCCEEDED, ExtractionStatus.RUNNING]),
+                )
             )
         )
-    )
     return [doc_id for doc_id in doc_ids if doc_id not in done]
 
 
@@ -154,13 +157,14 @@ def stale_partitions(session: Session, partition_keys: Iterable[str]) -> dict[st
     document (its graph contribution goes with the partition), a live document's id (a partition of
     the time before readable keys: the partition goes, the graph stays), or nothing known."""
     keys = list(partition_keys)
-    if not keys:
-        return {}
-    rows = session.execute(
-        select(Document.id, Document.partition_key, KnowledgeBase.slug, Document.deleted_at)
-        .join(KnowledgeBase, KnowledgeBase.id == Document.kb_id)
-        .where(or_(Document.partition_key.in_(keys), Document.id.in_(keys)))
-    ).all()
+    rows: list[tuple[str, str, str, datetime | None]] = []
+    for start in range(0, len(keys), PAGE):  # all of them once, when an instance moves to readable keys
+        page = keys[start : start + PAGE]
+        rows += session.execute(
+            select(Document.id, Document.partition_key, KnowledgeBase.slug, Document.deleted_at)
+            .join(KnowledgeBase, KnowledgeBase.id == Document.kb_id)
+            .where(or_(Document.partition_key.in_(page), Document.id.in_(page)))
+        ).tuples().all()
     by_key = {key: (doc_id, slug, deleted_at) for doc_id, key, slug, deleted_at in rows}
     by_id = {doc_id: (doc_id, slug, deleted_at) for doc_id, _key, slug, deleted_at in rows}
     stale: dict[str, StalePartition] = {}

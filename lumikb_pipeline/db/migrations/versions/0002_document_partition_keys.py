@@ -5,7 +5,7 @@ the title, then of the file name, and a short id), in ingestion order, taking mo
 a key is already taken. The `documents` partitions of a Dagster instance still keyed by document id
 are replaced by the document partitions sensor on its next full comparison (docs/dagster.md).
 
-Revision ID: 0002
+Revision ID: 0002_document_partition_keys
 Revises: 0001
 Create Date: 2026-11-30 08:10:00
 """
@@ -17,7 +17,7 @@ from alembic import op
 
 from lumikb_pipeline.domain.partition_keys import MAX_KEY_LENGTH, SHORT_ID_DIGITS, document_partition_key
 
-revision: str = "0002"
+revision: str = "0002_document_partition_keys"
 down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

@@ -264,7 +264,8 @@ def test_every_demo_run_is_under_its_job_and_the_re_extractions_are_backfills(co
              id status numPartitions title } } } }"""
     )
     backfills = data["partitionBackfillsOrError"]["results"]
-    assert len(backfills) == 2 and all(b["status"] == "COMPLETED_SUCCESS" for b in backfills), backfills
+    # The demo's three re-extraction jobs: to v2 (delta), to v3 (graph-only) and the re-run at v3.
+    assert len(backfills) == 3 and all(b["status"] == "COMPLETED_SUCCESS" for b in backfills), backfills
     backfill_ids = {b["id"] for b in backfills}
     run_backfills = {tag["value"] for r in reextraction for tag in r["tags"] if tag["key"] == "dagster/backfill"}
     assert run_backfills == backfill_ids
@@ -284,9 +285,9 @@ def test_the_sensors_tick_without_error_and_start_no_job(console: Console) -> No
             break
         assert time.monotonic() < deadline, f"not every sensor ticked within 120 s: {ticks}"
         time.sleep(3)
-    # schema_version_sensor saw the demo at version 2 with nothing outdated: no job, no backfill.
+    # schema_version_sensor saw the demo at version 3 with nothing outdated: no job, no backfill.
     backfills = console.query("query { partitionBackfillsOrError { ... on PartitionBackfills { results { id } } } }")
-    assert len(backfills["partitionBackfillsOrError"]["results"]) == 2
+    assert len(backfills["partitionBackfillsOrError"]["results"]) == 3  # the demo's own
 
 
 def test_a_screenshot_of_the_partitions_page(console: Console, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from lumikb_pipeline.core.config import Settings, get_settings
 from lumikb_pipeline.db import step_outputs
 from lumikb_pipeline.db.migrate import require_database
+from lumikb_pipeline.db.partition_keys import documents_of_partitions
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.db.step_outputs import StepOutputKey
 from lumikb_pipeline.domain.modes import WriteMode
@@ -179,6 +180,11 @@ class ReextractionResource(ConfigurableResource):
         return service.start_reextraction(
             self._app_settings(), kb_slug, selection, instance=instance, asset_graph=asset_graph, **options
         )
+
+    def documents_of_partitions(self, partition_keys: Sequence[str]) -> dict[str, str]:
+        """{partition key: document id} of these `documents` partitions (keys of no document left out)."""
+        with session_scope(self._app_settings().effective_database_url) as session:
+            return documents_of_partitions(session, partition_keys)
 
     def ui_backfill_jobs(self, instance: DagsterInstance, backfill_id: str, doc_ids: Sequence[str]) -> dict[str, str]:
         """{document id: job id} for documents of a backfill launched in the Dagster UI."""

@@ -18,7 +18,7 @@ One run covers a range of partitions (a batch). Each document's outcome is its o
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 
 from dagster import (
@@ -73,6 +73,7 @@ class RunScope:
     schema_version: int | None
     mode: WriteMode
     strategy: StrategyOption = "auto"
+    partitions: Mapping[str, str] = field(default_factory=dict)  # document id -> its partition key
 
     @classmethod
     def of(cls, context: OpExecutionContext, reextraction: ReextractionResource) -> "RunScope":
@@ -85,7 +86,11 @@ class RunScope:
             mode = WriteMode.parse(tags.get(TAG_MODE, WriteMode.REPLACE), f"run tag {TAG_MODE}")
         except UsageError as exc:
             raise Failure(str(exc), allow_retries=False) from None
-        doc_ids = tuple(context.partition_keys)
+        # The run's partitions are documents' partition keys; a key of no document (a partition still
+        # keyed by document id, from before readable keys) is taken as the document id it is.
+        keys = tuple(context.partition_keys)
+        documents = reextraction.documents_of_partitions(keys)
+        doc_ids = tuple(documents.get(key, key) for key in keys)
         if tags.get(TAG_JOB_ID):
             jobs = dict.fromkeys(doc_ids, tags[TAG_JOB_ID])
         elif tags.get(TAG_BACKFILL):
@@ -100,7 +105,12 @@ class RunScope:
             schema_version=int(version) if version else None,
             mode=mode,
             strategy="full" if tags.get(TAG_STRATEGY) == "full" else "auto",
+            partitions={doc_id: key for key, doc_id in zip(keys, doc_ids, strict=True)},
         )
+
+    def partition(self, doc_id: str) -> str:
+        """The partition key of one of the run's documents."""
+        return self.partitions.get(doc_id, doc_id)
 
     def by_job(self) -> dict[str | None, list[str]]:
         """The run's documents grouped by their job (None: no job), in run order."""
@@ -160,12 +170,14 @@ def _failures(outcomes: Sequence[DocumentOutcome]) -> list[DocumentOutcome]:
     return [o for o in outcomes if o.status == "failed"]
 
 
-def _report_failures(context: OpExecutionContext, stage: str, failed: Sequence[DocumentOutcome]) -> Iterator[object]:
+def _report_failures(
+    context: OpExecutionContext, stage: str, failed: Sequence[DocumentOutcome], scope: RunScope
+) -> Iterator[object]:
     """One observation per failed document (its error on its partition), then the step's failure."""
     for outcome in failed:
         yield AssetObservation(
             asset_key=DOCUMENT_ENTITIES,
-            partition=outcome.doc_id,
+            partition=scope.partition(outcome.doc_id),
             metadata={
                 "status": "failed",
                 "stage": stage,
@@ -174,14 +186,14 @@ def _report_failures(context: OpExecutionContext, stage: str, failed: Sequence[D
                 "run_id": context.run_id,
             },
         )
-    lines = [f"- {o.doc_id}: {o.error}" for o in failed[:20]]
+    lines = [f"- {scope.partition(o.doc_id)} (document {o.doc_id}): {o.error}" for o in failed[:20]]
     more = f"\n... and {len(failed) - 20} more" if len(failed) > 20 else ""
     raise Failure(
         description=(
             f"{len(failed)} document(s) failed in {stage}; the others of this batch were handed on. "
             "A retry from failure redoes only these.\n" + "\n".join(lines) + more
         ),
-        metadata={"failed_documents": MetadataValue.json({o.doc_id: o.error for o in failed})},
+        metadata={"failed_documents": MetadataValue.json({scope.partition(o.doc_id): o.error for o in failed})},
         allow_retries=False,
     )
 
@@ -215,7 +227,7 @@ def extract_document_entities(
     yield Output(outcomes)
     failed = _failures(outcomes)
     if failed:
-        yield from _report_failures(context, "extraction", failed)
+        yield from _report_failures(context, "extraction", failed, scope)
 
 
 def _writable(
@@ -248,7 +260,8 @@ def _writable(
 
 
 def _document_labels(database: DatabaseResource, doc_ids: Sequence[str]) -> dict[str, dict[str, object]]:
-    """Each document's `kb`, `title` and `source`, for its materializations (one query per run step)."""
+    """Each document's `kb`, `title`, `source` and `document_id`, for its materializations (one query per
+    run step)."""
     from sqlalchemy import select
 
     from lumikb_pipeline.db.models import Document, KnowledgeBase
@@ -261,7 +274,8 @@ def _document_labels(database: DatabaseResource, doc_ids: Sequence[str]) -> dict
             .join(KnowledgeBase, KnowledgeBase.id == Document.kb_id)
             .where(Document.id.in_(list(doc_ids)))
         ).tuples()
-        return {doc_id: {"kb": kb, "title": title, "source": source} for doc_id, kb, title, source in rows}
+        return {doc_id: {"kb": kb, "title": title, "source": source, "document_id": doc_id}
+                for doc_id, kb, title, source in rows}
 
 
 def _materialization(
@@ -285,7 +299,9 @@ def _materialization(
         metadata["job_id"] = job_id
         # The job's progress as of this document (null rate and ETA while there is no pace yet).
         metadata.update({key: value for key, value in reextraction.job_metadata(job_id).items() if value is not None})
-    return AssetMaterialization(asset_key=DOCUMENT_ENTITIES, partition=outcome.doc_id, metadata=metadata)  # type: ignore[arg-type]
+    return AssetMaterialization(
+        asset_key=DOCUMENT_ENTITIES, partition=scope.partition(outcome.doc_id), metadata=metadata  # type: ignore[arg-type]
+    )
 
 
 def _already_current(
@@ -323,7 +339,9 @@ def _already_current(
                 if row.job_id:
                     metadata["job_id"] = row.job_id
                 events.append(
-                    AssetMaterialization(asset_key=DOCUMENT_ENTITIES, partition=doc_id, metadata=metadata)  # type: ignore[arg-type]
+                    AssetMaterialization(
+                        asset_key=DOCUMENT_ENTITIES, partition=scope.partition(doc_id), metadata=metadata  # type: ignore[arg-type]
+                    )
                 )
     return events
 
@@ -367,7 +385,7 @@ def write_document_entities(
     context.log.info(f"wrote {written} of {len(ready)} document(s) ({scope.mode}); {len(current)} already current")
     failed = _failures(results)
     if failed:
-        yield from _report_failures(context, "graph write", failed)
+        yield from _report_failures(context, "graph write", failed, scope)
 
 
 @graph_asset(

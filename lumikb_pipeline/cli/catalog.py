@@ -157,6 +157,7 @@ def ingest(
         echo(json.dumps({
             "kb": slug, "added": len(report.added), "changed": len(report.changed),
             "unchanged": len(report.unchanged), "document_ids": report.document_ids,
+            "partition_keys": report.partition_keys,
             "errors": [{"path": path, "error": message} for path, message in report.errors],
         }))
     else:

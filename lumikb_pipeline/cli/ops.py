@@ -125,7 +125,8 @@ def reextract(
         bool, typer.Option("--outdated", help="Documents older than the KB's schema (the default).")
     ] = False,
     all_: Annotated[bool, typer.Option("--all", help="Every live document of the KB.")] = False,
-    doc: Annotated[list[str] | None, typer.Option("--doc", help="A document id (repeatable).", metavar="ID")] = None,
+    doc: Annotated[list[str] | None, typer.Option(
+        "--doc", help="A document id or partition key, e.g. legal/nda-3f9c2a1b (repeatable).", metavar="ID")] = None,
     max_cost: Annotated[float | None, typer.Option("--max-cost", help="Stop the job when its spend reaches this "
                                                                      "many USD.", metavar="USD")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be re-extracted; start nothing.")] = False,

@@ -11,7 +11,8 @@ from typing import Final, Literal
 # The deterministic local extractor (`lumikb_pipeline.llm.offline`), the default model.
 OFFLINE_MODEL: Final = "lumikb/offline"
 
-# The dynamic partitions of `document_entities`: one per document id.
+# The dynamic partitions of `document_entities`: one per document, keyed by its readable `partition_key`
+# (`legal/master-services-agreement-3f9c2a1b`: `domain.partition_keys`).
 DOCUMENTS_PARTITIONS: Final = "documents"
 
 # Celery queues (PRODUCT.md section 3).

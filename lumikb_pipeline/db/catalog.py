@@ -116,6 +116,7 @@ class IngestReport:
     unchanged: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (path, message)
     document_ids: list[str] = field(default_factory=list)
+    partition_keys: list[str] = field(default_factory=list)  # the documents' Dagster partitions, in the same order
 
 
 def _files(paths: Iterable[Path], report: IngestReport) -> Iterator[Path]:
@@ -195,14 +196,16 @@ def ingest_file(session: Session, kb: KnowledgeBase, path: Path, max_tokens: int
         return "unchanged", document.id
     now = utcnow()
     status = "changed"
+    title = document_title(text, path.stem)[:512]
     if document is None:
         status = "added"
-        document = Document(kb_id=kb.id, source=source, title="", content_hash=digest, revision=0, created_at=now)
+        # Its partition key is made from this first title and never changes (`models._assign_partition_key`).
+        document = Document(kb_id=kb.id, source=source, title=title, content_hash=digest, revision=0, created_at=now)
         session.add(document)
         session.flush()
     else:
         session.execute(delete(Chunk).where(Chunk.document_id == document.id))
-    document.title = document_title(text, path.stem)[:512]
+    document.title = title
     document.content_hash = digest
     document.revision += 1
     document.updated_at = now
@@ -229,6 +232,7 @@ def ingest(database_url: str, slug: str, paths: Iterable[Path], max_tokens: int 
             with session_scope(database_url) as session:
                 kb = session.get_one(KnowledgeBase, kb_id)
                 status, doc_id = ingest_file(session, kb, path, max_tokens)
+                key = session.get_one(Document, doc_id).partition_key
         except UsageError as exc:
             report.errors.append((str(path), str(exc)))
             continue
@@ -237,6 +241,7 @@ def ingest(database_url: str, slug: str, paths: Iterable[Path], max_tokens: int 
             continue
         getattr(report, status).append(str(path))
         report.document_ids.append(doc_id)
+        report.partition_keys.append(key)
     return report
 
 

@@ -20,6 +20,8 @@ from sqlalchemy.orm import Session
 from lumikb_pipeline.db.models import Document, ExtractionRecord, ExtractionStatus, KnowledgeBase
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Ids or keys per `IN (...)` query (PostgreSQL takes at most 65535 bind parameters per statement).
+PAGE = 1000
 
 
 @dataclass
@@ -55,6 +57,16 @@ class DocumentChange:
     doc_id: str
     kb_slug: str
     deleted: bool
+    partition_key: str = ""
+
+
+@dataclass(frozen=True)
+class StalePartition:
+    """A `documents` partition with no live document: the document it was (None: none is known)
+    and the KB whose graph holds that document's contribution (None: leave the graph alone)."""
+
+    doc_id: str | None
+    kb_slug: str | None
 
 
 @dataclass
@@ -69,7 +81,7 @@ class SyncPage:
 def changed_documents(session: Session, cursor: SyncCursor, limit: int) -> SyncPage:
     """Documents whose `updated_at` is after the cursor, oldest first, at most `limit`."""
     rows = session.execute(
-        select(Document.id, Document.updated_at, Document.deleted_at, KnowledgeBase.slug)
+        select(Document.id, Document.updated_at, Document.deleted_at, KnowledgeBase.slug, Document.partition_key)
         .join(KnowledgeBase, KnowledgeBase.id == Document.kb_id)
         .where(
             or_(
@@ -81,8 +93,8 @@ def changed_documents(session: Session, cursor: SyncCursor, limit: int) -> SyncP
         .limit(limit)
     ).all()
     page = SyncPage(cursor=SyncCursor(cursor.updated_at, cursor.doc_id, cursor.reconciled_at), more=len(rows) == limit)
-    for doc_id, updated_at, deleted_at, slug in rows:
-        page.changes.append(DocumentChange(doc_id, slug, deleted_at is not None))
+    for doc_id, updated_at, deleted_at, slug, key in rows:
+        page.changes.append(DocumentChange(doc_id, slug, deleted_at is not None, key))
         page.cursor.updated_at, page.cursor.doc_id = updated_at, doc_id
     return page
 
@@ -91,29 +103,29 @@ def needing_processing(session: Session, doc_ids: Sequence[str]) -> list[str]:
     """Of these live documents, those that no extraction has covered at their current revision
     (new, or changed since): normal processing's work. Documents merely behind their KB's schema
     are re-extraction's work and are left out."""
-    if not doc_ids:
-        return []
-    done = set(
-        session.scalars(
-            select(ExtractionRecord.document_id)
-            .join(Document, Document.id == ExtractionRecord.document_id)
-            .where(
-                ExtractionRecord.document_id.in_(list(doc_ids)),
-                ExtractionRecord.document_revision >= Document.revision,
-                ExtractionRecord.status.in_([ExtractionStatus.SUCCEEDED, ExtractionStatus.RUNNING]),
+    ids = list(doc_ids)
+    done: set[str] = set()
+    for start in range(0, len(ids), PAGE):  # a bounded number of bind parameters per query
+        done.update(
+            session.scalars(
+                select(ExtractionRecord.document_id)
+                .join(Document, Document.id == ExtractionRecord.document_id)
+                .where(
+                    ExtractionRecord.document_id.in_(ids[start : start + PAGE]),
+                    ExtractionRecord.document_revision >= Document.revision,
+                    ExtractionRecord.status.in_([ExtractionStatus.SUCCEEDED, ExtractionStatus.RUNNING]),
+                )
             )
         )
-    )
     return [doc_id for doc_id in doc_ids if doc_id not in done]
 
 
 def live_documents(session: Session) -> list[tuple[str, str]]:
-    """Every live document (id, KB slug), in ingestion order."""
+    """Every live document (id, partition key), in ingestion order."""
     return [
-        (doc_id, slug)
-        for doc_id, slug in session.execute(
-            select(Document.id, KnowledgeBase.slug)
-            .join(KnowledgeBase, KnowledgeBase.id == Document.kb_id)
+        (doc_id, key)
+        for doc_id, key in session.execute(
+            select(Document.id, Document.partition_key)
             .where(Document.deleted_at.is_(None))
             .order_by(Document.created_at, Document.id)
         ).all()
@@ -140,16 +152,27 @@ def changed_since_extraction(session: Session) -> list[str]:
     )
 
 
-def deleted_document_slugs(session: Session, doc_ids: Iterable[str]) -> dict[str, str | None]:
-    """KB slug of each id that is not a live document (None: the row is gone altogether)."""
-    ids = list(doc_ids)
-    if not ids:
-        return {}
-    rows = session.execute(
-        select(Document.id, KnowledgeBase.slug, Document.deleted_at)
-        .join(KnowledgeBase, KnowledgeBase.id == Document.kb_id)
-        .where(Document.id.in_(ids))
-    ).all()
-    live = {doc_id for doc_id, _slug, deleted_at in rows if deleted_at is None}
-    deleted = {doc_id: slug for doc_id, slug, deleted_at in rows if deleted_at is not None}
-    return {doc_id: deleted.get(doc_id) for doc_id in ids if doc_id not in live}
+def stale_partitions(session: Session, partition_keys: Iterable[str]) -> dict[str, StalePartition]:
+    """What each of these partition keys, none of them a live document's key, was: a deleted
+    document (its graph contribution goes with the partition), a live document's id (a partition of
+    the time before readable keys: the partition goes, the graph stays), or nothing known."""
+    keys = list(partition_keys)
+    rows: list[tuple[str, str, str, datetime | None]] = []
+    for start in range(0, len(keys), PAGE):  # all of them once, when an instance moves to readable keys
+        page = keys[start : start + PAGE]
+        rows += session.execute(
+            select(Document.id, Document.partition_key, KnowledgeBase.slug, Document.deleted_at)
+            .join(KnowledgeBase, KnowledgeBase.id == Document.kb_id)
+            .where(or_(Document.partition_key.in_(page), Document.id.in_(page)))
+        ).tuples().all()
+    by_key = {key: (doc_id, slug, deleted_at) for doc_id, key, slug, deleted_at in rows}
+    by_id = {doc_id: (doc_id, slug, deleted_at) for doc_id, _key, slug, deleted_at in rows}
+    stale: dict[str, StalePartition] = {}
+    for key in keys:
+        found = by_key.get(key) or by_id.get(key)
+        if found is None:
+            stale[key] = StalePartition(None, None)
+        else:
+            doc_id, slug, deleted_at = found
+            stale[key] = StalePartition(doc_id, slug if deleted_at is not None else None)
+    return stale

@@ -25,12 +25,15 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
+    select,
 )
-from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, Mapper, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 from lumikb_pipeline.domain.modes import WriteMode
+from lumikb_pipeline.domain.partition_keys import MAX_KEY_LENGTH, SHORT_ID_DIGITS, document_partition_key
 
 
 def utcnow() -> datetime:
@@ -123,6 +126,7 @@ class Document(Base):
     __tablename__ = "documents"
     __table_args__ = (
         UniqueConstraint("kb_id", "source", name="uq_documents_kb_source"),
+        UniqueConstraint("partition_key", name="uq_documents_partition_key"),
         Index("ix_documents_kb_updated", "kb_id", "updated_at"),
     )
 
@@ -136,10 +140,31 @@ class Document(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The document's Dagster partition key (`domain.partition_keys`), set when the row is inserted
+    # (`_assign_partition_key`) and never changed.
+    partition_key: Mapped[str] = mapped_column(String(MAX_KEY_LENGTH))
 
     chunks: Mapped[list[Chunk]] = relationship(
         back_populates="document", order_by="Chunk.ordinal", cascade="all, delete-orphan"
     )
+
+
+@event.listens_for(Document, "before_insert")
+def _assign_partition_key(_mapper: Mapper[Document], connection: Connection, document: Document) -> None:
+    """Give a new document its partition key from its KB, title (or source) and id; a key already
+    taken (two documents of a KB with the same title and the same first id digits) takes more
+    digits of the id."""
+    if document.partition_key:
+        return
+    if document.id is None:
+        document.id = new_id()
+    kb_slug = connection.scalar(select(KnowledgeBase.slug).where(KnowledgeBase.id == document.kb_id)) or ""
+    for digits in (SHORT_ID_DIGITS, 12, 16, 32):
+        key = document_partition_key(kb_slug, document.title or "", document.id, source=document.source or "",
+                                     id_digits=digits)
+        if connection.scalar(select(Document.id).where(Document.partition_key == key).limit(1)) is None:
+            break
+    document.partition_key = key
 
 
 class Chunk(Base):

@@ -68,7 +68,8 @@ def _reset(settings: Settings, console: Console) -> None:
         kb = session.scalar(select(KnowledgeBase).where(KnowledgeBase.slug == KB))
         if kb is None:
             return
-        doc_ids = list(session.scalars(select(Document.id).where(Document.kb_id == kb.id)))
+        documents = session.execute(select(Document.id, Document.partition_key).where(Document.kb_id == kb.id)).all()
+    doc_ids = [doc_id for doc_id, _key in documents]
     store = open_graph_store(settings)
     try:
         for doc_id in doc_ids:
@@ -79,8 +80,8 @@ def _reset(settings: Settings, console: Console) -> None:
     from lumikb_pipeline.infra.dagster_instance import open_instance
 
     instance = open_instance(settings)
-    for doc_id in doc_ids:
-        instance.delete_dynamic_partition(DOCUMENTS_PARTITIONS, doc_id)
+    for _doc_id, key in documents:
+        instance.delete_dynamic_partition(DOCUMENTS_PARTITIONS, key)
     with session_scope(settings.effective_database_url) as session:
         session.delete(session.scalars(select(KnowledgeBase).where(KnowledgeBase.slug == KB)).one())
     console.print(f"removed the previous demo: KB {KB!r} with {len(doc_ids)} documents")

@@ -124,12 +124,13 @@ def open_instance(settings: Settings) -> DagsterInstance:
     return DagsterInstance.from_config(str(home))
 
 
-def add_missing_partitions(instance: DagsterInstance, doc_ids: Sequence[str]) -> list[str]:
-    """Add the `documents` partitions of `doc_ids` that the instance does not have yet; returns them."""
-    if not doc_ids:
+def add_missing_partitions(instance: DagsterInstance, partition_keys: Sequence[str]) -> list[str]:
+    """Add the `documents` partitions (documents' `partition_key`s) that the instance does not have
+    yet; returns them."""
+    if not partition_keys:
         return []
-    existing = instance.get_existing_dynamic_partitions(DOCUMENTS_PARTITIONS, list(doc_ids))
-    missing = [doc_id for doc_id in doc_ids if doc_id not in existing]
+    existing = instance.get_existing_dynamic_partitions(DOCUMENTS_PARTITIONS, list(partition_keys))
+    missing = [key for key in partition_keys if key not in existing]
     if missing:
         instance.add_dynamic_partitions(DOCUMENTS_PARTITIONS, missing)
     return missing

@@ -38,6 +38,8 @@ from lumikb_pipeline.core.names import (
     TAG_REPOSITORY_LABEL,
     TAG_SCHEMA_VERSION,
 )
+from lumikb_pipeline.db.partition_keys import partition_keys_of
+from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.batching import PartitionBatch, contiguous_batches
 from lumikb_pipeline.domain.modes import WriteMode
 from lumikb_pipeline.infra.dagster_instance import add_missing_partitions, open_instance
@@ -45,11 +47,13 @@ from lumikb_pipeline.infra.dagster_instance import add_missing_partitions, open_
 
 @dataclass(frozen=True)
 class InProcessRun:
-    """One batch run: its Dagster run id, its documents, and whether every document succeeded."""
+    """One batch run: its Dagster run id, its documents (ids) and their partitions (keys), and
+    whether every document succeeded."""
 
     run_id: str
     doc_ids: tuple[str, ...]
     success: bool
+    partition_keys: tuple[str, ...] = ()
 
 
 class _HeartbeatInProcessExecutor(InProcessExecutor):
@@ -128,15 +132,20 @@ def run_documents_in_process(
     """Materialize `document_entities` for `doc_ids` here and now, batch by batch, as runs of
     `job_name` (`reextraction_job` or `document_processing_job`).
 
-    Partitions are added when missing. Tags are those of a re-extraction job (`job_id`, `mode`,
-    `schema_version`; None: no job, replace, the KB's current version), plus `tags`, the repository
-    label and the `backfill_id`'s tag. Failed documents are in the ledger; a batch with one is
-    `success=False`. `on_batch` is called after each batch.
+    Partitions (the documents' partition keys) are added when missing; ids of no document are left
+    out. Tags are those of a re-extraction job (`job_id`, `mode`, `schema_version`; None: no job,
+    replace, the KB's current version), plus `tags`, the repository label and the `backfill_id`'s tag.
+    Failed documents are in the ledger; a batch with one is `success=False`. `on_batch` is called after
+    each batch.
     """
     instance = instance or open_instance(settings)
-    add_missing_partitions(instance, doc_ids)
+    with session_scope(settings.effective_database_url) as session:
+        key_of = partition_keys_of(session, doc_ids)
+    doc_of = {key: doc_id for doc_id, key in key_of.items()}
+    keys = [key_of[doc_id] for doc_id in doc_ids if doc_id in key_of]
+    add_missing_partitions(instance, keys)
     order = instance.get_dynamic_partitions(DOCUMENTS_PARTITIONS)
-    batches = contiguous_batches(order, set(doc_ids), batch_size or settings.reextract_batch_size)
+    batches = contiguous_batches(order, set(keys), batch_size or settings.reextract_batch_size)
     tags = {**(tags or {}), TAG_MODE: WriteMode(mode).value, TAG_REPOSITORY_LABEL: REPOSITORY_LABEL}
     if backfill_id:
         tags[TAG_BACKFILL] = backfill_id
@@ -146,7 +155,7 @@ def run_documents_in_process(
         tags[TAG_SCHEMA_VERSION] = str(schema_version)
     results = []
     for batch in batches:
-        result = _run_batch(instance, batch, tags, _IN_PROCESS_JOBS[job_name])
+        result = _run_batch(instance, batch, doc_of, tags, _IN_PROCESS_JOBS[job_name])
         results.append(result)
         if on_batch is not None:
             on_batch(result)
@@ -154,7 +163,8 @@ def run_documents_in_process(
 
 
 def _run_batch(
-    instance: DagsterInstance, batch: PartitionBatch, tags: dict[str, Any], job: Callable[[], JobDefinition]
+    instance: DagsterInstance, batch: PartitionBatch, doc_of: dict[str, str], tags: dict[str, Any],
+    job: Callable[[], JobDefinition],
 ) -> InProcessRun:
     run_tags = {**tags, ASSET_PARTITION_RANGE_START_TAG: batch.first, ASSET_PARTITION_RANGE_END_TAG: batch.last}
     # The runs' events are all in the instance (and the UI); only warnings need to reach the console.
@@ -162,4 +172,4 @@ def _run_batch(
     with execute_job(
         reconstructable(job), instance, run_config=run_config, tags=run_tags, raise_on_error=False
     ) as result:
-        return InProcessRun(result.run_id, batch.keys, result.success)
+        return InProcessRun(result.run_id, tuple(doc_of[key] for key in batch.keys), result.success, batch.keys)

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from dagster import DagsterInstance
 
 
-def backfill_documents(backfill: Any) -> list[str]:
-    """The `document_entities` partitions (document ids) a Dagster backfill targets: an asset backfill's
+def backfill_partitions(backfill: Any) -> list[str]:
+    """The `document_entities` partitions (documents' partition keys) a Dagster backfill targets: an asset backfill's
     partitions of that asset, or a job backfill's partitions (`reextraction_job` from its job page);
     [] for a backfill of anything else."""
     data = backfill.asset_backfill_data
@@ -65,7 +65,7 @@ def record_backfill_jobs(settings: Settings, instance: DagsterInstance, backfill
         rows = session.execute(
             select(Document.id, KnowledgeBase.id, KnowledgeBase.slug)
             .join(KnowledgeBase, KnowledgeBase.id == Document.kb_id)
-            .where(Document.id.in_(backfill_documents(backfill)), Document.deleted_at.is_(None))
+            .where(Document.partition_key.in_(backfill_partitions(backfill)), Document.deleted_at.is_(None))
         ).tuples()
         by_kb: dict[tuple[int, str], list[str]] = {}
         for doc_id, kb_id, slug in rows:
@@ -86,7 +86,7 @@ def record_ui_backfills(settings: Settings, instance: DagsterInstance) -> list[s
 
     recorded = []
     for backfill in instance.get_backfills(filters=BulkActionsFilter(statuses=[BulkActionStatus.REQUESTED])):
-        if backfill.tags.get(TAG_JOB_ID) or not backfill_documents(backfill):
+        if backfill.tags.get(TAG_JOB_ID) or not backfill_partitions(backfill):
             continue
         with session_scope(settings.effective_database_url) as session:
             known = session.scalar(select(Job.id).where(Job.dagster_backfill_id == backfill.backfill_id).limit(1))

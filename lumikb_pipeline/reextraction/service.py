@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from dagster import AssetKey
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -34,6 +34,7 @@ from lumikb_pipeline.core.names import (
 from lumikb_pipeline.db import ledger
 from lumikb_pipeline.db.catalog import get_kb
 from lumikb_pipeline.db.models import Document, Job, JobStatus, JobTrigger, KnowledgeBase, utcnow
+from lumikb_pipeline.db.partition_keys import partition_keys_of
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.budget import check_max_cost
 from lumikb_pipeline.domain.modes import WriteMode
@@ -92,12 +93,20 @@ def select_documents(session: Session, kb: KnowledgeBase, selection: Selection) 
     )
     if selection.kind == "all":
         return list(session.scalars(live))
-    found = set(session.scalars(live.where(Document.id.in_(selection.ids))))
-    missing = [doc_id for doc_id in selection.ids if doc_id not in found]
+    # A document is named by its id or by its partition key (as the Dagster UI shows it).
+    found_rows = session.execute(
+        select(Document.id, Document.partition_key).where(
+            Document.kb_id == kb.id, Document.deleted_at.is_(None),
+            or_(Document.id.in_(selection.ids), Document.partition_key.in_(selection.ids)),
+        )
+    ).all()
+    found = {doc_id for doc_id, _key in found_rows}
+    named = {name for row in found_rows for name in row}
+    missing = [name for name in selection.ids if name not in named]
     if missing:
         raise NotFoundError(
             f"document(s) {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''} are not live documents of KB "
-            f"{kb.slug}; list them with `lumikb kb list` and check the ids"
+            f"{kb.slug}; check the ids (or partition keys, as the Dagster UI shows them)"
         )
     return [doc_id for doc_id in session.scalars(live) if doc_id in found]
 
@@ -225,8 +234,9 @@ def launch_job(
     if instance.get_backfill(backfill_id) is None:
         if asset_graph is None:
             raise ValueError("launching a re-extraction job needs the code location's asset graph")
-        add_missing_partitions(instance, doc_ids)
-        instance.add_backfill(_new_backfill(job, doc_ids, kb_slug, instance, asset_graph))
+        keys = _partition_keys(settings, doc_ids)
+        add_missing_partitions(instance, keys)
+        instance.add_backfill(_new_backfill(job, keys, kb_slug, instance, asset_graph))
     with session_scope(settings.effective_database_url) as session:
         row = session.get_one(Job, job.id)
         row.dagster_backfill_id = backfill_id
@@ -239,23 +249,30 @@ def launch_job(
     return backfill_id
 
 
+def _partition_keys(settings: Settings, doc_ids: Sequence[str]) -> list[str]:
+    """The partition keys of these documents, in their order."""
+    with session_scope(settings.effective_database_url) as session:
+        keys = partition_keys_of(session, doc_ids)
+    return [keys[doc_id] for doc_id in doc_ids if doc_id in keys]
+
+
 def _new_backfill(
-    job: Job, doc_ids: Sequence[str], kb_slug: str, instance: DagsterInstance, asset_graph: BaseAssetGraph
+    job: Job, partition_keys: Sequence[str], kb_slug: str, instance: DagsterInstance, asset_graph: BaseAssetGraph
 ) -> Any:
-    """The Dagster backfill of `document_entities` over a job's documents (status REQUESTED)."""
+    """The Dagster backfill of `document_entities` over a job's documents' partitions (status REQUESTED)."""
     from dagster._core.execution.backfill import PartitionBackfill
 
     return PartitionBackfill.from_asset_partitions(
         backfill_id=backfill_id_for(job.id),
         asset_graph=asset_graph,
-        partition_names=list(doc_ids),
+        partition_names=list(partition_keys),
         asset_selection=[AssetKey(DOCUMENT_ENTITIES_ASSET)],
         backfill_timestamp=time.time(),
         tags=_job_tags(job, kb_slug),
         dynamic_partitions_store=instance,
         all_partitions=False,
         title=f"re-extract {kb_slug} to schema v{job.target_schema_version} ({job.mode.value})",
-        description=f"lumikb job {job.id}: {len(doc_ids)} document(s), trigger {job.trigger.value}",
+        description=f"lumikb job {job.id}: {len(partition_keys)} document(s), trigger {job.trigger.value}",
         run_config=None,
     )
 
@@ -291,14 +308,18 @@ def record_in_process_backfill(
             {AssetKeyPartitionKey(key, partition) for partition in keys}, asset_graph
         )
 
-    backfill = _new_backfill(job, doc_ids, kb_slug, instance, asset_graph)
+    with session_scope(settings.effective_database_url) as session:
+        key_of = partition_keys_of(session, [*doc_ids, *succeeded])
+    keys = [key_of[doc_id] for doc_id in doc_ids if doc_id in key_of]
+    succeeded_keys = {key_of[doc_id] for doc_id in succeeded if doc_id in key_of}
+    backfill = _new_backfill(job, keys, kb_slug, instance, asset_graph)
     data = backfill.asset_backfill_data
-    done, failed = subset(set(succeeded) & set(doc_ids)), subset(set(doc_ids) - set(succeeded))
+    done, failed = subset(succeeded_keys & set(keys)), subset(set(keys) - succeeded_keys)
     data = data._replace(
         requested_runs_for_target_roots=True, requested_subset=data.target_subset, materialized_subset=done,
         failed_and_downstream_subset=failed,
     )
-    status = BulkActionStatus.COMPLETED_SUCCESS if set(succeeded) >= set(doc_ids) else BulkActionStatus.COMPLETED_FAILED
+    status = BulkActionStatus.COMPLETED_SUCCESS if succeeded_keys >= set(keys) else BulkActionStatus.COMPLETED_FAILED
     backfill = backfill._replace(backfill_timestamp=started_at).with_asset_backfill_data(
         data, dynamic_partitions_store=instance, asset_graph=asset_graph
     ).with_status(status).with_end_timestamp(time.time())

@@ -1,7 +1,8 @@
 """`document_partitions_sensor`: fires every few seconds; adds a `documents` partition for each new
-document, removes the graph contribution and the partition of each deleted one, and launches
-`document_processing_job` runs (batches of consecutive partitions, `document_processing` queue)
-for new and changed documents."""
+document (keyed by its readable `partition_key`), removes the graph contribution and the partition
+of each deleted one (and the partitions still keyed by document id from before readable keys), and
+launches `document_processing_job` runs (batches of consecutive partitions, `document_processing`
+queue) for new and changed documents."""
 
 
 import time
@@ -13,12 +14,13 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from lumikb_pipeline.core.config import get_settings
 from lumikb_pipeline.core.names import DOCUMENTS_PARTITIONS
 from lumikb_pipeline.db.document_sync import (
+    StalePartition,
     SyncCursor,
     changed_documents,
     changed_since_extraction,
-    deleted_document_slugs,
     live_documents,
     needing_processing,
+    stale_partitions,
 )
 from lumikb_pipeline.domain.batching import contiguous_batches
 from lumikb_pipeline.infra.dagster_instance import add_missing_partitions
@@ -48,20 +50,25 @@ def document_partitions_sensor(
     cursor = SyncCursor.parse(context.cursor)
     started = time.monotonic()
     added: list[str] = []
+    # Documents by id, their partitions by key (`Document.partition_key`).
+    key_of: dict[str, str] = {}
     to_process: list[str] = []
-    deleted: dict[str, str | None] = {}
+    deleted: dict[str, StalePartition] = {}
 
     more = True
     while more and time.monotonic() - started < TICK_BUDGET_S:
         with database.session() as session:
             page = changed_documents(session, cursor, PAGE_SIZE)
             live = [c.doc_id for c in page.changes if not c.deleted]
+            key_of.update({c.doc_id: c.partition_key for c in page.changes})
             to_process.extend(needing_processing(session, live))
-        added.extend(add_missing_partitions(instance, live))
+        added.extend(add_missing_partitions(instance, [key_of[doc_id] for doc_id in live]))
         gone = [c for c in page.changes if c.deleted]
         if gone:
-            existing = instance.get_existing_dynamic_partitions(DOCUMENTS_PARTITIONS, [c.doc_id for c in gone])
-            deleted.update({c.doc_id: c.kb_slug for c in gone if c.doc_id in existing})
+            existing = instance.get_existing_dynamic_partitions(DOCUMENTS_PARTITIONS, [c.partition_key for c in gone])
+            deleted.update(
+                {c.partition_key: StalePartition(c.doc_id, c.kb_slug) for c in gone if c.partition_key in existing}
+            )
         cursor, more = page.cursor, page.more
 
     now = datetime.now(UTC)
@@ -69,27 +76,35 @@ def document_partitions_sensor(
     if not more and now - cursor.reconciled_at >= RECONCILE_EVERY:
         partition_order = list(instance.get_dynamic_partitions(DOCUMENTS_PARTITIONS))
         with database.session() as session:
-            live_ids = [doc_id for doc_id, _slug in live_documents(session)]
+            live_docs = live_documents(session)
+            key_of.update(live_docs)
+            live_keys = {key for _doc_id, key in live_docs}
             known = set(partition_order)
-            missing = [doc_id for doc_id in live_ids if doc_id not in known]
-            stale = known - set(live_ids)
-            deleted.update(deleted_document_slugs(session, stale) if stale else {})
+            missing = [doc_id for doc_id, key in live_docs if key not in known]
+            # Partitions of deleted documents, and those keyed by document id (before readable keys).
+            stale = known - live_keys
+            deleted.update(stale_partitions(session, stale))
             to_process.extend(needing_processing(session, missing))
             to_process.extend(changed_since_extraction(session))
-        added.extend(add_missing_partitions(instance, missing))
-        partition_order.extend(missing)
+        missing_keys = [key_of[doc_id] for doc_id in missing]
+        added.extend(add_missing_partitions(instance, missing_keys))
+        partition_order.extend(missing_keys)
         cursor.reconciled_at = now
 
     if deleted:
         with graph_store.open() as store:
-            for doc_id, kb_slug in deleted.items():
-                if kb_slug is None:
-                    context.log.warning(f"document {doc_id} is gone from the database; removing its partition only")
+            for key, gone_doc in deleted.items():
+                if gone_doc.doc_id is None:
+                    context.log.warning(f"partition {key}: no such document in the database; removing the partition")
+                elif gone_doc.kb_slug is None:
+                    context.log.info(f"partition {key}: document {gone_doc.doc_id} is now partition "
+                                     f"{key_of.get(gone_doc.doc_id, '?')}; removing the old partition only")
                 else:
-                    store.remove_document(kb_slug, doc_id)
-                instance.delete_dynamic_partition(DOCUMENTS_PARTITIONS, doc_id)
+                    store.remove_document(gone_doc.kb_slug, gone_doc.doc_id)
+                instance.delete_dynamic_partition(DOCUMENTS_PARTITIONS, key)
 
-    to_process = list(dict.fromkeys(d for d in to_process if d not in deleted))
+    deleted_ids = {gone_doc.doc_id for gone_doc in deleted.values() if gone_doc.kb_slug is not None}
+    to_process = list(dict.fromkeys(key_of[d] for d in to_process if d not in deleted_ids and d in key_of))
     run_requests: list[RunRequest] = []
     if to_process:
         if partition_order is None or deleted:

@@ -211,14 +211,39 @@ def max_overlap(intervals: Sequence[tuple[float, float]]) -> int:
     return peak
 
 
+def partition_keys(doc_ids: Iterable[str], url: str | None = None) -> list[str]:
+    """The `documents` partition keys of these documents (in the app database at `url`, default the
+    environment's), in their order."""
+    from lumikb_pipeline.db.partition_keys import partition_keys_of
+    from lumikb_pipeline.db.session import session_scope
+
+    ids = list(doc_ids)
+    with session_scope(url or database_url()) as session:
+        keys = partition_keys_of(session, ids)
+    assert set(keys) == set(ids), f"not documents: {set(ids) - set(keys)}"
+    return [keys[doc_id] for doc_id in ids]
+
+
+def documents_of(keys: Iterable[str]) -> set[str]:
+    """The document ids of these `documents` partition keys (a key of no document stays as it is)."""
+    from lumikb_pipeline.db.partition_keys import documents_of_partitions
+    from lumikb_pipeline.db.session import session_scope
+
+    keys = list(keys)
+    with session_scope(database_url()) as session:
+        documents = documents_of_partitions(session, keys)
+    return {documents.get(key, key) for key in keys}
+
+
 def materialized_partitions(instance: Any) -> set[str]:
+    """The documents (ids) whose `document_entities` partition is materialized."""
     from dagster import AssetKey
 
-    return set(instance.get_materialized_partitions(AssetKey("document_entities")))
+    return documents_of(instance.get_materialized_partitions(AssetKey("document_entities")))
 
 
 def partition_status(instance: Any) -> tuple[set[str], set[str]]:
-    """(materialized, failed) partitions of `document_entities`, as the UI shows them."""
+    """(materialized, failed) documents (ids) of `document_entities` partitions, as the UI shows them."""
     from dagster import AssetKey
     from dagster._core.definitions.partitions.context import partition_loading_context
     from dagster._core.storage.partition_status_cache import get_and_update_asset_status_cache_value
@@ -230,4 +255,12 @@ def partition_status(instance: Any) -> tuple[set[str], set[str]]:
         assert value is not None
         materialized = set(value.deserialize_materialized_partition_subsets(documents_partitions).get_partition_keys())
         failed = set(value.deserialize_failed_partition_subsets(documents_partitions).get_partition_keys())
-    return materialized, failed
+    return documents_of(materialized), documents_of(failed)
+
+
+def ui_partition_filter(keys: Iterable[str], search: str) -> list[str]:
+    """The Dagster UI's partition search on an asset page, as the UI does it (ui-core
+    assets/AssetPartitions.tsx: `keys.filter((key) => key.toLowerCase().includes(searchLower))`,
+    `searchLower` the search text lowercased and trimmed)."""
+    needle = search.lower().strip()
+    return [key for key in keys if needle in key.lower()]

@@ -28,6 +28,7 @@ from lumikb_pipeline_tests.dagster.helpers import (
     celery_workers,
     create_kb,
     database_url,
+    documents_of,
     failed_runs_report,
     ingest,
     ingest_as_extracted,
@@ -36,6 +37,7 @@ from lumikb_pipeline_tests.dagster.helpers import (
     ledger_rows,
     materialized_partitions,
     max_overlap,
+    partition_keys,
     partition_status,
     set_schema,
     step_intervals,
@@ -107,17 +109,19 @@ def test_ingested_documents_become_partitions_extracted_on_document_processing(s
     _say(f"200 documents ingested -> extracted on document_processing in {elapsed:.0f}s")
 
     instance = stack.instance()
+    keys = partition_keys(ids)
+    assert all(key.startswith(f"{slug}/") for key in keys)  # readable: KB slug, title, short id
 
     def finished_runs() -> list[Any]:
         runs = [
             run for run in instance.get_runs(RunsFilter(job_name="document_processing_job"))
-            if run.tags.get("dagster/asset_partition_range_start") in ids
+            if run.tags.get("dagster/asset_partition_range_start") in keys
         ]
         return runs if runs and all(run.is_finished for run in runs) else []
 
     runs = wait_until(finished_runs, 60, 1, "the runs to finish")
     assert all(run.status == DagsterRunStatus.SUCCESS for run in runs)
-    assert set(ids) <= set(instance.get_dynamic_partitions("documents"))
+    assert set(keys) <= set(instance.get_dynamic_partitions("documents"))
     assert set(ids) <= materialized_partitions(instance)
     _assert_on_queue(instance, [run.run_id for run in runs], "document_processing")
     reprocessing_steps = sum(celery_workers(instance, run.run_id)[name] for run in runs
@@ -145,7 +149,7 @@ def test_schema_change_reextracts_exactly_the_outdated_documents_on_reprocessing
     assert backfill is not None and backfill.tags["lumikb/job_id"] == job.id
     targeted = set(backfill.asset_backfill_data.target_subset.get_partitions_subset(
         AssetKey("document_entities")).get_partition_keys())
-    assert targeted == set(ids)  # exactly the outdated documents
+    assert targeted == set(partition_keys(ids))  # exactly the outdated documents
     runs = _runs_of_backfill(instance, backfill.backfill_id)
     originals = [run for run in runs if not run.parent_run_id]
     assert len(originals) == math.ceil(200 / 40)  # batched (LUMIKB_REEXTRACT_BATCH_SIZE=40), consecutive partitions
@@ -200,7 +204,8 @@ def test_a_failing_document_fails_alone_and_a_retry_from_failure_repairs_only_it
         record for record in instance.all_logs(first.run_id)
         if record.dagster_event and record.dagster_event.event_type_value == "ASSET_OBSERVATION"
     ]
-    assert [r.dagster_event.asset_observation_data.asset_observation.partition for r in observed] == [bad]
+    assert [r.dagster_event.asset_observation_data.asset_observation.partition for r in observed] == partition_keys(
+        [bad])
     failure = [r for r in instance.all_logs(first.run_id) if r.dagster_event_type
                and r.dagster_event_type.value == "STEP_FAILURE"]
     assert failure and bad in (failure[0].dagster_event.step_failure_data.user_failure_data.description or "")
@@ -247,21 +252,22 @@ mutation Reexecute($reexecutionParams: ReexecutionParams) {
 
 
 def reused_in(instance: Any, run_id: str) -> set[str]:
-    """Partitions a run reported current without redoing them (`reused: true`)."""
-    return {
+    """Documents (ids) a run reported current without redoing them (`reused: true`)."""
+    return documents_of({
         record.dagster_event.materialization.partition
         for record in instance.all_logs(run_id)
         if record.dagster_event and record.dagster_event.event_type_value == "ASSET_MATERIALIZATION"
         and record.dagster_event.materialization.metadata["reused"].value
-    }
+    })
 
 
 def materialized_in(instance: Any, run_id: str) -> set[str]:
-    return {
+    """Documents (ids) a run materialized."""
+    return documents_of({
         record.dagster_event.materialization.partition
         for record in instance.all_logs(run_id)
         if record.dagster_event and record.dagster_event.event_type_value == "ASSET_MATERIALIZATION"
-    }
+    })
 
 
 # --------------------------------------------------------------------------- 7
@@ -311,12 +317,14 @@ def test_a_backfill_launched_like_the_ui_does_over_non_adjacent_partitions_compl
     assert set_schema(slug, SCHEMA_V1) == 3  # every document outdated; the paused sensor starts nothing
 
     instance = stack.instance()
-    order = [key for key in instance.get_dynamic_partitions("documents") if key in set(ids)]
-    chosen = order[::4][:50]
-    assert len(chosen) == 50
+    keys = set(partition_keys(ids))
+    order = [key for key in instance.get_dynamic_partitions("documents") if key in keys]
+    chosen_keys = order[::4][:50]
+    assert len(chosen_keys) == 50
+    chosen = documents_of(chosen_keys)
     started = time.monotonic()
     launched = stack.graphql(LAUNCH_BACKFILL, {"backfillParams": {
-        "partitionNames": chosen,
+        "partitionNames": chosen_keys,
         "assetSelection": [{"path": ["document_entities"]}],
         "title": "test: 50 non-adjacent documents",
     }})["launchPartitionBackfill"]
@@ -376,7 +384,8 @@ def test_a_new_document_is_extracted_within_60s_while_a_big_reextraction_fills_r
     big_ids = ingest_as_extracted(big, write_documents(tmp_path / "big", big.replace("-", ""), 500))
     set_schema(big, SCHEMA_V2)  # the schema sensor is paused (previous test): the CLI starts the job
     instance = stack.instance()
-    wait_until(lambda: set(big_ids) <= set(instance.get_dynamic_partitions("documents")), 120, 2, "partitions")
+    big_keys = set(partition_keys(big_ids))
+    wait_until(lambda: big_keys <= set(instance.get_dynamic_partitions("documents")), 120, 2, "partitions")
     result = stack.lumikb("reextract", big, "--outdated")
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.strip().splitlines()[-1]
@@ -402,7 +411,7 @@ def test_a_new_document_is_extracted_within_60s_while_a_big_reextraction_fills_r
     _say(f"new document extracted in {latency:.1f}s while {remaining} of 500 re-extractions were still to do")
     assert remaining > 0  # the re-extraction was still filling reprocessing
     run = next(r for r in instance.get_runs(RunsFilter(job_name="document_processing_job"))
-               if r.tags.get("dagster/asset_partition_range_start") == new_id)
+               if r.tags.get("dagster/asset_partition_range_start") == partition_keys([new_id])[0])
     _assert_on_queue(instance, [run.run_id], "document_processing")
     STATE.update(t3_latency=latency, t3_job=job_id)
     # Stop the rest of the re-extraction (as the UI's "cancel backfill" does) to free the stack.
@@ -434,11 +443,11 @@ def test_pool_limits_held_in_every_run(stack: Stack, tmp_path: Path) -> None:
     stack.hold_llm(True)
     try:
         started = time.monotonic()
-        ids = set(ingest_at_once(slug, paths))
+        keys = set(partition_keys(ingest_at_once(slug, paths)))
 
         def extracting() -> int:
             runs = [run.run_id for run in instance.get_runs(RunsFilter(job_name="document_processing_job"))
-                    if run.tags.get("dagster/asset_partition_range_start") in ids]
+                    if run.tags.get("dagster/asset_partition_range_start") in keys]
             return steps_in_progress(instance, runs, EXTRACT_STEP)
 
         wait_until(lambda: extracting() >= 3, 180, 1, "3 extract steps in progress")

@@ -16,7 +16,14 @@ from lumikb_pipeline.db import catalog
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.schema import parse_schema_file
 from lumikb_pipeline_tests.conftest import required_env
-from lumikb_pipeline_tests.dagster.helpers import SCHEMA_V1, document_text, ledger_rows, partition_status, unique_slug
+from lumikb_pipeline_tests.dagster.helpers import (
+    SCHEMA_V1,
+    document_text,
+    ledger_rows,
+    partition_keys,
+    partition_status,
+    unique_slug,
+)
 
 
 @pytest.fixture
@@ -81,7 +88,7 @@ def test_each_document_is_materialized_with_its_metadata_and_a_failed_one_alone_
     (env / "instance").mkdir()
     with DagsterInstance.local_temp(str(env / "instance")) as instance:
         [run] = run_documents_in_process(settings, ids, instance=instance)
-        assert not run.success and run.doc_ids == tuple(ids)
+        assert not run.success and run.doc_ids == tuple(ids) and run.partition_keys == tuple(partition_keys(ids))
 
         good = [doc_id for i, doc_id in enumerate(ids) if i != 2]
         materialized, failed = partition_status(instance)
@@ -91,6 +98,11 @@ def test_each_document_is_materialized_with_its_metadata_and_a_failed_one_alone_
         assert {"schema_version", "entities", "relationships", "llm_calls", "cached_chunks", "duration_s"} <= set(
             metadata)
         assert metadata["schema_version"] == 1 and metadata["entities"] > 0 and metadata["llm_calls"] == 1
+        # The partition is the document's readable key; the metadata names the document.
+        doc_id = metadata["document_id"]
+        assert record.partition_key == partition_keys([doc_id])[0]
+        assert record.partition_key.startswith(f"{metadata['kb']}/d{ids.index(doc_id)}-")
+        assert metadata["title"] == f"d{ids.index(doc_id)}" and str(metadata["source"]).endswith(".txt")
         rows = ledger_rows(ids, 1)
         assert rows[ids[2]].status.value == "failed" and rows[ids[2]].last_error
 
@@ -124,10 +136,11 @@ def test_a_run_of_a_ui_backfill_records_and_works_for_the_backfills_job(env: Pat
     ids = _documents(env, {})
     (env / "instance").mkdir()
     with DagsterInstance.local_temp(str(env / "instance")) as instance:
-        instance.add_dynamic_partitions("documents", ids)
+        keys = partition_keys(ids)
+        instance.add_dynamic_partitions("documents", keys)
         _ui_backfill(instance, "uibackfillrun", ids)
-        tags = {"dagster/backfill": "uibackfillrun", ASSET_PARTITION_RANGE_START_TAG: ids[0],
-                ASSET_PARTITION_RANGE_END_TAG: ids[-1]}
+        tags = {"dagster/backfill": "uibackfillrun", ASSET_PARTITION_RANGE_START_TAG: keys[0],
+                ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
         with execute_job(reconstructable(in_process_job), instance, tags=tags) as result:
             assert result.success
         with session_scope(get_settings().effective_database_url) as session:

@@ -11,13 +11,20 @@ from dagster import DagsterInstance, SensorResult, build_sensor_context
 from sqlalchemy import select
 
 from lumikb_pipeline.core.config import Settings, load_settings
-from lumikb_pipeline.db import catalog
-from lumikb_pipeline.db.models import Job
+from lumikb_pipeline.db import catalog, ledger
+from lumikb_pipeline.db.models import Document, Job
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.definitions import defs
 from lumikb_pipeline.domain.schema import parse_schema_file
 from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource, ReextractionResource
-from lumikb_pipeline_tests.dagster.helpers import SCHEMA_V1, SCHEMA_V2, document_text, unique_slug
+from lumikb_pipeline_tests.dagster.helpers import (
+    SCHEMA_V1,
+    SCHEMA_V2,
+    document_text,
+    partition_keys,
+    ui_partition_filter,
+    unique_slug,
+)
 
 
 @pytest.fixture
@@ -71,11 +78,13 @@ def test_partitions_follow_new_changed_and_deleted_documents(
     pg_url: str, tmp_path: Path, instance: DagsterInstance
 ) -> None:
     slug, paths, ids = _kb_with_documents(pg_url, tmp_path / "docs", 3)
+    keys = partition_keys(ids, pg_url)
+    assert all(key.startswith(f"{slug}/") for key in keys)
 
     first = _partitions_tick(instance, pg_url, None)
-    assert list(instance.get_dynamic_partitions("documents")) == ids
+    assert list(instance.get_dynamic_partitions("documents")) == keys
     assert [(r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
-            for r in first.run_requests or []] == [(ids[0], ids[2])]
+            for r in first.run_requests or []] == [(keys[0], keys[2])]
 
     second = _partitions_tick(instance, pg_url, first.cursor)
     assert not second.run_requests
@@ -85,9 +94,82 @@ def test_partitions_follow_new_changed_and_deleted_documents(
     with session_scope(pg_url) as session:
         catalog.delete_document(session, ids[2])
     third = _partitions_tick(instance, pg_url, second.cursor)
-    assert list(instance.get_dynamic_partitions("documents")) == ids[:2]
+    assert list(instance.get_dynamic_partitions("documents")) == keys[:2]
     assert [(r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
-            for r in third.run_requests or []] == [(ids[1], ids[1])]
+            for r in third.run_requests or []] == [(keys[1], keys[1])]
+
+
+def test_a_partition_key_is_readable_and_stays_when_the_title_changes(
+    pg_url: str, tmp_path: Path, instance: DagsterInstance
+) -> None:
+    slug = unique_slug("keys")
+    with session_scope(pg_url) as session:
+        catalog.create_kb(session, slug, parse_schema_file(SCHEMA_V1))
+    path = tmp_path / "msa.md"
+    path.write_text("# Master Services Agreement\n\n" + document_text("k", 0))
+    [doc_id] = catalog.ingest(pg_url, slug, [path]).document_ids
+    [key] = partition_keys([doc_id], pg_url)
+    assert key == f"{slug}/master-services-agreement-{doc_id.replace('-', '')[:8]}"
+    _partitions_tick(instance, pg_url, None)
+    assert list(instance.get_dynamic_partitions("documents")) == [key]
+
+    path.write_text("# Amended and Restated Agreement\n\n" + document_text("k", 0, "Changed."))
+    report = catalog.ingest(pg_url, slug, [path])
+    assert report.changed and report.partition_keys == [key]
+    with session_scope(pg_url) as session:
+        document = session.get_one(Document, doc_id)
+        assert document.title == "Amended and Restated Agreement" and document.partition_key == key
+
+
+def test_filtering_the_partitions_by_a_kb_slug_or_a_word_of_a_title_selects_the_right_documents(
+    pg_url: str, tmp_path: Path, instance: DagsterInstance
+) -> None:
+    titles = {"contracts": ["Master Services Agreement", "Mutual NDA with Acme", "Supply agreement: Müller GmbH"],
+              "hr": ["Leave policy", "Onboarding agreement template"]}
+    kb_slugs, by_title = {}, {}
+    for name, kb_titles in titles.items():
+        slug = kb_slugs[name] = unique_slug(name)
+        with session_scope(pg_url) as session:
+            catalog.create_kb(session, slug, parse_schema_file(SCHEMA_V1))
+        folder = tmp_path / name
+        folder.mkdir()
+        for i, title in enumerate(kb_titles):
+            (folder / f"{i}.md").write_text(f"# {title}\n\n" + document_text(name, i))
+        report = catalog.ingest(pg_url, slug, [folder])
+        by_title.update(zip(kb_titles, partition_keys(report.document_ids, pg_url), strict=True))
+    _partitions_tick(instance, pg_url, None)
+    keys = list(instance.get_dynamic_partitions("documents"))
+    assert set(by_title.values()) <= set(keys)
+
+    assert set(ui_partition_filter(keys, kb_slugs["hr"])) == {by_title["Leave policy"],
+                                                              by_title["Onboarding agreement template"]}
+    assert set(ui_partition_filter(keys, " Agreement ")) == {
+        by_title["Master Services Agreement"], by_title["Supply agreement: Müller GmbH"],
+        by_title["Onboarding agreement template"]}
+    assert ui_partition_filter(keys, "muller") == [by_title["Supply agreement: Müller GmbH"]]
+    assert ui_partition_filter(keys, "nda") == [by_title["Mutual NDA with Acme"]]
+
+
+def test_partitions_keyed_by_document_id_are_replaced_by_readable_keys_and_the_graph_is_kept(
+    pg_url: str, tmp_path: Path, instance: DagsterInstance
+) -> None:
+    """An instance from before readable keys has one partition per document id; the sensor's first
+    full comparison replaces them with the documents' keys and runs nothing for documents already
+    extracted (a deleted document's old partition takes its graph contribution with it)."""
+    slug, _paths, ids = _kb_with_documents(pg_url, tmp_path / "docs", 3)
+    keys = partition_keys(ids, pg_url)
+    with session_scope(pg_url) as session:
+        kb = catalog.get_kb(session, slug)
+        ledger.ensure_records(session, kb.id, ids, 1)
+        for doc_id in ids:
+            assert ledger.claim(session, doc_id, 1, "test-seed")
+            ledger.mark_succeeded(session, doc_id, 1, "test-seed", ledger.Outcome())
+        catalog.delete_document(session, ids[2])
+    instance.add_dynamic_partitions("documents", [*ids, "not-a-document"])
+
+    result = _partitions_tick(instance, pg_url, None)
+    assert list(instance.get_dynamic_partitions("documents")) == keys[:2]
+    assert not result.run_requests
 
 
 def _schema_tick(instance: DagsterInstance, url: str, cursor: str | None) -> SensorResult:
@@ -113,7 +195,7 @@ def test_a_schema_change_starts_exactly_one_job_across_ticks_and_lost_cursors(
         assert job.dagster_backfill_id == backfill.backfill_id
     assert backfill.tags["lumikb/job_id"] == job.id and backfill.tags["lumikb/schema_version"] == "2"
     assert backfill.tags["lumikb/queue"] == "reprocessing"
-    assert set(instance.get_dynamic_partitions("documents")) == set(ids)
+    assert set(instance.get_dynamic_partitions("documents")) == set(partition_keys(ids, pg_url))
 
     _schema_tick(instance, pg_url, started.cursor)  # a later tick
     _schema_tick(instance, pg_url, None)  # a restart that lost the cursor
@@ -225,8 +307,9 @@ def _stopped_sensor_case(pg_url: str, tmp_path: Path, instance: DagsterInstance)
         assert job.dedupe_key == f"sensor:{slug}:2"
 
 
-def _ui_backfill(instance: DagsterInstance, backfill_id: str, doc_ids: list[str]) -> None:
-    """A backfill of `document_entities` as the Dagster UI launches it: no lumikb tags."""
+def _ui_backfill(instance: DagsterInstance, backfill_id: str, doc_ids: list[str], url: str | None = None) -> None:
+    """A backfill of `document_entities` as the Dagster UI launches it: over the documents' partition
+    keys, with no lumikb tags."""
     import time
 
     from dagster._core.execution.backfill import PartitionBackfill
@@ -234,7 +317,7 @@ def _ui_backfill(instance: DagsterInstance, backfill_id: str, doc_ids: list[str]
     from lumikb_pipeline.assets.document_entities import DOCUMENT_ENTITIES
 
     instance.add_backfill(PartitionBackfill.from_asset_partitions(
-        backfill_id=backfill_id, asset_graph=defs.resolve_asset_graph(), partition_names=doc_ids,
+        backfill_id=backfill_id, asset_graph=defs.resolve_asset_graph(), partition_names=partition_keys(doc_ids, url),
         asset_selection=[DOCUMENT_ENTITIES], backfill_timestamp=time.time(), tags={},
         dynamic_partitions_store=instance, all_partitions=False, title=None, description=None, run_config=None,
     ))
@@ -258,9 +341,9 @@ def test_a_backfill_launched_in_the_ui_gets_one_job_per_kb_found_by_its_backfill
     settings = _settings(pg_url)
     one, _, one_ids = _kb_with_documents(pg_url, tmp_path / "one", 3)
     two, _, two_ids = _kb_with_documents(pg_url, tmp_path / "two", 2)
-    instance.add_dynamic_partitions("documents", one_ids + two_ids)
-    _ui_backfill(instance, "uibackfillboth", one_ids[:2] + two_ids)
-    _ui_backfill(instance, "uibackfillone", one_ids[2:])
+    instance.add_dynamic_partitions("documents", partition_keys(one_ids + two_ids, pg_url))
+    _ui_backfill(instance, "uibackfillboth", one_ids[:2] + two_ids, pg_url)
+    _ui_backfill(instance, "uibackfillone", one_ids[2:], pg_url)
 
     first = _job_status_tick(instance, pg_url)
     assert "backfill uibackfillboth: recorded" in str(first.skip_reason)

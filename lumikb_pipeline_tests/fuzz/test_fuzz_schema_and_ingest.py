@@ -12,11 +12,13 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import select
 
 from lumikb_pipeline.core.errors import SchemaFileError
 from lumikb_pipeline.db import catalog
-from lumikb_pipeline.db.models import Base
+from lumikb_pipeline.db.models import Base, Document
 from lumikb_pipeline.db.session import get_engine, session_scope
+from lumikb_pipeline.domain.partition_keys import is_valid_partition_key
 from lumikb_pipeline.domain.schema import (
     ENTITY_TYPE_PATTERN,
     RELATIONSHIP_TYPE_PATTERN,
@@ -109,3 +111,9 @@ def test_any_file_names_and_contents_are_ingested_or_reported_per_file(files: li
         assert any(path.endswith("zz-control.md") for path in report.added + report.unchanged + report.changed)
         for _, message in report.errors:
             assert message and "Traceback" not in message
+        # Whatever the file's name and title, its document has a valid partition key of its own.
+        assert len(report.partition_keys) == len(report.document_ids)
+        with session_scope(_url) as session:
+            keys = list(session.scalars(select(Document.partition_key)))
+        assert len(set(keys)) == len(keys) and all(is_valid_partition_key(key) for key in keys)
+        assert all(key.startswith("fuzz/") for key in keys)

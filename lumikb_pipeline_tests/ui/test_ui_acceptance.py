@@ -1,6 +1,7 @@
 """The admin's console after `lumikb demo`, as a new user finds it: the demo is run, its printed hint
 is followed verbatim (from the repository root, with the environment it names) to start `dagster dev`,
-and Dagster's GraphQL API is asked what the UI pages show: the partitions, the drift schedule with its
+and Dagster's GraphQL API is asked what the UI pages show: the partitions (readable keys that the
+asset page's search filters by KB or by a word of a title), the drift schedule with its
 cron (and the new one after `lumikb schedule set-cron`), the invariant checks evaluated, passing and
 executable one by one, the demo's runs under their jobs and on the Backfills page, and sensors that
 tick without error and start no job. A headless Chromium screenshot of the partitions page is written
@@ -9,6 +10,7 @@ to docs/ui-partitions.png when Chromium is installed."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -155,6 +157,45 @@ def test_the_partitions_are_all_materialized(console: Console) -> None:
         assert labels["kb"] == "demo" and labels["title"] and labels["source"], labels
 
 
+def test_the_partition_keys_are_readable_and_filtering_them_by_kb_or_title_word_finds_the_documents(
+    console: Console,
+) -> None:
+    from lumikb_pipeline.domain.partition_keys import is_valid_partition_key
+    from lumikb_pipeline_tests.dagster.helpers import ui_partition_filter
+
+    # The partitions list of the asset page: the keys as the UI receives them.
+    [node] = console.query(
+        """query { assetNodes(assetKeys: [{path: ["document_entities"]}]) {
+             partitionKeysByDimension { name partitionKeys } } }"""
+    )["assetNodes"]
+    [dimension] = node["partitionKeysByDimension"]
+    keys = dimension["partitionKeys"]
+    assert len(keys) == 36
+    for key in keys:
+        assert is_valid_partition_key(key) and re.fullmatch(r"demo/[a-z0-9-]+-[0-9a-f]{8}", key), key
+    assert len(max(keys, key=len)) <= 70, max(keys, key=len)
+    # Which document each partition is: the title its latest materialization names.
+    events = console.query(
+        """query { assetOrError(assetKey: {path: ["document_entities"]}) { ... on Asset {
+             assetMaterializations(limit: 500) { partition metadataEntries {
+               label ... on TextMetadataEntry { text } } } } } }"""
+    )["assetOrError"]["assetMaterializations"]
+    titles: dict[str, str] = {}
+    for event in events:  # newest first
+        labels = {e["label"]: e.get("text") for e in event["metadataEntries"]}
+        titles.setdefault(event["partition"], str(labels["title"]))
+    assert set(titles) == set(keys)
+    assert titles[next(k for k in keys if "northwind-analytics" in k)] == "Northwind Analytics company profile"
+
+    assert ui_partition_filter(keys, "demo") == keys  # by KB slug
+    assert ui_partition_filter(keys, "other-kb") == []
+    for word in ("Northwind", "interview", "profile"):  # by a word of a title
+        found = ui_partition_filter(keys, word)
+        assert found and set(found) == {key for key, title in titles.items() if word.lower() in title.lower()}, (
+            word, found)
+    assert len(ui_partition_filter(keys, "northwind")) == 2  # its profile and its news
+
+
 def _schedule(console: Console) -> dict[str, Any]:
     data = console.query(
         """query($repo: RepositorySelector!) { schedulesOrError(repositorySelector: $repo) {
@@ -223,7 +264,8 @@ def test_every_demo_run_is_under_its_job_and_the_re_extractions_are_backfills(co
              id status numPartitions title } } } }"""
     )
     backfills = data["partitionBackfillsOrError"]["results"]
-    assert len(backfills) == 2 and all(b["status"] == "COMPLETED_SUCCESS" for b in backfills), backfills
+    # The demo's three re-extraction jobs: to v2 (delta), to v3 (graph-only) and the re-run at v3.
+    assert len(backfills) == 3 and all(b["status"] == "COMPLETED_SUCCESS" for b in backfills), backfills
     backfill_ids = {b["id"] for b in backfills}
     run_backfills = {tag["value"] for r in reextraction for tag in r["tags"] if tag["key"] == "dagster/backfill"}
     assert run_backfills == backfill_ids
@@ -243,9 +285,9 @@ def test_the_sensors_tick_without_error_and_start_no_job(console: Console) -> No
             break
         assert time.monotonic() < deadline, f"not every sensor ticked within 120 s: {ticks}"
         time.sleep(3)
-    # schema_version_sensor saw the demo at version 2 with nothing outdated: no job, no backfill.
+    # schema_version_sensor saw the demo at version 3 with nothing outdated: no job, no backfill.
     backfills = console.query("query { partitionBackfillsOrError { ... on PartitionBackfills { results { id } } } }")
-    assert len(backfills["partitionBackfillsOrError"]["results"]) == 2
+    assert len(backfills["partitionBackfillsOrError"]["results"]) == 3  # the demo's own
 
 
 def test_a_screenshot_of_the_partitions_page(console: Console, tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002_step_outputs"
-down_revision: str | None = "0001"
+revision: str = "0003_step_outputs"
+down_revision: str | None = "0002_document_partition_keys"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,0 +1,40 @@
+"""Documents and their Dagster partitions: the `documents` partition of a document is its
+`partition_key` (set when the document is created, never changed: `domain.partition_keys`). Every
+place that hands documents to Dagster, or reads them back from partition keys and run tags, maps
+through these two functions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from lumikb_pipeline.db.models import Document
+
+
+def partition_keys_of(session: Session, doc_ids: Iterable[str]) -> dict[str, str]:
+    """{document id: partition key} of these documents (ids of no document are left out)."""
+    ids = list(dict.fromkeys(doc_ids))
+    keys: dict[str, str] = {}
+    for start in range(0, len(ids), 1000):
+        keys.update(
+            session.execute(
+                select(Document.id, Document.partition_key).where(Document.id.in_(ids[start : start + 1000]))
+            ).tuples().all()
+        )
+    return keys
+
+
+def documents_of_partitions(session: Session, partition_keys: Iterable[str]) -> dict[str, str]:
+    """{partition key: document id} of these partition keys (keys of no document are left out)."""
+    keys = list(dict.fromkeys(partition_keys))
+    documents: dict[str, str] = {}
+    for start in range(0, len(keys), 1000):
+        page = keys[start : start + 1000]
+        documents.update(
+            session.execute(
+                select(Document.partition_key, Document.id).where(Document.partition_key.in_(page))
+            ).tuples().all()
+        )
+    return documents

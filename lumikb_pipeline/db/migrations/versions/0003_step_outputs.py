@@ -1,7 +1,7 @@
 """step outputs: the hand-over between a run's steps, in the app database
 
-Revision ID: 0002_step_outputs
-Revises: 0001
+Revision ID: 0003_step_outputs
+Revises: 0002_document_partition_keys
 Create Date: 2026-11-30 08:20:00.000000
 """
 

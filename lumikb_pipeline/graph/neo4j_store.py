@@ -197,7 +197,7 @@ class Neo4jGraphStore:
         self.migrate_provenance()
         _schema_ready.add(ready_key)
 
-    def migrate_provenance(self, batch: int = MIGRATION_BATCH) -> int:
+    def migrate_provenance(self, batch: int = MIGRATION_BATCH, force: bool = False) -> int:
         """Convert a database written before provenance records to the current model; returns the
         relationships and entities converted. Idempotent, and run by `ensure_schema`.
 
@@ -206,10 +206,11 @@ class Neo4jGraphStore:
         becomes an `Asserts` record, the lists are removed, and every relationship and entity gets its
         `aggregate`. It runs in batches of `batch` elements, one transaction each, each taking the
         model marker's lock, so that concurrent processes run it once; a process that finds the marker
-        at the current version skips it with one query.
+        at the current version skips it with one query (`force` looks for old elements all the same:
+        old processes that wrote after the conversion; stop them before starting new ones).
         """
         records, _, _ = self._driver.execute_query(q.MODEL_VERSION, database_=self.database)
-        if records and (records[0]["version"] or 0) >= MODEL_VERSION:
+        if not force and records and (records[0]["version"] or 0) >= MODEL_VERSION:
             return 0
         converted = 0
         for list_query, convert in ((q.OLD_RELATIONSHIPS, self._convert_relationships),

@@ -197,6 +197,12 @@ class RelationshipState:
 
 def entity_state(records: Iterable[MentionValue]) -> EntityState | None:
     """An entity's state computed from all its MENTIONS records (None without records)."""
+    records = list(records)
+    if len(records) == 1 and len(records[0][0]) == 1 and len(records[0][1]) <= 1:  # the common case
+        (only_name,), only_description = records[0]
+        text = tuple(only_description)
+        return EntityState(only_name, text[0][:MAX_MERGED_DESCRIPTION] if text else "", 1, Tally((only_name,), (1,)),
+                           Tally(text, (1,) * len(text)))
     names: Counter[str] = Counter()
     descriptions: Counter[str] = Counter()
     count = 0
@@ -214,6 +220,10 @@ def entity_state(records: Iterable[MentionValue]) -> EntityState | None:
 def relationship_state(sources: Iterable[Source]) -> RelationshipState | None:
     """A relationship's state computed from all its provenance records (None without records)."""
     unique = set(sources)
+    if len(unique) == 1:  # the common case
+        ((_, text),) = unique
+        texts = (text,) if text else ()
+        return RelationshipState(text[:MAX_MERGED_DESCRIPTION], 1, Tally(texts, (1,) * len(texts)))
     if not unique:
         return None
     tally = Tally.of(Counter(d for _, d in unique if d), MAX_MERGED_DESCRIPTION)
@@ -396,10 +406,19 @@ def plan_write(
     created_entities = 0
     for ref in touched_refs(footprint, graph):
         stored = state.entities.get(ref)
-        count = stored.mentions if stored else 0
+        edges = edges_by_ref.get(ref, ())
+        if stored is None:  # new: its records are this document's (the common case, made cheap)
+            new_entity = entity_state(final.mentions[(cid, ref)] for cid in edges if (cid, ref) in final.mentions)
+            if new_entity is not None:
+                created_entities += 1
+                entities_upsert.append((ref, new_entity))
+            continue
+        if all(old.mentions.get((cid, ref)) == final.mentions.get((cid, ref)) for cid in edges):
+            continue  # this document's records of it are unchanged
+        count = stored.mentions
         names_delta: Counter[str] = Counter()
         descriptions_delta: Counter[str] = Counter()
-        for chunk_id in edges_by_ref.get(ref, ()):
+        for chunk_id in edges:
             edge = (chunk_id, ref)
             change, names, descriptions = _mention_delta(old.mentions.get(edge), final.mentions.get(edge))
             count += change
@@ -407,10 +426,8 @@ def plan_write(
             descriptions_delta.update(descriptions)
         entity: EntityState | None = None
         if count > 0:
-            names_tally = (stored.names if stored else Tally()).updated(names_delta, None)
-            descriptions_tally = (stored.descriptions if stored else Tally()).updated(
-                descriptions_delta, MAX_MERGED_DESCRIPTION
-            )
+            names_tally = stored.names.updated(names_delta, None)
+            descriptions_tally = stored.descriptions.updated(descriptions_delta, MAX_MERGED_DESCRIPTION)
             if names_tally is None or descriptions_tally is None:
                 recounts += 1
                 records = [value for cid, value in loader.entity_records(ref) if cid not in doc_chunks]
@@ -420,12 +437,8 @@ def plan_write(
                 entity = EntityState(names_tally.top(), descriptions_tally.joined(), count, names_tally,
                                      descriptions_tally)
         if entity is None:
-            if stored is not None:
-                entities_delete.append(ref)
-            continue
-        if stored is None:
-            created_entities += 1
-        if stored != entity:
+            entities_delete.append(ref)
+        elif stored != entity:
             entities_upsert.append((ref, entity))
 
     sources_add: list[tuple[RelKey, Source]] = []
@@ -435,10 +448,18 @@ def plan_write(
     created_relationships: set[RelKey] = set()
     for key in touched_rel_keys(footprint, graph):
         stored_rel = state.relationships.get(key)
-        added = final.sources.get(key, set()) - old.sources.get(key, set())
-        removed = old.sources.get(key, set()) - final.sources.get(key, set())
+        mine, was_mine = final.sources.get(key, set()), old.sources.get(key, set())
+        if mine == was_mine:
+            continue  # this document's records of it are unchanged
+        added, removed = mine - was_mine, was_mine - mine
         sources_add += [(key, s) for s in sorted(added)]
         sources_delete += [(key, s) for s in sorted(removed)]
+        if stored_rel is None:  # new: its records are this document's
+            new_rel = relationship_state(mine)
+            if new_rel is not None:
+                created_relationships.add(key)
+                relationships_upsert.append((key, new_rel))
+            continue
         count = (stored_rel.sources if stored_rel else 0) + len(added) - len(removed)
         rel: RelationshipState | None = None
         if count > 0:

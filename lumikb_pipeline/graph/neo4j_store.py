@@ -1,4 +1,5 @@
-"""The Neo4j graph store: batched, idempotent writes, one transaction per document.
+"""The Neo4j graph store: batched, idempotent writes, one transaction per document (three queries:
+lock and read the footprint, lock entities and read aggregates, apply the plan of `graph.plan`).
 
 One driver per process (a connection pool; created lazily, re-created after a fork, closed at exit)
 is shared by every store opened in the process. Writes run in the driver's managed `execute_write`,

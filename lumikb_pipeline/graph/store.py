@@ -3,9 +3,10 @@
 Both honour the same contract (PRODUCT.md section 2, docs/graph-model.md): a document's contribution
 is written in one transaction; `replace` makes it exactly the given graph and `merge` adds to it;
 writing the same document twice changes nothing; entities and relationships exist only while some
-chunk provides them; nothing crosses KBs. The embedded store computes the changes in Python
-(`graph.plan`), the Neo4j store in Cypher on the server (`graph.neo4j_queries`); a differential test
-holds the two equal.
+chunk provides them; nothing crosses KBs. Both compute the changes with the same planner
+(`graph.plan`) from the document's own records and bounded aggregates, so a write costs the same
+whatever the number of documents naming the same entities; each applies them with its own queries,
+and a differential test holds the two equal.
 """
 
 from __future__ import annotations

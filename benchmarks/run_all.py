@@ -67,7 +67,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     ),
     Benchmark(
         "hub_writes",
-        full=("--documents", "100000"),
+        full=("--documents", "20000"),  # both stores in about 8 minutes here; 100,000: docs/benchmarks.md
         quick=("--quick",),
         figures=(
             Figure("hub writes (Neo4j): per-document write time, last 10% / first 10% (medians)",

@@ -87,6 +87,7 @@ CREATE TABLE IF NOT EXISTS relationships (
     FOREIGN KEY (kb_id, target_type, target_key) REFERENCES entities (kb_id, type, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS relationships_by_target ON relationships (kb_id, target_type, target_key);
+CREATE INDEX IF NOT EXISTS relationships_by_source ON relationships (kb_id, source_type, source_key);
 CREATE TABLE IF NOT EXISTS relationship_sources (
     kb_id TEXT NOT NULL, type TEXT NOT NULL,
     source_type TEXT NOT NULL, source_key TEXT NOT NULL, target_type TEXT NOT NULL, target_key TEXT NOT NULL,
@@ -136,11 +137,13 @@ _INSERT_RELATIONSHIP_SOURCE = (
     "(kb_id, type, source_type, source_key, target_type, target_key, chunk_id, description) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_DELETE_ENTITY_RELATIONSHIPS = (
-    "DELETE FROM relationship_sources WHERE kb_id = :kb AND ((source_type = :type AND source_key = :key) "
-    "OR (target_type = :type AND target_key = :key))",
-    "DELETE FROM relationships WHERE kb_id = :kb AND ((source_type = :type AND source_key = :key) "
-    "OR (target_type = :type AND target_key = :key))",
+# The relationships of an entity, through the indexes by source and by target (an OR over both
+# would scan every relationship of the file).
+_SELECT_ENTITY_RELATIONSHIPS = (
+    "SELECT type, source_type, source_key, target_type, target_key FROM relationships "
+    "WHERE kb_id = :kb AND source_type = :type AND source_key = :key "
+    "UNION SELECT type, source_type, source_key, target_type, target_key FROM relationships "
+    "WHERE kb_id = :kb AND target_type = :type AND target_key = :key"
 )
 
 
@@ -418,8 +421,9 @@ class EmbeddedGraphStore:
         for ref in plan.entities_delete:
             named = {"kb": kb_id, "type": ref[0], "key": ref[1]}
             conn.execute("DELETE FROM mentions WHERE kb_id = :kb AND type = :type AND key = :key", named)
-            for statement in _DELETE_ENTITY_RELATIONSHIPS:
-                conn.execute(statement, named)
+            keys = [_rel_params(kb_id, _rel_key(row)) for row in conn.execute(_SELECT_ENTITY_RELATIONSHIPS, named)]
+            conn.executemany(_DELETE_RELATIONSHIP_SOURCES, keys)
+            conn.executemany(_DELETE_RELATIONSHIP, keys)
             conn.execute("DELETE FROM entities WHERE kb_id = :kb AND type = :type AND key = :key", named)
         if plan.delete_document:
             conn.execute("DELETE FROM documents WHERE kb_id = ? AND id = ?", (kb_id, doc_id))

@@ -10,9 +10,10 @@ chunk, between entities of the chunk).
 
 - store: `Neo4jGraphStore.write_document(..., "replace")`, one transaction per document, documents
   spread over `--workers` threads (as several workers would);
-- lower bound: one `UNWIND` … `CREATE` query per document that writes the same nodes and
-  relationships with no `MERGE`, no reads and no provenance merging: what the data volume alone
-  costs; not a valid writer (neither idempotent nor merging);
+- lower bound: one `UNWIND` … `CREATE` query per document that writes the same nodes, relationships,
+  provenance records (`Asserts` edges) and properties (aggregates included) with no `MERGE`, no reads
+  and no provenance merging: what the data volume alone costs; not a valid writer (neither idempotent
+  nor merging);
 - naive: what STYLE.md's counter-example does, one auto-commit query (so one transaction) per
   document, chunk, entity and relationship, on the same number of threads, on a sample of the
   documents (`--naive-documents`: it is 20 times slower).
@@ -51,7 +52,9 @@ from lumikb_pipeline.domain.results import (
 )
 from lumikb_pipeline.domain.schema import DomainSchema, EntityType, RelationshipType
 from lumikb_pipeline.graph.build import build_document_graph
+from lumikb_pipeline.graph.merging import provenance_text
 from lumikb_pipeline.graph.neo4j_store import Neo4jGraphStore
+from lumikb_pipeline.graph.plan import entity_state, relationship_state
 
 RESULTS = Path(__file__).resolve().parent / "results" / "graph_writes.json"
 CHUNKS_PER_DOCUMENT = 5
@@ -122,37 +125,50 @@ CALL (d) {
 }
 CALL () {
   UNWIND $entities AS e
-  CREATE (n:Entity {kb_id: $kb_id, type: e[0], key: e[1], name: e[2], description: e[3]})
+  CREATE (n:Entity {kb_id: $kb_id, type: e[0], key: e[1], name: e[2], description: e[3], aggregate: e[4]})
   RETURN collect(n) AS nodes
 }
 CALL (chunks, nodes) {
   UNWIND $mentions AS m
-  WITH chunks[m[0]] AS chunk, nodes[m[1]] AS n
-  CREATE (chunk)-[:MENTIONS]->(n)
+  WITH chunks[m[0]] AS chunk, nodes[m[1]] AS n, m
+  CREATE (chunk)-[:MENTIONS {names: m[2], descriptions: m[3]}]->(n)
 }
-CALL (nodes) {
+CALL (chunks, nodes) {
   UNWIND $relationships AS r
   WITH nodes[r[0]] AS a, nodes[r[1]] AS b, r
-  CREATE (a)-[:EMPLOYS {type: 'EMPLOYS', kb_id: $kb_id, description: r[2], chunk_ids: r[3]}]->(b)
+  CREATE (a)-[:EMPLOYS {type: 'EMPLOYS', kb_id: $kb_id, description: r[2], aggregate: r[3]}]->(b)
+  WITH a, b, r
+  UNWIND r[4] AS source
+  WITH a, b, chunks[source] AS chunk, r
+  CREATE (chunk)-[:Asserts {type: 'EMPLOYS', target_type: b.type, target_key: b.key, description: r[2]}]->(a)
 }
 """
 
 
 def write_lower_bound(store: Neo4jGraphStore, graph: DocumentGraph) -> None:
-    """The same nodes and relationships as the store writes, created in one query with no reads."""
+    """The same nodes, relationships, provenance records and properties as the store writes for a new
+    document (its aggregates included, computed by the same functions), created in one query with no
+    reads."""
     chunk_index = {chunk.id: i for i, chunk in enumerate(graph.chunks)}
     entity_index = {(e.type, e.key): i for i, e in enumerate(graph.entities)}
+    entities, mentions = [], []
+    for i, e in enumerate(graph.entities):
+        descriptions = [e.description] if e.description.strip() else []
+        state = entity_state([(frozenset({e.name}), frozenset(descriptions))] * len(e.chunk_ids))
+        assert state is not None
+        entities.append([e.type, e.key, state.name, state.description, state.aggregate_json()])
+        mentions += [[chunk_index[c], i, [e.name], descriptions] for c in e.chunk_ids]
+    relationships = []
+    for r in graph.relationships:
+        rel = relationship_state((c, provenance_text(r.description)) for c in r.chunk_ids)
+        assert rel is not None
+        relationships.append([entity_index[(r.source.type, r.source.key)], entity_index[(r.target.type, r.target.key)],
+                              rel.description, rel.aggregate_json(), [chunk_index[c] for c in r.chunk_ids]])
     with store._driver.session(database=store.database) as session:
         session.run(
             LOWER_BOUND_DOCUMENT, kb_id=graph.kb_id, doc_id=graph.doc_id, schema_version=graph.schema_version,
-            chunks=[[chunk.id, chunk.ordinal] for chunk in graph.chunks],
-            entities=[[e.type, e.key, e.name, e.description] for e in graph.entities],
-            mentions=[[chunk_index[c], i] for i, e in enumerate(graph.entities) for c in e.chunk_ids],
-            relationships=[
-                [entity_index[(r.source.type, r.source.key)], entity_index[(r.target.type, r.target.key)],
-                 r.description, r.chunk_ids]
-                for r in graph.relationships
-            ],
+            chunks=[[chunk.id, chunk.ordinal] for chunk in graph.chunks], entities=entities, mentions=mentions,
+            relationships=relationships,
         ).consume()
 
 
@@ -361,7 +377,7 @@ def print_table(result: dict[str, Any]) -> None:
     )
     for column in ("writer", "documents", "seconds", "entities/s median", "min", "max"):
         table.add_column(column, justify="right" if column != "writer" else "left")
-    labels = {"store": "store (1 query/document)", "lower_bound": "lower bound (create-only)",
+    labels = {"store": "store (1 transaction/document)", "lower_bound": "lower bound (create-only)",
               "naive": "naive (1 query/item)"}
     for name in WRITERS:
         row = result[name]

@@ -66,6 +66,21 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         ),
     ),
     Benchmark(
+        "hub_writes",
+        full=("--documents", "20000"),  # both stores in about 8 minutes here; 100,000: docs/benchmarks.md
+        quick=("--quick",),
+        figures=(
+            Figure("hub writes (Neo4j): per-document write time, last 10% / first 10% (medians)",
+                   lambda r: r["neo4j"]["last_to_first_ratio"], 1.5, "<=", "x"),
+            Figure("hub writes (embedded): per-document write time, last 10% / first 10% (medians)",
+                   lambda r: r["embedded"]["last_to_first_ratio"], 1.5, "<=", "x"),
+            Figure("hub writes (Neo4j): write time per document in the last 10% (median)",
+                   lambda r: r["neo4j"]["per_document_ms"]["last_10pct"]["median"], None, "<=", "ms"),
+            Figure("hub writes: documents naming the hub pair", lambda r: r["config"]["documents"], None,
+                   unit="documents"),
+        ),
+    ),
+    Benchmark(
         "llm_throughput",
         full=(),
         quick=("--chunks", "60", "--plain-budget", "8", "--latency-mean", "0.5", "--latency-jitter", "0.2"),

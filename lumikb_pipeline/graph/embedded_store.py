@@ -23,14 +23,18 @@ from lumikb_pipeline.domain.modes import WriteMode
 from lumikb_pipeline.domain.results import DocumentGraph
 from lumikb_pipeline.domain.schema import DomainSchema
 from lumikb_pipeline.graph.plan import (
+    EntityState,
     Footprint,
-    Mention,
+    MentionValue,
+    Ref,
+    RelationshipState,
     RelKey,
-    StoredEntity,
-    StoredRelationship,
+    Source,
     StoredState,
     WritePlan,
+    entity_state,
     plan_write,
+    relationship_state,
     touched_refs,
     touched_rel_keys,
 )
@@ -41,6 +45,7 @@ from lumikb_pipeline.graph.store import (
     GraphDump,
     InvariantReport,
     WriteSummary,
+    relationship_properties,
 )
 from lumikb_pipeline.graph.validation import foreign_chunks_error, validate_document_graph
 
@@ -62,6 +67,7 @@ CREATE TABLE IF NOT EXISTS chunks (
 CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks (kb_id, doc_id);
 CREATE TABLE IF NOT EXISTS entities (
     kb_id TEXT NOT NULL, type TEXT NOT NULL, key TEXT NOT NULL, name TEXT NOT NULL, description TEXT NOT NULL,
+    aggregate TEXT NOT NULL,
     PRIMARY KEY (kb_id, type, key)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS mentions (
@@ -75,12 +81,13 @@ CREATE INDEX IF NOT EXISTS mentions_by_entity ON mentions (kb_id, type, key);
 CREATE TABLE IF NOT EXISTS relationships (
     kb_id TEXT NOT NULL, type TEXT NOT NULL,
     source_type TEXT NOT NULL, source_key TEXT NOT NULL, target_type TEXT NOT NULL, target_key TEXT NOT NULL,
-    description TEXT NOT NULL, chunk_ids TEXT NOT NULL,
+    description TEXT NOT NULL, aggregate TEXT NOT NULL,
     PRIMARY KEY (kb_id, type, source_type, source_key, target_type, target_key),
     FOREIGN KEY (kb_id, source_type, source_key) REFERENCES entities (kb_id, type, key),
     FOREIGN KEY (kb_id, target_type, target_key) REFERENCES entities (kb_id, type, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS relationships_by_target ON relationships (kb_id, target_type, target_key);
+CREATE INDEX IF NOT EXISTS relationships_by_source ON relationships (kb_id, source_type, source_key);
 CREATE TABLE IF NOT EXISTS relationship_sources (
     kb_id TEXT NOT NULL, type TEXT NOT NULL,
     source_type TEXT NOT NULL, source_key TEXT NOT NULL, target_type TEXT NOT NULL, target_key TEXT NOT NULL,
@@ -94,18 +101,22 @@ CREATE INDEX IF NOT EXISTS relationship_sources_by_chunk ON relationship_sources
 """
 
 # Statements are literal constants (no formatting): values are always bound parameters.
-_SELECT_DOC_REL_KEYS = (
-    "SELECT DISTINCT s.type, s.source_type, s.source_key, s.target_type, s.target_key "
+_SELECT_DOC_SOURCES = (
+    "SELECT s.type, s.source_type, s.source_key, s.target_type, s.target_key, s.chunk_id, s.description "
     "FROM relationship_sources s JOIN chunks c ON c.kb_id = s.kb_id AND c.id = s.chunk_id "
     "WHERE c.kb_id = ? AND c.doc_id = ?"
 )
 _SELECT_RELATIONSHIP = (
-    "SELECT description, chunk_ids FROM relationships WHERE kb_id = ? AND type = ? "
+    "SELECT description, aggregate FROM relationships WHERE kb_id = ? AND type = ? "
     "AND source_type = ? AND source_key = ? AND target_type = ? AND target_key = ?"
 )
 _SELECT_RELATIONSHIP_SOURCES = (
     "SELECT chunk_id, description FROM relationship_sources WHERE kb_id = ? AND type = ? "
-    "AND source_type = ? AND source_key = ? AND target_type = ? AND target_key = ? ORDER BY chunk_id, description"
+    "AND source_type = ? AND source_key = ? AND target_type = ? AND target_key = ?"
+)
+_DELETE_RELATIONSHIP_SOURCE = (
+    "DELETE FROM relationship_sources WHERE kb_id = ? AND type = ? AND source_type = ? AND source_key = ? "
+    "AND target_type = ? AND target_key = ? AND chunk_id = ? AND description = ?"
 )
 _DELETE_RELATIONSHIP_SOURCES = (
     "DELETE FROM relationship_sources WHERE kb_id = ? AND type = ? "
@@ -116,21 +127,23 @@ _DELETE_RELATIONSHIP = (
     "AND source_type = ? AND source_key = ? AND target_type = ? AND target_key = ?"
 )
 _UPSERT_RELATIONSHIP = (
-    "INSERT INTO relationships (kb_id, type, source_type, source_key, target_type, target_key, description, chunk_ids) "
+    "INSERT INTO relationships (kb_id, type, source_type, source_key, target_type, target_key, description, aggregate) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (kb_id, type, source_type, source_key, target_type, target_key) "
-    "DO UPDATE SET description = excluded.description, chunk_ids = excluded.chunk_ids"
+    "DO UPDATE SET description = excluded.description, aggregate = excluded.aggregate"
 )
 _INSERT_RELATIONSHIP_SOURCE = (
     "INSERT INTO relationship_sources "
     "(kb_id, type, source_type, source_key, target_type, target_key, chunk_id, description) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_DELETE_ENTITY_RELATIONSHIPS = (
-    "DELETE FROM relationship_sources WHERE kb_id = :kb AND ((source_type = :type AND source_key = :key) "
-    "OR (target_type = :type AND target_key = :key))",
-    "DELETE FROM relationships WHERE kb_id = :kb AND ((source_type = :type AND source_key = :key) "
-    "OR (target_type = :type AND target_key = :key))",
+# The relationships of an entity, through the indexes by source and by target (an OR over both
+# would scan every relationship of the file).
+_SELECT_ENTITY_RELATIONSHIPS = (
+    "SELECT type, source_type, source_key, target_type, target_key FROM relationships "
+    "WHERE kb_id = :kb AND source_type = :type AND source_key = :key "
+    "UNION SELECT type, source_type, source_key, target_type, target_key FROM relationships "
+    "WHERE kb_id = :kb AND target_type = :type AND target_key = :key"
 )
 
 
@@ -144,6 +157,67 @@ def _rel_params(kb_id: str, key: RelKey) -> tuple[str, ...]:
 
 def _rel_key(row: Any) -> RelKey:
     return (row[0], row[1], row[2], row[3], row[4])
+
+
+def _mention_value(names: str, descriptions: str) -> MentionValue:
+    return (frozenset(json.loads(names)), frozenset(json.loads(descriptions)))
+
+
+def migrate_provenance(conn: sqlite3.Connection) -> int:
+    """Convert a file written before provenance aggregates (relationships held a `chunk_ids` list)
+    to the current model, inside the caller's transaction; returns the elements converted.
+
+    Idempotent: a file already converted (its entities have `aggregate`) is left alone. The records
+    themselves (`mentions`, `relationship_sources`) were already one row each; what is added is each
+    entity's and relationship's aggregate, computed once from all its records.
+    """
+    if "aggregate" in {row[1] for row in conn.execute("PRAGMA table_info(entities)")}:
+        return 0
+    conn.execute("ALTER TABLE entities ADD COLUMN aggregate TEXT NOT NULL DEFAULT ''")
+    conn.execute("ALTER TABLE relationships ADD COLUMN aggregate TEXT NOT NULL DEFAULT ''")
+    converted = 0
+    for kb_id, t, k in conn.execute("SELECT kb_id, type, key FROM entities").fetchall():
+        records = _Records(conn, kb_id).entity_records((t, k))
+        entity = entity_state(value for _, value in records)
+        if entity is not None:
+            conn.execute(
+                "UPDATE entities SET name = ?, description = ?, aggregate = ? WHERE kb_id = ? AND type = ? AND key = ?",
+                (entity.name, entity.description, entity.aggregate_json(), kb_id, t, k),
+            )
+            converted += 1
+    for kb_id, *key in conn.execute(
+        "SELECT kb_id, type, source_type, source_key, target_type, target_key FROM relationships"
+    ).fetchall():
+        params = _rel_params(kb_id, _rel_key(key))
+        rel = relationship_state(_Records(conn, kb_id).relationship_records(_rel_key(key)))
+        if rel is not None:
+            conn.execute(
+                "UPDATE relationships SET description = ?, aggregate = ? WHERE kb_id = ? AND type = ? "
+                "AND source_type = ? AND source_key = ? AND target_type = ? AND target_key = ?",
+                (rel.description, rel.aggregate_json(), *params),
+            )
+            converted += 1
+    conn.execute("ALTER TABLE relationships DROP COLUMN chunk_ids")
+    return converted
+
+
+class _Records:
+    """Every record of one element, for the plan's rare recount (`plan.RecordLoader`)."""
+
+    def __init__(self, conn: sqlite3.Connection, kb_id: str) -> None:
+        self._conn, self._kb_id = conn, kb_id
+
+    def entity_records(self, ref: Ref) -> list[tuple[str, MentionValue]]:
+        return [
+            (cid, _mention_value(names, descriptions))
+            for cid, names, descriptions in self._conn.execute(
+                "SELECT chunk_id, names, descriptions FROM mentions WHERE kb_id = ? AND type = ? AND key = ?",
+                (self._kb_id, *ref),
+            )
+        ]
+
+    def relationship_records(self, key: RelKey) -> list[Source]:
+        return [(cid, d) for cid, d in self._conn.execute(_SELECT_RELATIONSHIP_SOURCES, _rel_params(self._kb_id, key))]
 
 
 class EmbeddedGraphStore:
@@ -179,7 +253,13 @@ class EmbeddedGraphStore:
             conn = self._connect()
             try:
                 conn.execute("PRAGMA journal_mode = WAL")
-                conn.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nCOMMIT;")
+                conn.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}")
+                try:
+                    migrate_provenance(conn)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
             finally:
                 conn.close()
             self._schema_ready = True
@@ -232,7 +312,7 @@ class EmbeddedGraphStore:
         if graph is None and not footprint.exists:
             return WriteSummary(kb_id=kb_id, doc_id=doc_id, mode=mode)
         state = self._state(conn, kb_id, footprint, graph)
-        plan = plan_write(kb_id, doc_id, graph, mode, footprint, state)
+        plan = plan_write(kb_id, doc_id, graph, mode, footprint, state, _Records(conn, kb_id))
         if graph is not None:
             conn.execute(
                 "INSERT INTO documents (kb_id, id, schema_version) VALUES (?, ?, ?) "
@@ -245,6 +325,8 @@ class EmbeddedGraphStore:
     def _footprint(
         self, conn: sqlite3.Connection, kb_id: str, doc_id: str, graph: DocumentGraph | None
     ) -> Footprint:
+        """The document's chunks and its own records, reached from its chunks (never from the
+        entities, whose records from other documents may be many)."""
         if graph is not None:
             foreign = conn.execute(
                 "SELECT id, doc_id FROM chunks WHERE kb_id = ? AND doc_id <> ? "
@@ -258,51 +340,36 @@ class EmbeddedGraphStore:
         ).fetchone() is not None
         if not exists:
             return Footprint()
-        chunks = dict(conn.execute(
+        footprint = Footprint(exists=True)
+        footprint.chunks = dict(conn.execute(
             "SELECT id, ordinal FROM chunks WHERE kb_id = ? AND doc_id = ?", (kb_id, doc_id)
         ).fetchall())
-        refs = {
-            (t, k)
-            for t, k in conn.execute(
-                "SELECT DISTINCT m.type, m.key FROM mentions m JOIN chunks c ON c.kb_id = m.kb_id "
-                "AND c.id = m.chunk_id WHERE c.kb_id = ? AND c.doc_id = ?",
-                (kb_id, doc_id),
-            )
-        }
-        rel_keys = {
-            _rel_key(row)
-            for row in conn.execute(_SELECT_DOC_REL_KEYS, (kb_id, doc_id))
-        }
-        return Footprint(exists=True, chunks=chunks, refs=refs, rel_keys=rel_keys)
+        for cid, t, k, names, descriptions in conn.execute(
+            "SELECT m.chunk_id, m.type, m.key, m.names, m.descriptions FROM mentions m JOIN chunks c "
+            "ON c.kb_id = m.kb_id AND c.id = m.chunk_id WHERE c.kb_id = ? AND c.doc_id = ?",
+            (kb_id, doc_id),
+        ):
+            footprint.mentions[(cid, (t, k))] = _mention_value(names, descriptions)
+        for *key, cid, description in conn.execute(_SELECT_DOC_SOURCES, (kb_id, doc_id)):
+            footprint.sources[_rel_key(key)].add((cid, description))
+        return footprint
 
     def _state(
         self, conn: sqlite3.Connection, kb_id: str, footprint: Footprint, graph: DocumentGraph | None
     ) -> StoredState:
+        """The aggregates of the touched elements: one row each, whatever their number of records."""
         state = StoredState()
         for ref in touched_refs(footprint, graph):
             row = conn.execute(
-                "SELECT name, description FROM entities WHERE kb_id = ? AND type = ? AND key = ?",
+                "SELECT name, description, aggregate FROM entities WHERE kb_id = ? AND type = ? AND key = ?",
                 (kb_id, *ref),
             ).fetchone()
             if row is not None:
-                state.entities[ref] = StoredEntity(name=row[0], description=row[1])
-            state.mentions[ref] = [
-                Mention(chunk_id=cid, ref=ref, names=tuple(json.loads(names)),
-                        descriptions=tuple(json.loads(descriptions)))
-                for cid, names, descriptions in conn.execute(
-                    "SELECT chunk_id, names, descriptions FROM mentions WHERE kb_id = ? AND type = ? AND key = ?",
-                    (kb_id, *ref),
-                )
-            ]
+                state.entities[ref] = EntityState.from_stored(*row)
         for key in touched_rel_keys(footprint, graph):
-            params = _rel_params(kb_id, key)
-            row = conn.execute(_SELECT_RELATIONSHIP, params).fetchone()
-            if row is None:
-                continue
-            sources = conn.execute(_SELECT_RELATIONSHIP_SOURCES, params).fetchall()
-            state.relationships[key] = StoredRelationship(
-                description=row[0], chunk_ids=tuple(json.loads(row[1])), sources=tuple(sources)
-            )
+            row = conn.execute(_SELECT_RELATIONSHIP, _rel_params(kb_id, key)).fetchone()
+            if row is not None:
+                state.relationships[key] = RelationshipState.from_stored(*row)
         return state
 
     def _apply(self, conn: sqlite3.Connection, kb_id: str, doc_id: str, plan: WritePlan) -> None:
@@ -313,9 +380,10 @@ class EmbeddedGraphStore:
             [(kb_id, cid, doc_id, ordinal) for cid, ordinal in plan.chunks_upsert],
         )
         conn.executemany(
-            "INSERT INTO entities (kb_id, type, key, name, description) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (kb_id, type, key) DO UPDATE SET name = excluded.name, description = excluded.description",
-            [(kb_id, *ref, e.name, e.description) for ref, e in plan.entities_upsert],
+            "INSERT INTO entities (kb_id, type, key, name, description, aggregate) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (kb_id, type, key) DO UPDATE SET name = excluded.name, description = excluded.description, "
+            "aggregate = excluded.aggregate",
+            [(kb_id, *ref, e.name, e.description, e.aggregate_json()) for ref, e in plan.entities_upsert],
         )
         conn.executemany(
             "DELETE FROM mentions WHERE kb_id = ? AND chunk_id = ? AND type = ? AND key = ?",
@@ -330,20 +398,19 @@ class EmbeddedGraphStore:
                 for m in plan.mentions_upsert
             ],
         )
-        changed = [_rel_params(kb_id, key) for key in plan.relationships_delete] + [
-            _rel_params(kb_id, key) for key, _ in plan.relationships_upsert
-        ]
-        conn.executemany(_DELETE_RELATIONSHIP_SOURCES, changed)
-        conn.executemany(_DELETE_RELATIONSHIP, [_rel_params(kb_id, key) for key in plan.relationships_delete])
+        conn.executemany(
+            _DELETE_RELATIONSHIP_SOURCE, [(*_rel_params(kb_id, key), *source) for key, source in plan.sources_delete]
+        )
+        deleted = [_rel_params(kb_id, key) for key in plan.relationships_delete]
+        conn.executemany(_DELETE_RELATIONSHIP_SOURCES, deleted)
+        conn.executemany(_DELETE_RELATIONSHIP, deleted)
         conn.executemany(
             _UPSERT_RELATIONSHIP,
-            [(*_rel_params(kb_id, key), rel.description, _json(list(rel.chunk_ids)))
+            [(*_rel_params(kb_id, key), rel.description, rel.aggregate_json())
              for key, rel in plan.relationships_upsert],
         )
         conn.executemany(
-            _INSERT_RELATIONSHIP_SOURCE,
-            [(*_rel_params(kb_id, key), cid, desc) for key, rel in plan.relationships_upsert
-             for cid, desc in rel.sources],
+            _INSERT_RELATIONSHIP_SOURCE, [(*_rel_params(kb_id, key), *source) for key, source in plan.sources_add]
         )
         # A deleted chunk takes its provenance with it (as Neo4j's DETACH DELETE does); the plan has
         # already removed it everywhere, these statements only keep the two stores identical if not.
@@ -354,8 +421,9 @@ class EmbeddedGraphStore:
         for ref in plan.entities_delete:
             named = {"kb": kb_id, "type": ref[0], "key": ref[1]}
             conn.execute("DELETE FROM mentions WHERE kb_id = :kb AND type = :type AND key = :key", named)
-            for statement in _DELETE_ENTITY_RELATIONSHIPS:
-                conn.execute(statement, named)
+            keys = [_rel_params(kb_id, _rel_key(row)) for row in conn.execute(_SELECT_ENTITY_RELATIONSHIPS, named)]
+            conn.executemany(_DELETE_RELATIONSHIP_SOURCES, keys)
+            conn.executemany(_DELETE_RELATIONSHIP, keys)
             conn.execute("DELETE FROM entities WHERE kb_id = :kb AND type = :type AND key = :key", named)
         if plan.delete_document:
             conn.execute("DELETE FROM documents WHERE kb_id = ? AND id = ?", (kb_id, doc_id))
@@ -433,9 +501,13 @@ class EmbeddedGraphStore:
             "relationships_without_provenance",
             "SELECT r.source_type || ':' || r.source_key || ' -[' || r.type || ']-> ' || r.target_type || ':' "
             "|| r.target_key FROM relationships r WHERE r.kb_id = :kb AND ("
-            " json_array_length(r.chunk_ids) = 0 OR EXISTS ("
-            "  SELECT 1 FROM json_each(r.chunk_ids) j WHERE NOT EXISTS ("
-            "   SELECT 1 FROM chunks c WHERE c.kb_id = r.kb_id AND c.id = j.value)))",
+            " NOT EXISTS (SELECT 1 FROM relationship_sources s WHERE s.kb_id = r.kb_id AND s.type = r.type"
+            "  AND s.source_type = r.source_type AND s.source_key = r.source_key"
+            "  AND s.target_type = r.target_type AND s.target_key = r.target_key)"
+            " OR EXISTS (SELECT 1 FROM relationship_sources s WHERE s.kb_id = r.kb_id AND s.type = r.type"
+            "  AND s.source_type = r.source_type AND s.source_key = r.source_key"
+            "  AND s.target_type = r.target_type AND s.target_key = r.target_key AND NOT EXISTS ("
+            "   SELECT 1 FROM chunks c WHERE c.kb_id = s.kb_id AND c.id = s.chunk_id)))",
             kb_id,
         )
 
@@ -492,14 +564,14 @@ class EmbeddedGraphStore:
                 "SELECT chunk_id, type, key, names, descriptions FROM mentions WHERE kb_id = ?", (kb_id,)
             ).fetchall()
             relationships = conn.execute(
-                "SELECT type, source_type, source_key, target_type, target_key, description, chunk_ids "
+                "SELECT type, source_type, source_key, target_type, target_key, description "
                 "FROM relationships WHERE kb_id = ?",
                 (kb_id,),
             ).fetchall()
             sources: dict[tuple[str, ...], list[tuple[str, str]]] = {}
             for *key, cid, desc in conn.execute(
                 "SELECT type, source_type, source_key, target_type, target_key, chunk_id, description "
-                "FROM relationship_sources WHERE kb_id = ? ORDER BY chunk_id, description",
+                "FROM relationship_sources WHERE kb_id = ?",
                 (kb_id,),
             ):
                 sources.setdefault(tuple(key), []).append((cid, desc))
@@ -516,18 +588,10 @@ class EmbeddedGraphStore:
              {"names": json.loads(names), "descriptions": json.loads(descriptions)})
             for cid, t, k, names, descriptions in mentions
         ]
-        for rel_type, st, sk, tt, tk, description, chunk_ids in relationships:
-            pairs = sources.get((rel_type, st, sk, tt, tk), [])
+        for rel_type, st, sk, tt, tk, description in relationships:
             rels.append((
                 rel_type, ["Entity"], entities[(st, sk)], ["Entity"], entities[(tt, tk)],
-                {
-                    "type": rel_type,
-                    "kb_id": kb_id,
-                    "description": description,
-                    "chunk_ids": json.loads(chunk_ids),
-                    "source_chunk_ids": [cid for cid, _ in pairs],
-                    "source_descriptions": [desc for _, desc in pairs],
-                },
+                relationship_properties(rel_type, kb_id, description, sources.get((rel_type, st, sk, tt, tk), [])),
             ))
         return GraphDump.build(nodes, rels)
 

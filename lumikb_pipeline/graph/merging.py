@@ -4,11 +4,10 @@ The same rules serve both levels: `build_document_graph` merges the chunks of on
 stores merge the documents of one KB. Each rule is a function of the *set* of inputs (never of their
 order or of how often a write ran), which is what makes writes idempotent and order-independent.
 
-The embedded store applies these functions; the Neo4j store applies the same rules in Cypher, on
-the server (`neo4j_queries.WRITE_DOCUMENT`). So every rule is one that Cypher computes identically:
-texts are ordered as Neo4j orders strings (by UTF-16 code unit, `text_order`), lengths are counted
-in code points (Cypher's `size` and `left`, Python's `len` and slicing), and a blank description is
-stored as "" so that "non-blank" means "not empty" on both sides.
+Both stores apply these functions through `graph.plan` (incrementally, through bounded aggregates).
+Texts are ordered as Neo4j orders strings (by UTF-16 code unit, `text_order`), so that a query
+sorting them in Cypher agrees; lengths are counted in code points; a blank description is stored
+as "" so that "non-blank" means "not empty".
 """
 
 from __future__ import annotations

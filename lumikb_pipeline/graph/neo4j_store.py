@@ -1,4 +1,5 @@
-"""The Neo4j graph store: batched, idempotent writes, one transaction per document.
+"""The Neo4j graph store: batched, idempotent writes, one transaction per document (three queries:
+lock and read the footprint, lock entities and read aggregates, apply the plan of `graph.plan`).
 
 One driver per process (a connection pool; created lazily, re-created after a fork, closed at exit)
 is shared by every store opened in the process. Writes run in the driver's managed `execute_write`,
@@ -20,7 +21,23 @@ import lumikb_pipeline.graph.neo4j_queries as q
 from lumikb_pipeline.domain.modes import WriteMode
 from lumikb_pipeline.domain.results import DocumentGraph
 from lumikb_pipeline.domain.schema import DomainSchema
-from lumikb_pipeline.graph.merging import MAX_MERGED_DESCRIPTION, provenance_text, text_order
+from lumikb_pipeline.graph.plan import (
+    EntityState,
+    Footprint,
+    MentionValue,
+    Ref,
+    RelationshipState,
+    RelKey,
+    Source,
+    StoredState,
+    Tally,
+    WritePlan,
+    entity_state,
+    plan_write,
+    relationship_state,
+    touched_refs,
+    touched_rel_keys,
+)
 from lumikb_pipeline.graph.store import (
     INVARIANT_EXAMPLES,
     DocumentCounts,
@@ -28,6 +45,7 @@ from lumikb_pipeline.graph.store import (
     GraphDump,
     InvariantReport,
     WriteSummary,
+    relationship_properties,
 )
 from lumikb_pipeline.graph.validation import foreign_chunks_error, validate_document_graph
 
@@ -35,6 +53,8 @@ from lumikb_pipeline.graph.validation import foreign_chunks_error, validate_docu
 # transaction may need several deadlock retries; giving up early would lose a write.
 MAX_TRANSACTION_RETRY_TIME_S = 120.0
 INDEX_WAIT_S = 300
+MODEL_VERSION = 2  # 2: relationship provenance as `Asserts` records, aggregates on entities and relationships
+MIGRATION_BATCH = 500
 
 _drivers: dict[tuple[str, str, str], Driver] = {}
 _drivers_pid = os.getpid()
@@ -77,38 +97,75 @@ def close_shared_drivers() -> None:
 atexit.register(close_shared_drivers)
 
 
-def _write_parameters(graph: DocumentGraph, mode: WriteMode) -> dict[str, Any]:
-    """The parameters of `WRITE_DOCUMENT` (row shapes documented there) for a validated graph."""
-    index: dict[tuple[str, str], int] = {}
-    entities: list[list[Any]] = []
-    mentioned: dict[str, list[int]] = {chunk.id: [] for chunk in graph.chunks}
-    for i, entity in enumerate(graph.entities):
-        index[(entity.type, entity.key)] = i
-        descriptions = [entity.description] if entity.description.strip() else []
-        entities.append([entity.type, entity.key, entity.name, descriptions])
-        for chunk_id in set(entity.chunk_ids):
-            mentioned[chunk_id].append(i)
-    relationships = [
-        [
-            rel.type,
-            index[(rel.source.type, rel.source.key)],
-            index[(rel.target.type, rel.target.key)],
-            provenance_text(rel.description),
-            rel.chunk_ids if len(rel.chunk_ids) == 1 else sorted(set(rel.chunk_ids), key=text_order),
-        ]
-        for rel in graph.relationships
-    ]
+ASSERTS = "Asserts"  # the type of relationship provenance records (see neo4j_queries)
+_INTERNAL_PROPERTIES = frozenset({"aggregate"})
+
+
+def _visible(properties: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in properties.items() if k not in _INTERNAL_PROPERTIES}
+
+
+class _Records:
+    """Every record of one element, read in the write's transaction (`plan.RecordLoader`)."""
+
+    def __init__(self, tx: ManagedTransaction, kb_id: str) -> None:
+        self._tx, self._kb_id = tx, kb_id
+
+    def entity_records(self, ref: Ref) -> list[tuple[str, MentionValue]]:
+        result = self._tx.run(q.ENTITY_RECORDS, kb_id=self._kb_id, type=ref[0], key=ref[1])
+        return [(r["chunk_id"], (frozenset(r["names"]), frozenset(r["descriptions"]))) for r in result]
+
+    def relationship_records(self, key: RelKey) -> list[Source]:
+        result = self._tx.run(
+            q.RELATIONSHIP_RECORDS, kb_id=self._kb_id, type=key[0], source_type=key[1], source_key=key[2],
+            target_type=key[3], target_key=key[4],
+        )
+        return [(r["chunk_id"], r["description"]) for r in result]
+
+
+def _footprint(record: Any) -> Footprint:
+    footprint = Footprint(exists=record["held"] is not None)
+    footprint.chunks = {cid: ordinal for cid, ordinal in record["chunks"]}
+    for cid, t, k, names, descriptions in record["mentions"]:
+        footprint.mentions[(cid, (t, k))] = (frozenset(names), frozenset(descriptions))
+    for t, st, sk, tt, tk, cid, description in record["sources"]:
+        footprint.sources[(t, st, sk, tt, tk)].add((cid, description))
+    return footprint
+
+
+def _apply_parameters(
+    kb_id: str, doc_id: str, schema_version: int, footprint: Footprint, plan: WritePlan, unnamed: list[Ref]
+) -> dict[str, Any]:
+    """The parameters of `APPLY_PLAN` (row shapes documented there)."""
     return {
-        "kb_id": graph.kb_id,
-        "doc_id": graph.doc_id,
-        "schema_version": graph.schema_version,
-        "chunks": [[chunk.id, chunk.ordinal, mentioned[chunk.id]] for chunk in graph.chunks],
-        "entities": entities,
-        "relationships": relationships,
-        "merge": mode == WriteMode.MERGE,
-        "remove": False,
-        "max_description": MAX_MERGED_DESCRIPTION,
+        "kb_id": kb_id,
+        "doc_id": doc_id,
+        "schema_version": schema_version,
+        "remove": plan.delete_document,
+        "chunks_upsert": [[cid, ordinal, cid not in footprint.chunks] for cid, ordinal in plan.chunks_upsert],
+        "entities_upsert": [
+            [*ref, e.name, e.description, e.aggregate_json()] for ref, e in plan.entities_upsert
+        ],
+        "mentions_delete": [[cid, *ref] for cid, ref in plan.mentions_delete],
+        "mentions_upsert": [
+            [m.chunk_id, *m.ref, list(m.names), list(m.descriptions), (m.chunk_id, m.ref) not in footprint.mentions]
+            for m in plan.mentions_upsert
+        ],
+        "sources_delete": [[*key, *source] for key, source in plan.sources_delete],
+        "sources_add": [[*key, *source] for key, source in plan.sources_add],
+        "relationships_delete": [list(key) for key in plan.relationships_delete],
+        "relationships_upsert": [
+            [*key, rel.description, rel.aggregate_json(), created]
+            for key, rel, created in plan_relationships(plan)
+        ],
+        "chunks_delete": plan.chunks_delete,
+        "entities_delete": [list(ref) for ref in [*plan.entities_delete, *unnamed]],
     }
+
+
+def plan_relationships(plan: WritePlan) -> list[tuple[RelKey, RelationshipState, bool]]:
+    """The relationships to write, each with whether it is new."""
+    return [(key, rel, key in plan.created_relationships) for key, rel in plan.relationships_upsert]
 
 
 class Neo4jGraphStore:
@@ -138,7 +195,57 @@ class Neo4jGraphStore:
                 if "EquivalentSchemaRuleAlreadyExists" not in (exc.code or ""):
                     raise
         self._driver.execute_query(q.AWAIT_INDEXES, timeout_s=INDEX_WAIT_S, database_=self.database)
+        self.migrate_provenance()
         _schema_ready.add(ready_key)
+
+    def migrate_provenance(self, batch: int = MIGRATION_BATCH, force: bool = False) -> int:
+        """Convert a database written before provenance records to the current model; returns the
+        relationships and entities converted. Idempotent, and run by `ensure_schema`.
+
+        Earlier versions kept a relationship's provenance as list properties on the relationship
+        (`chunk_ids`, `source_chunk_ids`, `source_descriptions`), rewritten by every write. Each pair
+        becomes an `Asserts` record, the lists are removed, and every relationship and entity gets its
+        `aggregate`. It runs in batches of `batch` elements, one transaction each, each taking the
+        model marker's lock, so that concurrent processes run it once; a process that finds the marker
+        at the current version skips it with one query (`force` looks for old elements all the same:
+        old processes that wrote after the conversion; stop them before starting new ones).
+        """
+        records, _, _ = self._driver.execute_query(q.MODEL_VERSION, database_=self.database)
+        if not force and records and (records[0]["version"] or 0) >= MODEL_VERSION:
+            return 0
+        converted = 0
+        for list_query, convert in ((q.OLD_RELATIONSHIPS, self._convert_relationships),
+                                    (q.OLD_ENTITIES, self._convert_entities)):
+            found, _, _ = self._driver.execute_query(list_query, database_=self.database)
+            ids = [r["id"] for r in found]
+            for start in range(0, len(ids), batch):
+                with self._driver.session(database=self.database) as session:
+                    converted += session.execute_write(convert, ids[start:start + batch])
+        self._driver.execute_query(q.SET_MODEL_VERSION, version=MODEL_VERSION, database_=self.database)
+        return converted
+
+    @staticmethod
+    def _convert_relationships(tx: ManagedTransaction, ids: list[str]) -> int:
+        tx.run(q.LOCK_MODEL).consume()
+        rows = []
+        for r in tx.run(q.READ_OLD_RELATIONSHIPS, ids=ids):
+            pairs = [(cid, description) for cid, description in r["pairs"]]
+            rel = relationship_state(pairs) or RelationshipState("", 0, Tally())
+            rows.append([r["id"], rel.description, rel.aggregate_json(), sorted(set(pairs))])
+        tx.run(q.CONVERT_OLD_RELATIONSHIPS, rows=rows).consume()
+        return len(rows)
+
+    @staticmethod
+    def _convert_entities(tx: ManagedTransaction, ids: list[str]) -> int:
+        tx.run(q.LOCK_MODEL).consume()
+        rows = []
+        for r in tx.run(q.READ_OLD_ENTITIES, ids=ids):
+            entity = entity_state((frozenset(names or ()), frozenset(descriptions or ()))
+                                  for names, descriptions in r["records"])
+            if entity is not None:
+                rows.append([r["id"], entity.name, entity.description, entity.aggregate_json()])
+        tx.run(q.CONVERT_OLD_ENTITIES, rows=rows).consume()
+        return len(rows)
 
     # --- writes ---
 
@@ -147,51 +254,56 @@ class Neo4jGraphStore:
         # Every check runs before the transaction opens: a rejected document writes nothing.
         validate_document_graph(graph, schema, mode)
         self.ensure_schema()
-        params = _write_parameters(graph, mode)
         with self._driver.session(database=self.database) as session:
-            return session.execute_write(self._write, q.WRITE_DOCUMENT, params, graph)
+            return session.execute_write(self._write, graph.kb_id, graph.doc_id, graph, mode)
 
     def remove_document(self, kb_id: str, doc_id: str) -> WriteSummary:
         """Remove a document, its chunks and exactly the provenance only it gave (idempotent)."""
         self.ensure_schema()
-        params = {
-            "kb_id": kb_id, "doc_id": doc_id, "chunks": [], "entities": [], "relationships": [],
-            "merge": False, "remove": True, "max_description": MAX_MERGED_DESCRIPTION,
-        }
         with self._driver.session(database=self.database) as session:
-            return session.execute_write(self._write, q.REMOVE_DOCUMENT, params, None)
+            return session.execute_write(self._write, kb_id, doc_id, None, WriteMode.REPLACE)
 
     @staticmethod
     def _write(
-        tx: ManagedTransaction, query: str, params: dict[str, Any], graph: DocumentGraph | None
+        tx: ManagedTransaction, kb_id: str, doc_id: str, graph: DocumentGraph | None, mode: WriteMode
     ) -> WriteSummary:
-        """The transaction function (the driver may run it again after a transient error)."""
-        kb_id, doc_id = params["kb_id"], params["doc_id"]
-        mode = WriteMode.MERGE if params["merge"] else WriteMode.REPLACE
-        record = tx.run(query, params).single()
-        if record is None:
-            if graph is None:  # removal of a document that is not there
-                return WriteSummary(kb_id=kb_id, doc_id=doc_id, mode=mode)
-            held = tx.run(q.DOCUMENT_VERSION, kb_id=kb_id, doc_id=doc_id).single()
-            if held is not None and (held["schema_version"] or 0) > graph.schema_version:
-                return WriteSummary(kb_id=kb_id, doc_id=doc_id, mode=mode, newer_version_held=held["schema_version"])
-            foreign = tx.run(
-                q.FOREIGN_CHUNKS, kb_id=kb_id, doc_id=doc_id, chunk_ids=[c.id for c in graph.chunks]
-            ).values()
-            raise foreign_chunks_error(kb_id, doc_id, [(chunk_id, owner) for chunk_id, owner in foreign])
-        changes = record.data()
-        if graph is None:
-            contribution: dict[str, int] = {}
-        elif mode == WriteMode.MERGE:  # the contribution is the old one plus the new: count it
-            contribution = dict(tx.run(q.DOCUMENT_COUNTS, kb_id=kb_id, doc_id=doc_id).single() or {})
-        else:
-            contribution = {
-                "chunks": len(graph.chunks),
-                "entities": len(graph.entities),
-                "relationships": len(graph.relationships),
-                "mentions": sum(len(set(e.chunk_ids)) for e in graph.entities),
-            }
-        return WriteSummary(kb_id=kb_id, doc_id=doc_id, mode=mode, **contribution, **changes)
+        """The transaction function (the driver may run it again after a transient error): lock the
+        document and read its footprint, lock the entities and read the aggregates, plan, apply."""
+        chunk_ids = [c.id for c in graph.chunks] if graph else []
+        query = q.LOCK_DOCUMENT if graph is not None else q.LOCK_EXISTING_DOCUMENT
+        record = tx.run(query, kb_id=kb_id, doc_id=doc_id, chunk_ids=chunk_ids).single()
+        if record is None:  # removal of a document that is not there
+            return WriteSummary(kb_id=kb_id, doc_id=doc_id, mode=mode)
+        if graph is not None:
+            held = record["held"]
+            if held is not None and held > graph.schema_version:
+                return WriteSummary(kb_id=kb_id, doc_id=doc_id, mode=mode, newer_version_held=held)
+            if record["foreign"]:
+                raise foreign_chunks_error(kb_id, doc_id, [(cid, owner) for cid, owner in record["foreign"]])
+        footprint = _footprint(record)
+        refs = touched_refs(footprint, graph)
+        rel_keys = touched_rel_keys(footprint, graph)
+        stored = tx.run(
+            q.LOCK_AND_READ_AGGREGATES, kb_id=kb_id, refs=[list(ref) for ref in refs],
+            rel_keys=[list(key) for key in rel_keys],
+        ).single()
+        assert stored is not None  # the query always returns its one row
+        state = StoredState()
+        for t, k, name, description, aggregate in stored["entities"]:
+            if aggregate is not None:
+                state.entities[(t, k)] = EntityState.from_stored(name, description, aggregate)
+        for key, description, aggregate in stored["relationships"]:
+            state.relationships[(key[0], key[1], key[2], key[3], key[4])] = RelationshipState.from_stored(
+                description, aggregate
+            )
+        plan = plan_write(kb_id, doc_id, graph, mode, footprint, state, _Records(tx, kb_id))
+        # Entities the lock step created that the plan does not write (it always writes those the
+        # new graph mentions; this only guards against leaving a nameless node behind).
+        written = {ref for ref, _ in plan.entities_upsert}
+        unnamed = [ref for ref in refs if ref not in state.entities and ref not in written]
+        schema_version = graph.schema_version if graph is not None else 0
+        tx.run(q.APPLY_PLAN, _apply_parameters(kb_id, doc_id, schema_version, footprint, plan, unnamed)).consume()
+        return plan.summary
 
     # --- reads ---
 
@@ -235,10 +347,30 @@ class Neo4jGraphStore:
         """Every node and relationship of the KB with all their properties."""
         nodes, _, _ = self._driver.execute_query(q.DUMP_NODES, kb_id=kb_id, database_=self.database)
         rels, _, _ = self._driver.execute_query(q.DUMP_RELATIONSHIPS, kb_id=kb_id, database_=self.database)
-        return GraphDump.build(
-            ((r["labels"], r["properties"]) for r in nodes),
-            ((r["type"], r["start_labels"], r["start"], r["end_labels"], r["end"], r["properties"]) for r in rels),
-        )
+        # Relationship records (`Asserts` edges) are shown as the provenance lists of their
+        # relationship, and aggregates are internal, so the dump has the shape of the embedded store's.
+        sources: dict[tuple[str, ...], list[tuple[str, str]]] = {}
+        for r in rels:
+            if r["type"] == ASSERTS:
+                props, source = r["properties"], r["end"]
+                key = (props.get("type"), source.get("type"), source.get("key"), props.get("target_type"),
+                       props.get("target_key"))
+                sources.setdefault(key, []).append((r["start"].get("id"), props.get("description")))
+        dumped_rels = []
+        for r in rels:
+            if r["type"] == ASSERTS:
+                continue
+            props = _visible(r["properties"])
+            if "Entity" in r["start_labels"] and "Entity" in r["end_labels"]:
+                start, end = r["start"], r["end"]
+                key = (r["type"], start.get("type"), start.get("key"), end.get("type"), end.get("key"))
+                extra = {k: v for k, v in props.items() if k not in ("type", "kb_id", "description")}
+                props = {**extra, **relationship_properties(
+                    props.get("type"), props.get("kb_id"), props.get("description"), sources.get(key, [])
+                )}
+            dumped_rels.append((r["type"], r["start_labels"], _visible(r["start"]), r["end_labels"],
+                                _visible(r["end"]), props))
+        return GraphDump.build(((r["labels"], _visible(r["properties"])) for r in nodes), dumped_rels)
 
     def close(self) -> None:
         """Nothing to release per store: the process-wide driver stays open for reuse and is closed

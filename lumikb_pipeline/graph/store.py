@@ -3,9 +3,10 @@
 Both honour the same contract (PRODUCT.md section 2, docs/graph-model.md): a document's contribution
 is written in one transaction; `replace` makes it exactly the given graph and `merge` adds to it;
 writing the same document twice changes nothing; entities and relationships exist only while some
-chunk provides them; nothing crosses KBs. The embedded store computes the changes in Python
-(`graph.plan`), the Neo4j store in Cypher on the server (`graph.neo4j_queries`); a differential test
-holds the two equal.
+chunk provides them; nothing crosses KBs. Both compute the changes with the same planner
+(`graph.plan`) from the document's own records and bounded aggregates, so a write costs the same
+whatever the number of documents naming the same entities; each applies them with its own queries,
+and a differential test holds the two equal.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lumikb_pipeline.core.errors import LumikbError
 from lumikb_pipeline.domain.modes import WriteMode
 from lumikb_pipeline.domain.results import DocumentGraph
 from lumikb_pipeline.domain.schema import DomainSchema
+from lumikb_pipeline.graph.merging import text_order
 
 INVARIANT_EXAMPLES = 5  # examples returned with each invariant count: enough to start a diagnosis
 
@@ -135,6 +137,26 @@ class GraphDump(BaseModel):
             for rel_type, start_labels, start, end_labels, end, props in relationships
         ]
         return cls(nodes=sorted(node_rows, key=_canonical), relationships=sorted(rel_rows, key=_canonical))
+
+
+def relationship_properties(
+    rel_type: Any, kb_id: Any, description: Any, sources: Iterable[tuple[str, str]]
+) -> dict[str, Any]:
+    """A relationship's properties as a dump shows them. The provenance lists are computed here, at
+    read time, from the relationship's records (one per chunk and description): they are never
+    stored on the relationship, where every write would rewrite them.
+
+    `source_chunk_ids[i]` and `source_descriptions[i]` are one record each, sorted by chunk id, then
+    description; `chunk_ids` are the unique chunk ids, sorted (both in `merging.text_order`)."""
+    pairs = sorted(set(sources), key=lambda s: (text_order(s[0]), text_order(s[1])))
+    return {
+        "type": rel_type,
+        "kb_id": kb_id,
+        "description": description,
+        "chunk_ids": sorted({cid for cid, _ in pairs}, key=text_order),
+        "source_chunk_ids": [cid for cid, _ in pairs],
+        "source_descriptions": [desc for _, desc in pairs],
+    }
 
 
 def _canonical(value: Any) -> str:

@@ -59,8 +59,8 @@ def test_embedded_invariant_queries_report_each_kind_of_corruption(tmp_path: Pat
     store = EmbeddedGraphStore(path)
     write_healthy(store, "kb")
     conn = sqlite3.connect(path, isolation_level=None)  # foreign keys off: the corruption gets in
-    conn.execute("INSERT INTO entities VALUES ('kb', 'Person', 'ghost', 'Ghost', '')")
-    conn.execute("UPDATE relationships SET chunk_ids = '[\"gone\"]' WHERE kb_id = 'kb'")
+    conn.execute("INSERT INTO entities VALUES ('kb', 'Person', 'ghost', 'Ghost', '', '')")
+    conn.execute("UPDATE relationship_sources SET chunk_id = 'gone' WHERE kb_id = 'kb'")
     conn.execute("INSERT INTO mentions VALUES ('kb', 'no-such-chunk', 'Person', 'ann', '[]', '[]')")
     conn.close()
 

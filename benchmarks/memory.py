@@ -144,12 +144,20 @@ def analyse(rows: list[dict[str, Any]], documents: int, warm_up_end_s: float, en
 
 
 def connection_spread(samples: list[dict[str, Any]], warm_up_end_s: float) -> dict[str, dict[str, int]]:
-    """Per server: min, max and last count after warm-up (flat means max - min stays small)."""
+    """Per server, after warm-up: min, max and last count, and `growth`, the highest count of the
+    second half less that of the first half (flat: <= 0; children recycled in between reconnect, so
+    the count dips and comes back, it does not climb)."""
     spread = {}
     for server in ("postgres", "redis", "neo4j"):
-        values = [s[server] for s in samples if s["t"] >= warm_up_end_s and server in s]
-        if values:
-            spread[server] = {"min": min(values), "max": max(values), "last": values[-1]}
+        after = [s for s in samples if s["t"] >= warm_up_end_s and server in s]
+        if len(after) < 2:
+            continue
+        values = [s[server] for s in after]
+        middle = after[0]["t"] + (after[-1]["t"] - after[0]["t"]) / 2
+        first = [s[server] for s in after if s["t"] <= middle]
+        second = [s[server] for s in after if s["t"] > middle]
+        spread[server] = {"min": min(values), "max": max(values), "last": values[-1],
+                          "growth": max(second) - max(first)}
     return spread
 
 

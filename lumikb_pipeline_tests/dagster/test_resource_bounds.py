@@ -117,7 +117,7 @@ def _runs_finished(stack: Stack) -> bool:
 def test_connections_of_the_workers_stay_flat_while_steps_run(stack: Stack, tmp_path: Path) -> None:
     """Steps of one-document runs on the document_processing worker: once the first half of them
     ran (every child has opened its pools), no later sample holds more connections than that half."""
-    documents = 40
+    documents = 24
     parents = _worker_pids()
     slug = unique_slug("conn")
     create_kb(slug)

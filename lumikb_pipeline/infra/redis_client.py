@@ -10,7 +10,6 @@ import asyncio
 import subprocess
 import threading
 import time
-import weakref
 from pathlib import Path
 
 import redis
@@ -103,9 +102,7 @@ def broker_url(settings: Settings) -> str:
 
 _clients: dict[str, redis.Redis] = {}
 _clients_lock = threading.Lock()
-_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, int], aioredis.Redis]] = (
-    weakref.WeakKeyDictionary()
-)
+_async_clients: dict[asyncio.AbstractEventLoop, dict[tuple[str, int], aioredis.Redis]] = {}
 
 
 def connect(settings: Settings) -> redis.Redis:
@@ -127,10 +124,15 @@ def shared_async_client(url: str, max_connections: int) -> aioredis.Redis:
     """The asyncio client for `url` of the running event loop: one pool per loop (the process's
     long-lived LLM loop, `llm.event_loop`), shared by every extraction on it. Not to be closed by
     its users; it goes with its loop."""
-    per_loop = _async_clients.setdefault(asyncio.get_running_loop(), {})
-    client = per_loop.get((url, max_connections))
-    if client is None:
-        client = per_loop[(url, max_connections)] = aioredis.Redis.from_url(
-            url, decode_responses=True, max_connections=max_connections
-        )
-    return client
+    loop = asyncio.get_running_loop()
+    with _clients_lock:
+        # The pools of loops that have ended go (their sockets close as they are collected).
+        for ended in [other for other in _async_clients if other.is_closed()]:
+            del _async_clients[ended]
+        per_loop = _async_clients.setdefault(loop, {})
+        client = per_loop.get((url, max_connections))
+        if client is None:
+            client = per_loop[(url, max_connections)] = aioredis.Redis.from_url(
+                url, decode_responses=True, max_connections=max_connections
+            )
+        return client

@@ -143,10 +143,10 @@ def analyse(rows: list[dict[str, Any]], documents: int, warm_up_end_s: float, en
     return result
 
 
-def connection_spread(samples: list[dict[str, Any]], warm_up_end_s: float) -> dict[str, dict[str, int]]:
-    """Per server, after warm-up: min, max and last count, and `growth`, the highest count of the
-    second half less that of the first half (flat: <= 0; children recycled in between reconnect, so
-    the count dips and comes back, it does not climb)."""
+def connection_spread(samples: list[dict[str, Any]], warm_up_end_s: float) -> dict[str, dict[str, float]]:
+    """Per server, after warm-up: min, max and last count, and `growth`, the median count of the
+    second half less that of the first half (flat: <= 0). Medians, because a recycled child closes
+    its connections and its successor opens its own: the count dips and comes back, it does not climb."""
     spread = {}
     for server in ("postgres", "redis", "neo4j"):
         after = [s for s in samples if s["t"] >= warm_up_end_s and server in s]
@@ -157,7 +157,7 @@ def connection_spread(samples: list[dict[str, Any]], warm_up_end_s: float) -> di
         first = [s[server] for s in after if s["t"] <= middle]
         second = [s[server] for s in after if s["t"] > middle]
         spread[server] = {"min": min(values), "max": max(values), "last": values[-1],
-                          "growth": max(second) - max(first)}
+                          "growth": statistics.median(second) - statistics.median(first)}
     return spread
 
 

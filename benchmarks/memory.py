@@ -301,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="200 documents")
     parser.add_argument("--documents", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="documents per run (default 100; 25, production's default, with --quick)")
+                        help="documents per run (default 100, 50 with --quick; production's default is 25)")
     parser.add_argument("--max-tasks-per-child", type=int, default=None,
-                        help="steps a worker child runs before it is replaced (default 8, 4 with --quick)")
+                        help="steps a worker child runs before it is replaced (default 8, 2 with --quick)")
     parser.add_argument("--max-memory-per-child-kb", type=int, default=1_500_000)
     parser.add_argument("--timeout", type=float, default=1500.0, help="seconds the documents may take")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -315,9 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.documents is None:
         args.documents = 200 if args.quick else 2000
     if args.batch_size is None:
-        args.batch_size = 25 if args.quick else 100
+        args.batch_size = 50 if args.quick else 100
     if args.max_tasks_per_child is None:
-        args.max_tasks_per_child = 4 if args.quick else 8
+        args.max_tasks_per_child = 2 if args.quick else 8
     if args.png is None:
         args.png = args.output.with_suffix(".png") if args.quick else DEFAULT_PNG
     left_behind: list[str] = []

@@ -1,6 +1,6 @@
 """Memory over time: the RSS of the Celery workers while documents go through the whole stack.
 
-    python -m benchmarks.memory                 # full size (docs/benchmarks.md holds the latest)
+    python -m benchmarks.memory                 # 1,500 documents (docs/benchmarks.md holds the latest)
     python -m benchmarks.memory --quick         # 200 documents
 
 The real deployment of `lumikb up` (lumikb_pipeline_tests/dagster/stack.py: Dagster code server,
@@ -299,11 +299,11 @@ def run(args: argparse.Namespace, left_behind: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="200 documents")
-    parser.add_argument("--documents", type=int, default=None)
+    parser.add_argument("--documents", type=int, default=None, help="default 1,500 (200 with --quick)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="documents per run (default 100, 50 with --quick; production's default is 25)")
+                        help="documents per run (default 150, 50 with --quick; production's default is 25)")
     parser.add_argument("--max-tasks-per-child", type=int, default=None,
-                        help="steps a worker child runs before it is replaced (default 8, 2 with --quick)")
+                        help="steps a worker child runs before it is replaced (default 3, 2 with --quick)")
     parser.add_argument("--max-memory-per-child-kb", type=int, default=1_500_000)
     parser.add_argument("--timeout", type=float, default=1500.0, help="seconds the documents may take")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -313,11 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     if args.documents is None:
-        args.documents = 200 if args.quick else 2000
+        args.documents = 200 if args.quick else 1500
     if args.batch_size is None:
-        args.batch_size = 50 if args.quick else 100
+        args.batch_size = 50 if args.quick else 150
     if args.max_tasks_per_child is None:
-        args.max_tasks_per_child = 2 if args.quick else 8
+        args.max_tasks_per_child = 2 if args.quick else 3
     if args.png is None:
         args.png = args.output.with_suffix(".png") if args.quick else DEFAULT_PNG
     left_behind: list[str] = []

@@ -117,6 +117,24 @@ BENCHMARKS: tuple[Benchmark, ...] = (
                    "ms"),
         ),
     ),
+    Benchmark(
+        "memory",
+        full=(),
+        quick=("--quick",),
+        figures=(
+            Figure("worker memory: RSS growth after warm-up (document_processing worker group)",
+                   lambda r: r["rss_growth_after_warm_up_pct"], 10, "<=", "%"),
+            Figure("worker memory: worker children recycled during the run", lambda r: r["recycles"], None,
+                   unit="children"),
+            Figure("worker connections: PostgreSQL, median growth over the run after warm-up",
+                   lambda r: r["connections"]["postgres"]["growth"], 0, "<=", "connections"),
+            Figure("worker connections: Redis, median growth over the run after warm-up",
+                   lambda r: r["connections"]["redis"]["growth"], 0, "<=", "connections"),
+            Figure("worker connections: Neo4j, median growth over the run after warm-up",
+                   lambda r: r["connections"]["neo4j"]["growth"], 0, "<=", "connections"),
+            Figure("temp files left by the processes", lambda r: r["temp_files_left"], 0, "<=", "files"),
+        ),
+    ),
 )
 
 _COMPARATORS = {">=": operator.ge, "<=": operator.le}

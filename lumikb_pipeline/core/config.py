@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     worker_max_memory_kb: int = Field(default=1_500_000, ge=50_000)
     # Tasks a worker child runs before it is replaced (bounds slow leaks too).
     worker_max_tasks_per_child: int = Field(default=200, ge=1)
+    # Worker processes a queue's worker keeps when its queue is empty (`celery worker --autoscale
+    # <concurrency>,<min>`): unset, every worker keeps its full `-c` pool; 0 to 63, the pool grows to
+    # the queue's concurrency while steps wait and shrinks back to this after 30 s without work.
+    worker_autoscale_min: int | None = Field(default=None, ge=0, le=63)
     # Dagster op-concurrency pools (instance-wide step slots).
     llm_pool_limit: int = Field(default=4, ge=1, le=1000)
     graph_write_pool_limit: int = Field(default=3, ge=1, le=1000)
@@ -196,6 +200,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 "LUMIKB_MAX_REPROCESSING_RUNS must be below LUMIKB_LLM_POOL_LIMIT and LUMIKB_GRAPH_WRITE_POOL_LIMIT, "
                 "or re-extraction runs could hold every slot of a pool and delay normal processing"
+            )
+        if self.worker_autoscale_min is not None and self.worker_autoscale_min >= min(
+            self.document_processing_concurrency, self.reprocessing_concurrency
+        ):
+            raise ValueError(
+                "LUMIKB_WORKER_AUTOSCALE_MIN must be below LUMIKB_DOCUMENT_PROCESSING_CONCURRENCY and "
+                "LUMIKB_REPROCESSING_CONCURRENCY (the pools grow up to those); unset it to keep full pools"
             )
         if self.celery_visibility_timeout_s <= self.reextraction_max_runtime_s:
             raise ValueError(

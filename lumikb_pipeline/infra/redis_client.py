@@ -6,11 +6,14 @@ on a unix socket under `LUMIKB_HOME/redis`, so every process of one installation
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import redis
+import redis.asyncio as aioredis
 
 from lumikb_pipeline.core.config import Settings, make_private_dir
 from lumikb_pipeline.core.errors import LumikbError
@@ -97,6 +100,39 @@ def broker_url(settings: Settings) -> str:
     return url.replace("unix://", "redis+socket://", 1) if url.startswith("unix://") else url
 
 
+_clients: dict[str, redis.Redis] = {}
+_clients_lock = threading.Lock()
+_async_clients: dict[asyncio.AbstractEventLoop, dict[tuple[str, int], aioredis.Redis]] = {}
+
+
 def connect(settings: Settings) -> redis.Redis:
-    """A client for the pipeline's Redis (progress, rate limiting)."""
-    return redis.Redis.from_url(redis_url(settings), decode_responses=True)
+    """The process's client for the pipeline's Redis (progress, rate limiting, cancel flags).
+
+    One client, so one connection pool, per process and URL rather than one per call: a step calls
+    this for every report, and each new client would open connections of its own. redis-py's pool is
+    thread-safe and starts afresh in a forked child (Celery prefork), so sharing it is safe.
+    """
+    url = redis_url(settings)
+    with _clients_lock:
+        client = _clients.get(url)
+        if client is None:
+            client = _clients[url] = redis.Redis.from_url(url, decode_responses=True)
+        return client
+
+
+def shared_async_client(url: str, max_connections: int) -> aioredis.Redis:
+    """The asyncio client for `url` of the running event loop: one pool per loop (the process's
+    long-lived LLM loop, `llm.event_loop`), shared by every extraction on it. Not to be closed by
+    its users; it goes with its loop."""
+    loop = asyncio.get_running_loop()
+    with _clients_lock:
+        # The pools of loops that have ended go (their sockets close as they are collected).
+        for ended in [other for other in _async_clients if other.is_closed()]:
+            del _async_clients[ended]
+        per_loop = _async_clients.setdefault(loop, {})
+        client = per_loop.get((url, max_connections))
+        if client is None:
+            client = per_loop[(url, max_connections)] = aioredis.Redis.from_url(
+                url, decode_responses=True, max_connections=max_connections
+            )
+        return client

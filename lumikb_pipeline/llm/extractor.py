@@ -42,6 +42,7 @@ from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure, ChunkI
 from lumikb_pipeline.domain.schema import DomainSchema
 from lumikb_pipeline.domain.schema_diff import DeltaRequest
 from lumikb_pipeline.infra.redis_client import redis_url as configured_redis_url
+from lumikb_pipeline.infra.redis_client import shared_async_client
 from lumikb_pipeline.llm import checkpoints, send_gate
 from lumikb_pipeline.llm.client import ChunkCaller, ChunkOutcome, format_kwargs, uses_openai_sdk, warm_up_litellm
 from lumikb_pipeline.llm.event_loop import run_in_loop_thread
@@ -80,8 +81,8 @@ def _protect_logs(secret: str | None) -> None:
 class ChunkExtractor:
     """Extracts chunks with the configured model, through the shared limiter and the checkpoints.
 
-    One instance can serve many `extract` calls, also from different event loops (`extract_sync`
-    runs each in its own); the Redis connection and the limiter live for one call.
+    One instance can serve many `extract` calls, also from different event loops; the limiter lives
+    for one call, the Redis pool is the event loop's (`infra.redis_client.shared_async_client`).
     """
 
     def __init__(
@@ -258,7 +259,8 @@ class ChunkExtractor:
             url: str = self._redis if isinstance(self._redis, str) else await asyncio.to_thread(
                 configured_redis_url, self.settings
             )
-            client = aioredis.Redis.from_url(url, decode_responses=True, max_connections=self.concurrency + 8)
+            # The loop's one pool (not a client per step: connections would come and go with each).
+            client = shared_async_client(url, self.concurrency + 8)
         limiter = RateLimiter(client, self.model, self.rate_limit, self.settings.max_in_flight, **self.limiter_options)
         await warm_up_litellm(self.model)
         checked_stop = (lambda: self._should_stop(should_stop)) if should_stop is not None else None
@@ -302,8 +304,6 @@ class ChunkExtractor:
             self.max_send_late_s = max(self.max_send_late_s, run.max_send_late_s)
             await limiter.close()
             await run.close()
-            if client is not self._redis:
-                await client.aclose()
 
     async def _checkpoint(self, key: checkpoints.CheckpointKey, content_hash: str,
                           extraction: ChunkExtraction) -> ChunkOutcome:

@@ -103,17 +103,21 @@ def write_workspace(settings: Settings, host: str = "127.0.0.1", port: int | Non
 
 
 def worker_argv(queue: Queue, settings: Settings, loglevel: str = "INFO") -> list[str]:
-    """The Celery worker command for one queue: bounded concurrency and memory."""
+    """The Celery worker command for one queue: bounded concurrency and memory, and, with
+    `LUMIKB_WORKER_AUTOSCALE_MIN`, a pool that shrinks to that many processes when the queue is empty."""
     concurrency = (
         settings.document_processing_concurrency
         if queue == QUEUE_DOCUMENT_PROCESSING
         else settings.reprocessing_concurrency
     )
+    pool = ["-c", str(concurrency)]
+    if settings.worker_autoscale_min is not None:
+        pool += ["--autoscale", f"{concurrency},{settings.worker_autoscale_min}"]
     return [
         sys.executable, "-m", "celery", "-A", CELERY_APP_MODULE, "worker",
         "-Q", queue,
         "-n", f"{queue}@%h",
-        "-c", str(concurrency),
+        *pool,
         "--prefetch-multiplier", "1",
         "--max-memory-per-child", str(settings.worker_max_memory_kb),
         "--max-tasks-per-child", str(settings.worker_max_tasks_per_child),

@@ -140,6 +140,8 @@ def stack_env(root: Path, app_db_url: str, dagster_db_url: str, llm_url: str, we
         "LUMIKB_REPROCESSING_CONCURRENCY": "2",
         "LUMIKB_WEBSERVER_PORT": str(web_port),
         "PYTHONUNBUFFERED": "1",
+        # Every process's temp files in a folder of the stack's (test_resource_bounds: none are left).
+        "TMPDIR": str(root / "tmp"),
     })
     return env
 
@@ -185,7 +187,7 @@ def start_stack(root: Path) -> Stack:
     dagster_db = _dagster_url(create_postgres_database("stack_dagster"))
     migrate.upgrade(app_db)
 
-    root.mkdir(parents=True, exist_ok=True)
+    (root / "tmp").mkdir(parents=True, exist_ok=True)
     base_env = stack_env(root, app_db, dagster_db, "http://127.0.0.1:0", free_port(), redis_dbs)
     llm_process, llm_url = _start_llm(base_env, root / "fake-llm.log")
     env = stack_env(root, app_db, dagster_db, llm_url, int(base_env["LUMIKB_WEBSERVER_PORT"]), redis_dbs)

@@ -16,6 +16,12 @@ This module is the coordination, in Redis, per job:
 - `pick_ahead`: which documents to extract ahead: pending ones of the job from its *end*, leaving
   the first `margin` pending documents (those the next runs claim) alone, each taken once
   (`SADD`), so neither two steps nor a step and a run extract the same document at once.
+  Documents a step took but did not reach before it handed over are given back (`SREM`).
+
+What it costs: the calls made ahead are counted in the job's live spend (its budget) as they are
+made, but a document served from those checkpoints shows 0 calls and $0 in its ledger row and
+materialization (`cached_chunks` says how many chunks came from checkpoints). A document whose
+calls fail ahead is extracted again by its own run, which reports the failure.
 """
 
 from __future__ import annotations

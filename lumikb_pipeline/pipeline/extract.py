@@ -27,6 +27,7 @@ from lumikb_pipeline.llm.extractor import ChunkExtractor, DeltaTask
 from lumikb_pipeline.llm.prompt import derived_prompt_version
 from lumikb_pipeline.pipeline.ahead import (
     OwnExtraction,
+    ahead_documents_key,
     others_extracting,
     pick_ahead,
     release_ahead_lock,
@@ -271,7 +272,9 @@ class _Ahead:
         def should_stop() -> bool:
             return self._handed_over.is_set() or self.stop()
 
-        margin = (self.settings.max_reprocessing_runs + 1) * self.settings.reextract_batch_size
+        # The first pending documents are left to the runs: one launching while this extracts ahead
+        # claims the next batch (and stops this), so `max_reprocessing_runs` batches are a margin.
+        margin = self.settings.max_reprocessing_runs * self.settings.reextract_batch_size
         group_chunks = max(1, math.ceil(self.extractor.rate_limit.per_second * AHEAD_GROUP_S))
         try:
             while not should_stop():
@@ -285,7 +288,11 @@ class _Ahead:
                 results: dict[str, ChunkExtraction | ChunkFailure] = {}
                 _extract_items(self.settings, self.extractor, items, self.strategy, should_stop, self.stop.on_result,
                                results)
-                self.documents += len(items)
+                untouched = [item.doc_id for item in items
+                             if not any(isinstance(results.get(chunk.id), ChunkExtraction) for chunk in item.chunks)]
+                if untouched:  # stopped before them: free for a later step to take ahead
+                    self.client.srem(ahead_documents_key(self.job_id), *untouched)
+                self.documents += len(items) - len(untouched)
                 self.calls += sum(result.llm_calls for result in results.values())
         finally:
             done.set()

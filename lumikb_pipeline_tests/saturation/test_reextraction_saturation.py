@@ -1,6 +1,6 @@
 """A re-extraction through the whole stack keeps the provider's limit saturated (issue 13, point 1).
 
-Schema change -> `lumikb reextract` -> backfill -> runs on `reprocessing` via dagster-celery, against
+Schema change -> the schema-version sensor -> backfill -> runs on `reprocessing` via dagster-celery, against
 the fake LLM server with a latency of 0.5-1.5 s at a limit of 10/s: at the server, every 10-s window
 from the first to the last 10% of the job's calls holds at least 90% of the limit, and no 1-s window
 holds more than the limit, the job's first second included.

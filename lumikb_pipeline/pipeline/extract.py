@@ -181,18 +181,22 @@ def _extract_items(
     settings: Settings, extractor: ChunkExtractor, items: Sequence[DocumentWork], strategy: StrategyOption,
     stop: Callable[[], bool], on_result: Callable[[ChunkExtraction | ChunkFailure], None],
     results: dict[str, ChunkExtraction | ChunkFailure], ahead: _Ahead | None = None,
+    wind_down: Callable[[], bool] | None = None,
 ) -> None:
-    """Extract the chunks of `items` (each the cheapest correct way: `_migrate`) into `results`."""
+    """Extract the chunks of `items` (each the cheapest correct way: `_migrate`) into `results`
+    (`wind_down`: see `ChunkExtractor.extract`)."""
     for (kb_id, version), group in group_by_schema(items).items():
         schema = group[0].schema
         migrated = len(results)
         full_chunks, deltas = _migrate(settings, extractor.model, kb_id, version, schema, group, strategy, results)
         if ahead is not None:
             ahead.settled += len(results) - migrated
-        for result in extractor.extract_sync(kb_id, version, schema, full_chunks, stop, on_result):
+        for result in extractor.extract_sync(kb_id, version, schema, full_chunks, stop, on_result,
+                                             wind_down=wind_down):
             results[result.chunk_id] = result
         for task, delta_chunks in deltas:
-            for result in extractor.extract_sync(kb_id, version, schema, delta_chunks, stop, on_result, task):
+            for result in extractor.extract_sync(kb_id, version, schema, delta_chunks, stop, on_result, task,
+                                                 wind_down):
                 results[result.chunk_id] = result
 
 
@@ -272,6 +276,10 @@ class _Ahead:
         def should_stop() -> bool:
             return self._handed_over.is_set() or self.stop()
 
+        # Handed over, it starts no further chunk, and the ones started make their calls: their rate
+        # slots may be reserved, and a slot given up would be a pause in the next step's calls.
+        # A stop of the job (cancel, budget, its run ending) stops every call at once.
+
         # The first pending documents are left to the runs: one launching while this extracts ahead
         # claims the next batch (and stops this), so `max_reprocessing_runs` batches are a margin.
         margin = self.settings.max_reprocessing_runs * self.settings.reextract_batch_size
@@ -286,8 +294,8 @@ class _Ahead:
                 work = load_work(self.settings, doc_ids, self.schema_version)
                 items = [work[doc_id] for doc_id in doc_ids if doc_id in work]
                 results: dict[str, ChunkExtraction | ChunkFailure] = {}
-                _extract_items(self.settings, self.extractor, items, self.strategy, should_stop, self.stop.on_result,
-                               results)
+                _extract_items(self.settings, self.extractor, items, self.strategy, self.stop, self.stop.on_result,
+                               results, wind_down=self._handed_over.is_set)
                 untouched = [item.doc_id for item in items
                              if not any(isinstance(results.get(chunk.id), ChunkExtraction) for chunk in item.chunks)]
                 if untouched:  # stopped before them: free for a later step to take ahead

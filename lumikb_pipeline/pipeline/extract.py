@@ -55,8 +55,9 @@ log = logging.getLogger(__name__)
 AHEAD_LEAD_S = 2.0
 # Documents are taken ahead in groups of about this many seconds of calls at the limit.
 AHEAD_GROUP_S = 30.0
-# After its own batch, a step waits this long for the ahead lock (held by a step that is handing over).
-AHEAD_GRACE_S = 2.0
+# After its own batch, a step waits this long for the ahead lock: the step handing it over first lets
+# its calls with reserved rate slots go out (up to `LUMIKB_LLM_MAX_IN_FLIGHT / R` s, 5 s by default).
+AHEAD_GRACE_S = 6.0
 AHEAD_POLL_S = 0.2
 
 

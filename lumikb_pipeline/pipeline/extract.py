@@ -285,6 +285,8 @@ class _Ahead:
         # claims the next batch (and stops this), so `max_reprocessing_runs` batches are a margin.
         margin = self.settings.max_reprocessing_runs * self.settings.reextract_batch_size
         group_chunks = max(1, math.ceil(self.extractor.rate_limit.per_second * AHEAD_GROUP_S))
+        lead = math.ceil(self.extractor.rate_limit.per_second * AHEAD_LEAD_S)
+        groups: list[threading.Thread] = []
         try:
             while not should_stop():
                 doc_ids = pick_ahead(
@@ -292,20 +294,49 @@ class _Ahead:
                 )
                 if not doc_ids:
                     return
-                work = load_work(self.settings, doc_ids, self.schema_version)
-                items = [work[doc_id] for doc_id in doc_ids if doc_id in work]
-                results: dict[str, ChunkExtraction | ChunkFailure] = {}
-                _extract_items(self.settings, self.extractor, items, self.strategy, self.stop, self.stop.on_result,
-                               results, wind_down=self._handed_over.is_set)
-                untouched = [item.doc_id for item in items
-                             if not any(isinstance(results.get(chunk.id), ChunkExtraction) for chunk in item.chunks)]
-                if untouched:  # stopped before them: free for a later step to take ahead
-                    self.client.srem(ahead_documents_key(self.job_id), *untouched)
-                self.documents += len(items) - len(untouched)
-                self.calls += sum(result.llm_calls for result in results.values())
+                # Each group in a thread of its own, the next one picked when this one has about
+                # `AHEAD_LEAD_S` of calls left: a group's last calls are then not a pause.
+                nearly_done = threading.Event()
+                group = threading.Thread(target=self._extract_group, args=(doc_ids, lead, nearly_done),
+                                         name=f"ahead-group-{self.claimant[:24]}", daemon=True)
+                group.start()
+                groups.append(group)
+                while not nearly_done.wait(AHEAD_POLL_S) and not should_stop():
+                    pass
         finally:
+            for group in groups:
+                group.join()
             done.set()
             watcher.join(timeout=5)
+
+    def _extract_group(self, doc_ids: list[str], lead: int, nearly_done: threading.Event) -> None:
+        try:
+            work = load_work(self.settings, doc_ids, self.schema_version)
+            items = [work[doc_id] for doc_id in doc_ids if doc_id in work]
+            total = sum(len(item.chunks) for item in items)
+            settled = 0
+
+            def on_result(outcome: ChunkExtraction | ChunkFailure) -> None:
+                nonlocal settled
+                self.stop.on_result(outcome)
+                settled += 1
+                if total - settled <= lead:
+                    nearly_done.set()
+
+            results: dict[str, ChunkExtraction | ChunkFailure] = {}
+            _extract_items(self.settings, self.extractor, items, self.strategy, self.stop, on_result, results,
+                           wind_down=self._handed_over.is_set)
+            untouched = [item.doc_id for item in items
+                         if not any(isinstance(results.get(chunk.id), ChunkExtraction) for chunk in item.chunks)]
+            if untouched:  # stopped before them: free for a later step to take ahead
+                self.client.srem(ahead_documents_key(self.job_id), *untouched)
+            self.documents += len(items) - len(untouched)
+            self.calls += sum(result.llm_calls for result in results.values())
+        except Exception as exc:  # noqa: BLE001 - ahead is an optimisation: the runs extract what is missing
+            log.warning("extraction ahead of job %s stopped: %s", self.job_id, scrub(f"{type(exc).__name__}: {exc}"))
+            self._handed_over.set()
+        finally:
+            nearly_done.set()
 
 
 def _migrate(

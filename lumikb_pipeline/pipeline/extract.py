@@ -129,8 +129,12 @@ def extract_documents(
                     if total - ahead.settled <= lead:
                         ahead.start()
 
-                with OwnExtraction(ahead.client, job_id, claimant):  # type: ignore[arg-type]
-                    _extract_items(settings, extractor, claimed, strategy, stop, on_result, results, ahead)
+                try:
+                    with OwnExtraction(ahead.client, job_id, claimant):  # type: ignore[arg-type]
+                        _extract_items(settings, extractor, claimed, strategy, stop, on_result, results, ahead)
+                except BaseException:
+                    ahead.abort()
+                    raise
                 ahead.finish()
         lost = leases.renew() if claimed else set()  # a full lease for the hand-over to stage 2
 
@@ -237,9 +241,16 @@ class _Ahead:
             log.info("extracted %d document(s) of job %s ahead with %d LLM calls", self.documents, self.job_id,
                      self.calls)
 
+    def abort(self) -> None:
+        """The step's own batch failed: stop the extraction ahead at once and wait for it."""
+        self._handed_over.set()
+        self._own_ended = time.monotonic() - AHEAD_GRACE_S
+        if self._started:
+            self._thread.join()
+
     def _run(self) -> None:
         try:
-            while not self.stop():
+            while not self.stop() and not self._handed_over.is_set():
                 if not others_extracting(self.client, self.job_id, self.claimant) and take_ahead_lock(
                     self.client, self.job_id, self.claimant
                 ):

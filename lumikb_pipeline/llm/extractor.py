@@ -44,7 +44,14 @@ from lumikb_pipeline.domain.schema_diff import DeltaRequest
 from lumikb_pipeline.infra.redis_client import redis_url as configured_redis_url
 from lumikb_pipeline.infra.redis_client import shared_async_client
 from lumikb_pipeline.llm import checkpoints, send_gate
-from lumikb_pipeline.llm.client import ChunkCaller, ChunkOutcome, format_kwargs, uses_openai_sdk, warm_up_litellm
+from lumikb_pipeline.llm.client import (
+    CANCELLED,
+    ChunkCaller,
+    ChunkOutcome,
+    format_kwargs,
+    uses_openai_sdk,
+    warm_up_litellm,
+)
 from lumikb_pipeline.llm.event_loop import run_in_loop_thread
 from lumikb_pipeline.llm.offline import register_offline_model
 from lumikb_pipeline.llm.prompt import derived_prompt_version, effective_prompt_version
@@ -141,12 +148,13 @@ class ChunkExtractor:
         should_stop: Callable[[], bool] | None = None,
         on_result: Callable[[ChunkOutcome], None] | None = None,
         delta: DeltaTask | None = None,
+        wind_down: Callable[[], bool] | None = None,
     ) -> list[ChunkOutcome]:
         """`extract` for callers that are not async (Dagster ops, Celery tasks, the CLI)."""
         if isinstance(self._redis, aioredis.Redis):
             raise TypeError("extract_sync needs a Redis URL, not an asyncio client bound to another loop")
         return run_in_loop_thread(
-            self.extract(kb_id, schema_version, schema, chunks, should_stop, on_result, delta)
+            self.extract(kb_id, schema_version, schema, chunks, should_stop, on_result, delta, wind_down)
         )
 
     async def extract(
@@ -158,6 +166,7 @@ class ChunkExtractor:
         should_stop: Callable[[], bool] | None = None,
         on_result: Callable[[ChunkOutcome], None] | None = None,
         delta: DeltaTask | None = None,
+        wind_down: Callable[[], bool] | None = None,
     ) -> list[ChunkOutcome]:
         """Extract `chunks` of KB `kb_id` at `schema_version` (whose content is `schema`).
 
@@ -165,7 +174,10 @@ class ChunkExtractor:
         call, on the event loop, so it must be cheap (read a flag that something else refreshes);
         once it returns True no new call starts. `on_result` sees each outcome as it is known
         (for progress and spend tracking). With `delta`, each chunk's result is its base merged
-        with the answer to a delta prompt (every chunk must have a base).
+        with the answer to a delta prompt (every chunk must have a base). Once `wind_down` (also
+        cheap, asked before each chunk is started) returns True, no further chunk is started, but the
+        chunks already started go on to their calls: their rate slots may be reserved already, and a
+        slot given up is a slot nobody uses. The chunks not started fail as `cancelled`.
         """
         started = time.monotonic()
         prompt_version = effective_prompt_version(schema) if delta is None else derived_prompt_version(schema)
@@ -204,7 +216,7 @@ class ChunkExtractor:
         todo = [h for h in groups if h not in stored]
         if todo:
             try:
-                await self._extract_missing(key, schema, todo, groups, should_stop, settle, delta)
+                await self._extract_missing(key, schema, todo, groups, should_stop, settle, delta, wind_down)
             except Exception as exc:
                 # A safety net (e.g. an unusable Redis URL): per-chunk errors are handled inside.
                 log.error("extraction of KB %s stopped: %s", kb_id,
@@ -251,6 +263,7 @@ class ChunkExtractor:
         should_stop: Callable[[], bool] | None,
         settle: Callable[[str, ChunkOutcome], None],
         delta: DeltaTask | None = None,
+        wind_down: Callable[[], bool] | None = None,
     ) -> None:
         if isinstance(self._redis, aioredis.Redis):
             client = self._redis
@@ -275,6 +288,8 @@ class ChunkExtractor:
 
         async def worker() -> None:
             while True:
+                if wind_down is not None and wind_down():
+                    return
                 try:
                     content_hash = queue.get_nowait()
                 except asyncio.QueueEmpty:
@@ -297,6 +312,9 @@ class ChunkExtractor:
                     break
                 tasks.append(asyncio.create_task(worker()))
             await asyncio.gather(*tasks)
+            while not queue.empty():  # wound down before these were started
+                content_hash = queue.get_nowait()
+                settle(content_hash, ChunkFailure(chunk_id=groups[content_hash][0].id, reason=CANCELLED))
         finally:
             for task in tasks:
                 task.cancel()

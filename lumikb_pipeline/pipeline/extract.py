@@ -7,6 +7,9 @@ them costs no LLM call. One document's failure never fails the others.
 
 from __future__ import annotations
 
+import logging
+import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -17,15 +20,25 @@ from lumikb_pipeline.db import ledger
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure, ChunkInput
 from lumikb_pipeline.domain.schema import DomainSchema
+from lumikb_pipeline.infra import redis_client
 from lumikb_pipeline.llm import checkpoints
 from lumikb_pipeline.llm.checkpoints import CheckpointKey
 from lumikb_pipeline.llm.extractor import ChunkExtractor, DeltaTask
 from lumikb_pipeline.llm.prompt import derived_prompt_version
+from lumikb_pipeline.pipeline.ahead import (
+    OwnExtraction,
+    ahead_documents_key,
+    others_extracting,
+    pick_ahead,
+    release_ahead_lock,
+    take_ahead_lock,
+)
 from lumikb_pipeline.pipeline.migration import SchemaHistory, StrategyOption, chunk_work, plan_documents
 from lumikb_pipeline.pipeline.work import (
     DocumentOutcome,
     DocumentWork,
     LeaseKeeper,
+    StopCheck,
     fail_held,
     group_by_schema,
     job_takes_work,
@@ -34,6 +47,18 @@ from lumikb_pipeline.pipeline.work import (
     report_outcomes,
     stop_check,
 )
+
+log = logging.getLogger(__name__)
+
+# Extraction ahead (`pipeline.ahead`) starts when this step's own batch has about this many seconds
+# of calls left at the rate limit, so the ahead calls follow the own ones without a pause.
+AHEAD_LEAD_S = 2.0
+# Documents are taken ahead in groups of about this many seconds of calls at the limit.
+AHEAD_GROUP_S = 30.0
+# After its own batch, a step waits this long for the ahead lock: the step handing it over first lets
+# its calls with reserved rate slots go out (up to `LUMIKB_LLM_MAX_IN_FLIGHT / R` s, 5 s by default).
+AHEAD_GRACE_S = 6.0
+AHEAD_POLL_S = 0.2
 
 
 def extract_documents(
@@ -47,12 +72,16 @@ def extract_documents(
     should_stop: Callable[[], bool] | None = None,
     lease: timedelta = ledger.DEFAULT_LEASE,
     strategy: StrategyOption = "auto",
+    ahead_s: float = 0.0,
 ) -> list[DocumentOutcome]:
     """Stage 1: claim and extract. Documents already succeeded at this version and revision are
     `skipped` (a retried step does not redo them); claimed documents whose chunks all have a
     checkpoint now are `extracted` and stay claimed by `claimant` for stage 2. The claims' leases
     (`lease` long) are renewed while the extraction runs, and once more at its end; a document
-    whose claim was lost meanwhile is `lost`."""
+    whose claim was lost meanwhile is `lost`.
+
+    With `ahead_s` > 0 and a job, the step may then extract the job's later documents ahead, for at
+    most `ahead_s` seconds, until another step of the job extracts its own batch (`pipeline.ahead`)."""
     started = time.monotonic()
     if job_id is not None and not job_takes_work(settings, job_id):
         # A late redelivery of a step of an ended job: claim, cancel and close nothing.
@@ -84,19 +113,29 @@ def extract_documents(
 
     try:
         results: dict[str, ChunkExtraction | ChunkFailure] = {}
+        ahead = None
+        if job_id is not None and ahead_s > 0 and claimed:
+            ahead = _Ahead(settings, extractor, job_id, claimant, claimed[0].schema_version, strategy, stop, ahead_s)
         with LeaseKeeper(settings, claimed, claimant, lease) as leases:
-            for (kb_id, version), group in group_by_schema(claimed).items():
-                schema = group[0].schema
-                full_chunks, deltas = _migrate(
-                    settings, extractor.model, kb_id, version, schema, group, strategy, results
-                )
-                for result in extractor.extract_sync(kb_id, version, schema, full_chunks, stop, stop.on_result):
-                    results[result.chunk_id] = result
-                for task, delta_chunks in deltas:
-                    for result in extractor.extract_sync(
-                        kb_id, version, schema, delta_chunks, stop, stop.on_result, task
-                    ):
-                        results[result.chunk_id] = result
+            if ahead is None:
+                _extract_items(settings, extractor, claimed, strategy, stop, stop.on_result, results)
+            else:
+                total = sum(len(item.chunks) for item in claimed)
+                lead = math.ceil(extractor.rate_limit.per_second * AHEAD_LEAD_S)
+
+                def on_result(outcome: ChunkExtraction | ChunkFailure) -> None:
+                    stop.on_result(outcome)
+                    ahead.settled += 1
+                    if total - ahead.settled <= lead:
+                        ahead.start()
+
+                try:
+                    with OwnExtraction(ahead.client, job_id, claimant):  # type: ignore[arg-type]
+                        _extract_items(settings, extractor, claimed, strategy, stop, on_result, results, ahead)
+                except BaseException:
+                    ahead.abort()
+                    raise
+                ahead.finish()
         lost = leases.renew() if claimed else set()  # a full lease for the hand-over to stage 2
 
         elapsed = time.monotonic() - started
@@ -141,6 +180,174 @@ def extract_documents(
         raise
     report_outcomes(settings, job_id, [outcomes[doc_id] for doc_id in doc_ids])
     return [outcomes[doc_id] for doc_id in doc_ids]
+
+
+def _extract_items(
+    settings: Settings, extractor: ChunkExtractor, items: Sequence[DocumentWork], strategy: StrategyOption,
+    stop: Callable[[], bool], on_result: Callable[[ChunkExtraction | ChunkFailure], None],
+    results: dict[str, ChunkExtraction | ChunkFailure], ahead: _Ahead | None = None,
+    wind_down: Callable[[], bool] | None = None,
+) -> None:
+    """Extract the chunks of `items` (each the cheapest correct way: `_migrate`) into `results`
+    (`wind_down`: see `ChunkExtractor.extract`)."""
+    for (kb_id, version), group in group_by_schema(items).items():
+        schema = group[0].schema
+        migrated = len(results)
+        full_chunks, deltas = _migrate(settings, extractor.model, kb_id, version, schema, group, strategy, results)
+        if ahead is not None:
+            ahead.settled += len(results) - migrated
+        for result in extractor.extract_sync(kb_id, version, schema, full_chunks, stop, on_result,
+                                             wind_down=wind_down):
+            results[result.chunk_id] = result
+        for task, delta_chunks in deltas:
+            for result in extractor.extract_sync(kb_id, version, schema, delta_chunks, stop, on_result, task,
+                                                 wind_down):
+                results[result.chunk_id] = result
+
+
+class _Ahead:
+    """A step's extraction ahead of its job (`pipeline.ahead`), in a thread of its own: it starts
+    near the end of the step's own batch (`start`), waits for the job's ahead lock while another
+    step extracts its own batch, then extracts the job's later documents until another step starts
+    its own batch, the job stops, or `max_s` have passed. `finish` waits for it. The calls go
+    through the same limiter and the job's stop conditions and spend (`stop`); their results are
+    checkpoints only, and an error here never fails the step (the documents' own runs extract
+    whatever is missing)."""
+
+    def __init__(self, settings: Settings, extractor: ChunkExtractor, job_id: str, claimant: str, schema_version: int,
+                 strategy: StrategyOption, stop: StopCheck, max_s: float) -> None:
+        self.settings, self.extractor, self.job_id, self.claimant = settings, extractor, job_id, claimant
+        self.schema_version, self.strategy, self.stop, self.max_s = schema_version, strategy, stop, max_s
+        self.client = redis_client.connect(settings)
+        self.settled = 0
+        self.documents = 0
+        self.calls = 0
+        self._own_ended: float | None = None
+        self._started = False
+        self._handed_over = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"extract-ahead-{claimant[:24]}", daemon=True)
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+
+    def finish(self) -> None:
+        """The step's own batch is done: wait for the extraction ahead to end."""
+        self._own_ended = time.monotonic()
+        self.start()
+        self._thread.join()
+        if self.documents:
+            log.info("extracted %d document(s) of job %s ahead with %d LLM calls", self.documents, self.job_id,
+                     self.calls)
+
+    def abort(self) -> None:
+        """The step's own batch failed: stop the extraction ahead at once and wait for it."""
+        self._handed_over.set()
+        self._own_ended = time.monotonic() - AHEAD_GRACE_S
+        if self._started:
+            self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            while not self.stop() and not self._handed_over.is_set():
+                if not others_extracting(self.client, self.job_id, self.claimant) and take_ahead_lock(
+                    self.client, self.job_id, self.claimant
+                ):
+                    self._extract_ahead()
+                    return
+                if self._own_ended is not None and time.monotonic() - self._own_ended > AHEAD_GRACE_S:
+                    return
+                time.sleep(AHEAD_POLL_S)
+        except Exception as exc:  # noqa: BLE001 - ahead is an optimisation: the runs extract what is missing
+            log.warning("extraction ahead of job %s stopped: %s", self.job_id, scrub(f"{type(exc).__name__}: {exc}"))
+        finally:
+            release_ahead_lock(self.client, self.job_id, self.claimant)
+
+    def _extract_ahead(self) -> None:
+        started = time.monotonic()
+        done = threading.Event()
+
+        def watch() -> None:
+            # The hand-over: another step extracts its own batch (or the time is up). Read here,
+            # so that the extractor's check before every call only reads a flag.
+            while not done.wait(AHEAD_POLL_S):
+                try:
+                    if time.monotonic() - started > self.max_s or others_extracting(
+                        self.client, self.job_id, self.claimant
+                    ):
+                        self._handed_over.set()
+                        return
+                    take_ahead_lock(self.client, self.job_id, self.claimant)
+                except Exception:  # noqa: BLE001 - a Redis hiccup: look again
+                    continue
+
+        watcher = threading.Thread(target=watch, name=f"ahead-watch-{self.claimant[:24]}", daemon=True)
+        watcher.start()
+
+        def should_stop() -> bool:
+            return self._handed_over.is_set() or self.stop()
+
+        # Handed over, it starts no further chunk, and the ones started make their calls: their rate
+        # slots may be reserved, and a slot given up would be a pause in the next step's calls.
+        # A stop of the job (cancel, budget, its run ending) stops every call at once.
+
+        # The first pending documents are left to the runs: one launching while this extracts ahead
+        # claims the next batch (and stops this), so `max_reprocessing_runs` batches are a margin.
+        margin = self.settings.max_reprocessing_runs * self.settings.reextract_batch_size
+        group_chunks = max(1, math.ceil(self.extractor.rate_limit.per_second * AHEAD_GROUP_S))
+        lead = math.ceil(self.extractor.rate_limit.per_second * AHEAD_LEAD_S)
+        groups: list[threading.Thread] = []
+        try:
+            while not should_stop():
+                doc_ids = pick_ahead(
+                    self.settings, self.client, self.job_id, self.schema_version, margin, group_chunks
+                )
+                if not doc_ids:
+                    return
+                # Each group in a thread of its own, the next one picked when this one has about
+                # `AHEAD_LEAD_S` of calls left: a group's last calls are then not a pause.
+                nearly_done = threading.Event()
+                group = threading.Thread(target=self._extract_group, args=(doc_ids, lead, nearly_done),
+                                         name=f"ahead-group-{self.claimant[:24]}", daemon=True)
+                group.start()
+                groups.append(group)
+                while not nearly_done.wait(AHEAD_POLL_S) and not should_stop():
+                    pass
+        finally:
+            for group in groups:
+                group.join()
+            done.set()
+            watcher.join(timeout=5)
+
+    def _extract_group(self, doc_ids: list[str], lead: int, nearly_done: threading.Event) -> None:
+        try:
+            work = load_work(self.settings, doc_ids, self.schema_version)
+            items = [work[doc_id] for doc_id in doc_ids if doc_id in work]
+            total = sum(len(item.chunks) for item in items)
+            settled = 0
+
+            def on_result(outcome: ChunkExtraction | ChunkFailure) -> None:
+                nonlocal settled
+                self.stop.on_result(outcome)
+                settled += 1
+                if total - settled <= lead:
+                    nearly_done.set()
+
+            results: dict[str, ChunkExtraction | ChunkFailure] = {}
+            _extract_items(self.settings, self.extractor, items, self.strategy, self.stop, on_result, results,
+                           wind_down=self._handed_over.is_set)
+            untouched = [item.doc_id for item in items
+                         if not any(isinstance(results.get(chunk.id), ChunkExtraction) for chunk in item.chunks)]
+            if untouched:  # stopped before them: free for a later step to take ahead
+                self.client.srem(ahead_documents_key(self.job_id), *untouched)
+            self.documents += len(items) - len(untouched)
+            self.calls += sum(result.llm_calls for result in results.values())
+        except Exception as exc:  # noqa: BLE001 - ahead is an optimisation: the runs extract what is missing
+            log.warning("extraction ahead of job %s stopped: %s", self.job_id, scrub(f"{type(exc).__name__}: {exc}"))
+            self._handed_over.set()
+        finally:
+            nearly_done.set()
 
 
 def _migrate(

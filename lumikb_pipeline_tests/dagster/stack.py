@@ -105,7 +105,7 @@ class Stack:
 
 
 def stack_env(root: Path, app_db_url: str, dagster_db_url: str, llm_url: str, web_port: int,
-              redis_dbs: tuple[str, str]) -> dict[str, str]:
+              redis_dbs: tuple[str, str], overrides: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LUMIKB_", "DAGSTER_", "CELERY_"))}
     env.update({
         "LUMIKB_HOME": str(root / "home"),
@@ -143,6 +143,7 @@ def stack_env(root: Path, app_db_url: str, dagster_db_url: str, llm_url: str, we
         # Every process's temp files in a folder of the stack's (test_resource_bounds: none are left).
         "TMPDIR": str(root / "tmp"),
     })
+    env.update(overrides or {})
     return env
 
 
@@ -173,8 +174,9 @@ class StackHandle:
     stack: Stack
 
 
-def start_stack(root: Path) -> Stack:
-    """Create the databases, write the instance, start every process and wait until all answer."""
+def start_stack(root: Path, overrides: Mapping[str, str] | None = None) -> Stack:
+    """Create the databases, write the instance, start every process and wait until all answer.
+    `overrides` replace variables of the stack's environment (a benchmark's rate limit, batch size)."""
     from lumikb_pipeline.db import migrate
     from lumikb_pipeline.infra.dagster_instance import apply_pool_limits, instance_config, render_instance_yaml
     from lumikb_pipeline.orchestration import processes
@@ -188,9 +190,9 @@ def start_stack(root: Path) -> Stack:
     migrate.upgrade(app_db)
 
     (root / "tmp").mkdir(parents=True, exist_ok=True)
-    base_env = stack_env(root, app_db, dagster_db, "http://127.0.0.1:0", free_port(), redis_dbs)
+    base_env = stack_env(root, app_db, dagster_db, "http://127.0.0.1:0", free_port(), redis_dbs, overrides)
     llm_process, llm_url = _start_llm(base_env, root / "fake-llm.log")
-    env = stack_env(root, app_db, dagster_db, llm_url, int(base_env["LUMIKB_WEBSERVER_PORT"]), redis_dbs)
+    env = stack_env(root, app_db, dagster_db, llm_url, int(base_env["LUMIKB_WEBSERVER_PORT"]), redis_dbs, overrides)
     stack = Stack(root, env, app_db, dagster_db, llm_url, f"http://127.0.0.1:{env['LUMIKB_WEBSERVER_PORT']}",
                   redis_dbs, llm_process=llm_process)
 

@@ -1,0 +1,113 @@
+"""Re-extraction through the whole stack against the rate limit (issue 13, point 1): how much of the
+provider's limit a job uses from the schema change to its end, with and without extraction ahead.
+
+    eval "$(scripts/services env)"
+    python -m benchmarks.reextraction_saturation            # 300 documents × 3 chunks, limit 10/s, both
+    python -m benchmarks.reextraction_saturation --quick    # 120 documents, extraction ahead only
+
+Each configuration starts its own stack of real processes (the Dagster code server, webserver and
+daemon, one Celery worker group per queue with two `reprocessing` processes, PostgreSQL, Redis,
+Neo4j: `lumikb_pipeline_tests/dagster/stack.py`) and the fake LLM server with a latency of
+1 s ± 0.5 s. The job's calls are counted at the server: the share of the limit over the steady part
+(from the job's first to its last 10% of calls), the lowest 10-s window there, and the busiest 1-s
+window anywhere (the first second included). "without ahead" is the design before issue 13
+(`LUMIKB_REEXTRACT_AHEAD_S=0`): each run's step extracts its batch and ends. The JSON also holds
+each run's timeline medians (queued → started → extract → write → ended), which show where calls
+stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUTPUT = Path("benchmarks/results/reextraction_saturation.json")
+
+
+def measure(
+    label: str, env: dict[str, str], documents: int, chunks: int, latency: tuple[float, float]
+) -> dict[str, Any]:
+    """Start a stack with `env`, re-extract, stop it; the figures."""
+    from lumikb_pipeline.core.config import get_settings
+    from lumikb_pipeline.db.session import dispose_engines
+    from lumikb_pipeline_tests.dagster.saturation import measure_reextraction, overrides
+    from lumikb_pipeline_tests.dagster.stack import start_stack, stop_stack, unique_slug
+
+    root = Path(tempfile.mkdtemp(prefix=f"lumikb-saturation-{label}-"))
+    stack = start_stack(root / "stack", overrides(env))
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(stack.env)
+    get_settings.cache_clear()
+    try:
+        started = time.monotonic()
+        result = measure_reextraction(stack, unique_slug("bench"), root / "docs", documents=documents, chunks=chunks,
+                                      latency_mean_s=latency[0], latency_jitter_s=latency[1])
+        summary = {"label": label, "env": env, **result.summary(),
+                   "wall_s": round(time.monotonic() - started, 1)}
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        get_settings.cache_clear()
+        dispose_engines()
+        stop_stack(stack)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.reextraction_saturation",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="120 documents, extraction ahead only")
+    parser.add_argument("--documents", type=int, default=None)
+    parser.add_argument("--chunks", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=10, help="LUMIKB_REEXTRACT_BATCH_SIZE")
+    parser.add_argument("--latency-mean", type=float, default=1.0)
+    parser.add_argument("--latency-jitter", type=float, default=0.5)
+    parser.add_argument("--without-ahead", action=argparse.BooleanOptionalAction, default=None,
+                        help="also measure the design without extraction ahead (default: not with --quick)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    args = parser.parse_args(argv)
+    if not os.environ.get("LUMIKB_REDIS_URL") or not os.environ.get("LUMIKB_NEO4J_URI"):
+        print('the services are not set: run `scripts/services up` and `eval "$(scripts/services env)"`',
+              file=sys.stderr)
+        return 2
+    documents = args.documents or (120 if args.quick else 300)
+    without = (not args.quick) if args.without_ahead is None else args.without_ahead
+    latency = (args.latency_mean, args.latency_jitter)
+    base = {"LUMIKB_REEXTRACT_BATCH_SIZE": str(args.batch_size)}
+    runs = [measure("with ahead", base, documents, args.chunks, latency)]
+    if without:
+        before = {**base, "LUMIKB_REEXTRACT_AHEAD_S": "0"}
+        runs.append(measure("without ahead", before, documents, args.chunks, latency))
+    ours = runs[0]
+    result = {
+        "documents": documents, "chunks_per_document": args.chunks, "limit_per_s": ours["limit_per_s"],
+        "latency_s": {"mean": args.latency_mean, "jitter": args.latency_jitter}, "batch_size": args.batch_size,
+        "steady_share_of_limit": ours["steady_share_of_limit"],
+        "lowest_10s_window_share": ours["lowest_10s_window_share"],
+        "busiest_1s_window": ours["busiest_1s_window"],
+        "without_ahead_steady_share_of_limit": runs[1]["steady_share_of_limit"] if without else None,
+        "runs": runs,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nRe-extraction through the stack: {documents} documents × {args.chunks} chunks, limit "
+          f"{ours['limit_per_s']:g}/s, latency {args.latency_mean:g} s ± {args.latency_jitter:g} s, "
+          f"batch {args.batch_size}")
+    print(f"{'design':<15} {'steady share':>12} {'lowest 10 s':>11} {'busiest 1 s':>11} {'seconds':>8} {'runs':>5}")
+    for run in runs:
+        print(f"{run['label']:<15} {run['steady_share_of_limit']:>12.1%} {run['lowest_10s_window_share']:>11.1%} "
+              f"{run['busiest_1s_window']:>11} {run['seconds']:>8} {run['runs']:>5}")
+        print(f"    calls per 10 s: {run['calls_per_10s_window']}; medians: {run['median_s']}")
+    print(f"written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Extraction ahead: keeping the rate limit busy between a re-extraction job's runs (issue 13).
+
+A job's runs each extract a batch and then write it; while one run ends and the next is dequeued,
+launched and started, no call leaves unless another run of the job is extracting. So the step that
+finishes its own batch last hands over like a relay runner: it goes on extracting chunks of the
+job's *later* documents (their checkpoints only: no claim, no write, no outcome) until another step
+of the job starts extracting its own batch, then stops and ends. The runs that later claim those
+documents find their chunks checkpointed and write them; each document's outcome is still its own
+run's, in the ledger and on its partition.
+
+This module is the coordination, in Redis, per job:
+- `OwnExtraction` registers a step while it extracts its own batch (renewed, so a crashed step
+  stops counting after `REGISTRATION_TTL_S`);
+- the ahead lock (`lumikb:job:<id>:ahead`): one step extracts ahead at a time, so the others end
+  and free their worker processes for the next runs' steps;
+- `pick_ahead`: which documents to extract ahead: pending ones of the job from its *end*, leaving
+  the first `margin` pending documents (those the next runs claim) alone, each taken once
+  (`SADD`), so neither two steps nor a step and a run extract the same document at once.
+  Documents a step took but did not reach before it handed over are given back (`SREM`).
+
+What it costs: the calls made ahead are counted in the job's live spend (its budget) as they are
+made, but a document served from those checkpoints shows 0 calls and $0 in its ledger row and
+materialization (`cached_chunks` says how many chunks came from checkpoints). A document whose
+calls fail ahead is extracted again by its own run, which reports the failure.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import TracebackType
+from typing import cast
+
+import redis
+from sqlalchemy import select
+
+from lumikb_pipeline.core.config import Settings
+from lumikb_pipeline.core.names import JOB_KEY_TTL_S
+from lumikb_pipeline.db.models import Document, ExtractionRecord, ExtractionStatus
+from lumikb_pipeline.db.session import session_scope
+
+REGISTRATION_TTL_S = 30.0
+LOCK_TTL_MS = 30_000
+POLL_S = 0.2
+
+
+def extracting_key(job_id: str) -> str:
+    """Steps extracting their own batch now: a sorted set of claimants scored by expiry (epoch s)."""
+    return f"lumikb:job:{job_id}:extracting"
+
+
+def ahead_lock_key(job_id: str) -> str:
+    return f"lumikb:job:{job_id}:ahead"
+
+
+def ahead_documents_key(job_id: str) -> str:
+    """The documents some step has taken to extract ahead (each once)."""
+    return f"lumikb:job:{job_id}:ahead_documents"
+
+
+class OwnExtraction:
+    """Registers a step as extracting its own batch of `job_id` while the context is open."""
+
+    def __init__(self, client: redis.Redis, job_id: str, claimant: str) -> None:
+        self._client, self._key, self._claimant = client, extracting_key(job_id), claimant
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"own-extraction-{claimant[:24]}", daemon=True)
+
+    def __enter__(self) -> OwnExtraction:
+        self._register()
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._closed.set()
+        self._thread.join(timeout=5)
+        try:
+            self._client.zrem(self._key, self._claimant)
+        except redis.RedisError:
+            pass  # the registration expires on its own
+
+    def _register(self) -> None:
+        pipe = self._client.pipeline()
+        pipe.zadd(self._key, {self._claimant: time.time() + REGISTRATION_TTL_S})
+        pipe.expire(self._key, JOB_KEY_TTL_S)
+        pipe.execute()
+
+    def _renew(self) -> None:
+        while not self._closed.wait(REGISTRATION_TTL_S / 3):
+            try:
+                self._register()
+            except redis.RedisError:
+                continue
+
+
+def others_extracting(client: redis.Redis, job_id: str, claimant: str) -> bool:
+    """Whether a step other than `claimant` is extracting its own batch of the job now."""
+    members = cast(list[str], client.zrangebyscore(extracting_key(job_id), time.time(), "+inf"))
+    return any(member != claimant for member in members)
+
+
+def take_ahead_lock(client: redis.Redis, job_id: str, claimant: str) -> bool:
+    """Take (or renew) the job's ahead lock for `claimant`; False when another step holds it."""
+    key = ahead_lock_key(job_id)
+    if client.set(key, claimant, nx=True, px=LOCK_TTL_MS):
+        return True
+    if client.get(key) == claimant:
+        client.pexpire(key, LOCK_TTL_MS)
+        return True
+    return False
+
+
+def release_ahead_lock(client: redis.Redis, job_id: str, claimant: str) -> None:
+    key = ahead_lock_key(job_id)
+    try:
+        if client.get(key) == claimant:
+            client.delete(key)
+    except redis.RedisError:
+        pass  # it expires on its own
+
+
+def pick_ahead(
+    settings: Settings, client: redis.Redis, job_id: str, schema_version: int, margin: int, max_chunks: int
+) -> list[str]:
+    """Take up to `max_chunks` chunks' worth of the job's pending documents to extract ahead, from the
+    job's end, never among its first `margin` pending documents (in partition order: the next runs
+    claim those). Each document is taken once, by one step."""
+    from sqlalchemy import func
+
+    from lumikb_pipeline.db.models import Chunk
+
+    with session_scope(settings.effective_database_url) as session:
+        rows = session.execute(
+            select(Document.id, func.count(Chunk.id))
+            .join(ExtractionRecord, ExtractionRecord.document_id == Document.id)
+            .outerjoin(Chunk, Chunk.document_id == Document.id)
+            .where(ExtractionRecord.job_id == job_id, ExtractionRecord.schema_version == schema_version,
+                   ExtractionRecord.status == ExtractionStatus.PENDING)
+            .group_by(Document.id, Document.created_at)
+            .order_by(Document.created_at, Document.id)
+        ).tuples().all()
+    candidates = list(reversed(rows[margin:]))
+    taken: list[str] = []
+    chunks = 0
+    key = ahead_documents_key(job_id)
+    i = 0
+    while i < len(candidates) and chunks < max_chunks:
+        # Just enough documents for the chunks still wanted, each added to the job's set: only the
+        # ones this call added are ours (another step may have taken some meanwhile).
+        group: list[tuple[str, int]] = []
+        wanted = chunks
+        while i < len(candidates) and wanted < max_chunks:
+            group.append(candidates[i])
+            wanted += candidates[i][1]
+            i += 1
+        pipe = client.pipeline()
+        for doc_id, _ in group:
+            pipe.sadd(key, doc_id)
+        pipe.expire(key, JOB_KEY_TTL_S)
+        added = pipe.execute()[:-1]
+        for (doc_id, count), new in zip(group, added, strict=True):
+            if new:
+                taken.append(doc_id)
+                chunks += count
+    return taken
+
+__all__ = [
+    "OwnExtraction", "ahead_documents_key", "ahead_lock_key", "extracting_key", "others_extracting", "pick_ahead",
+    "release_ahead_lock", "take_ahead_lock",
+]

@@ -1,0 +1,155 @@
+"""Extraction ahead (`pipeline.ahead`): a re-extraction step that has finished its own batch goes on
+extracting its job's later documents, checkpoints only, until another step of the job extracts its
+own batch; the documents' own runs then find their chunks checkpointed, and nothing is paid twice."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lumikb_pipeline.core.config import Settings, load_settings
+from lumikb_pipeline.db import catalog, ledger, migrate
+from lumikb_pipeline.db.models import ExtractionStatus
+from lumikb_pipeline.db.session import session_scope
+from lumikb_pipeline.domain.schema import parse_schema_file
+from lumikb_pipeline.graph import open_graph_store
+from lumikb_pipeline.infra import redis_client
+from lumikb_pipeline.llm.extractor import ChunkExtractor
+from lumikb_pipeline.pipeline import DocumentOutcome, extract_documents, write_documents
+from lumikb_pipeline.pipeline.ahead import OwnExtraction, ahead_documents_key
+from lumikb_pipeline.reextraction.service import Selection, select_documents, start_reextraction
+from lumikb_pipeline.tracking.control import flag_cancelled
+from lumikb_pipeline_tests.fake_llm import FakeServer
+
+DEMO = Path(__file__).resolve().parents[2] / "lumikb_pipeline" / "demo"
+DOCUMENTS, CHUNKS, BATCH = 24, 2, 2
+MARGIN = 2 * BATCH  # LUMIKB_MAX_REPROCESSING_RUNS batches: the next runs' documents
+
+
+@dataclass
+class AheadJob:
+    settings: Settings
+    job_id: str
+    doc_ids: list[str]  # in partition order
+
+
+@pytest.fixture
+def job(lumikb_env: Path, redis_url: str, fake_llm: FakeServer, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> Iterator[AheadJob]:
+    for name, value in {
+        "LUMIKB_REDIS_URL": redis_url, "LUMIKB_LLM_MODEL": "openai/gpt-4o-mini",
+        "LUMIKB_LLM_API_BASE": fake_llm.api_base, "LUMIKB_LLM_API_KEY": "sk-test-key",
+        "LUMIKB_LLM_RATE_LIMIT": "20/s", "LUMIKB_REEXTRACT_BATCH_SIZE": str(BATCH),
+    }.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    migrate.ensure_database(settings.effective_database_url)
+    with session_scope(settings.effective_database_url) as session:
+        catalog.create_kb(session, "ahead", parse_schema_file(DEMO / "schema_v1.yaml"))
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(DOCUMENTS):
+        (folder / f"doc-{i:03d}.txt").write_text("\n\n".join(
+            f"Firm{i}p{p} Corporation employs Ann{i}p{p} Berg. Firm{i}p{p} Corporation is located in Town{p}."
+            for p in range(CHUNKS)))
+    report = catalog.ingest(settings.effective_database_url, "ahead", [folder], max_tokens=40)
+    assert not report.errors
+    fake_llm.configure(latency_mean_s=0.3, latency_jitter_s=0.0)
+    started = start_reextraction(settings, "ahead", Selection.all(), launch=False)
+    with session_scope(settings.effective_database_url) as session:
+        order = select_documents(session, catalog.get_kb(session, "ahead"), Selection.all())
+    assert sorted(order) == sorted(report.document_ids)
+    fake_llm.reset()
+    yield AheadJob(settings, started.id, order)
+    fake_llm.configure(latency_mean_s=0.0)
+
+
+def _extract_in_thread(
+    job: AheadJob, doc_ids: list[str], claimant: str
+) -> tuple[threading.Thread, list[DocumentOutcome]]:
+    outcomes: list[DocumentOutcome] = []
+
+    def run() -> None:
+        outcomes.extend(extract_documents(job.settings, ChunkExtractor(job.settings), doc_ids, claimant=claimant,
+                                          job_id=job.job_id, ahead_s=60))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcomes
+
+
+def _ahead_documents(job: AheadJob) -> set[str]:
+    return set(redis_client.connect(job.settings).smembers(ahead_documents_key(job.job_id)))  # type: ignore[arg-type]
+
+
+def _chunks_called(fake: FakeServer) -> list[str]:
+    return [call["chunk"] for call in fake.calls() if call["status"] == 200]
+
+
+def _wait(predicate: object, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_a_step_extracts_its_jobs_later_documents_ahead_until_another_step_extracts_its_own(
+    job: AheadJob, fake_llm: FakeServer
+) -> None:
+    first = job.doc_ids[:BATCH]
+    thread, outcomes = _extract_in_thread(job, first, "run-1")
+    _wait(lambda: len(_chunks_called(fake_llm)) > BATCH * CHUNKS + 4, 30, "calls for documents ahead")
+    assert thread.is_alive()  # nobody else extracts: it goes on ahead
+    # The next run's step starts extracting its own batch: the first step hands over and ends.
+    with OwnExtraction(redis_client.connect(job.settings), job.job_id, "run-2"):
+        thread.join(timeout=15)
+        assert not thread.is_alive()
+    assert [o.status for o in outcomes] == ["extracted"] * BATCH
+    ahead = _ahead_documents(job)
+    # From the job's end, never among the next runs' documents (the first MARGIN of those still pending).
+    assert ahead and ahead <= set(job.doc_ids[BATCH + MARGIN:])
+    assert len(ahead) < DOCUMENTS - MARGIN  # it stopped when handed over
+    with session_scope(job.settings.effective_database_url) as session:
+        rows = ledger.records_for(session, job.doc_ids, 1)
+        assert all(rows[doc_id].status == ExtractionStatus.PENDING for doc_id in ahead)  # not claimed: no outcome yet
+
+    # The documents' own runs find the chunks extracted ahead and write every document; no chunk
+    # was sent twice.
+    rest = extract_documents(job.settings, ChunkExtractor(job.settings), job.doc_ids[BATCH:], claimant="run-2",
+                             job_id=job.job_id)
+    store = open_graph_store(job.settings)
+    try:
+        written = write_documents(job.settings, store, outcomes, claimant="run-1", job_id=job.job_id)
+        written += write_documents(job.settings, store, rest, claimant="run-2", job_id=job.job_id)
+    finally:
+        store.close()
+    assert {o.doc_id: o.status for o in written} == dict.fromkeys(job.doc_ids, "succeeded")
+    called = _chunks_called(fake_llm)
+    assert len(called) == len(set(called)) == DOCUMENTS * CHUNKS
+    cached = {o.doc_id for o in rest if o.cached_chunks}
+    assert cached and cached <= ahead  # served from the checkpoints made ahead
+
+
+def test_no_step_extracts_ahead_while_another_extracts_its_own_batch(job: AheadJob, fake_llm: FakeServer) -> None:
+    with OwnExtraction(redis_client.connect(job.settings), job.job_id, "run-2"):
+        thread, outcomes = _extract_in_thread(job, job.doc_ids[:BATCH], "run-1")
+        thread.join(timeout=20)
+        assert not thread.is_alive()
+    assert [o.status for o in outcomes] == ["extracted"] * BATCH
+    assert len(_chunks_called(fake_llm)) == BATCH * CHUNKS and not _ahead_documents(job)
+
+
+def test_a_cancelled_job_stops_extracting_ahead(job: AheadJob, fake_llm: FakeServer) -> None:
+    thread, outcomes = _extract_in_thread(job, job.doc_ids[:BATCH], "run-1")
+    _wait(lambda: len(_chunks_called(fake_llm)) > BATCH * CHUNKS + 2, 30, "calls for documents ahead")
+    flag_cancelled(redis_client.connect(job.settings), job.job_id)
+    thread.join(timeout=15)
+    assert not thread.is_alive()
+    calls = len(_chunks_called(fake_llm))
+    time.sleep(1)
+    assert len(_chunks_called(fake_llm)) == calls < DOCUMENTS * CHUNKS

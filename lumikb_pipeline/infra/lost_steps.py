@@ -111,9 +111,9 @@ def requeue_lost_steps(settings: Settings, now: float | None = None, lost_after_
     from lumikb_pipeline.infra import redis_client
 
     broker_url = redis_client.broker_url(settings)
-    if not broker_url.startswith(("redis://", "rediss://", "unix://")):
-        return []
-    broker = redis.Redis.from_url(broker_url)
+    if not broker_url.startswith(("redis://", "rediss://", "unix://", "redis+socket://")):
+        return []  # not a Redis broker: no unacked hash to look in
+    broker = redis.Redis.from_url(broker_url.replace("redis+socket://", "unix://", 1))
     now = now if now is not None else time.time()
     old = cast(list[bytes], broker.zrangebyscore(UNACKED_INDEX_KEY, 0, now - lost_after_s))
     if not old:

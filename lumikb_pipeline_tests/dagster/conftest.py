@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lumikb_pipeline_tests.dagster.stack import Stack, start_stack, stop_stack
+from lumikb_pipeline_tests.dagster.stack import Stack, stack_environment, start_stack, stop_stack
 
 REUSE_VARIABLE = "LUMIKB_TEST_REUSE_STACK"
 
@@ -19,7 +19,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
     `LUMIKB_TEST_REUSE_STACK=<file.json>` reuses one left running by a developer (no teardown).
     """
-    from lumikb_pipeline.core.config import get_settings
     from lumikb_pipeline.db.session import dispose_engines
 
     reuse = os.environ.get(REUSE_VARIABLE)
@@ -29,16 +28,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                         info["web"], tuple(info["redis"]))  # type: ignore[arg-type]
     else:
         running = start_stack(tmp_path_factory.mktemp("stack"))
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(running.env)
-    get_settings.cache_clear()
     try:
-        yield running
+        with stack_environment(running):
+            yield running
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        get_settings.cache_clear()
         dispose_engines()
         if not reuse:
             stop_stack(running)

@@ -5,12 +5,14 @@ server (with a fault injector). Sensor intervals are shortened; everything else 
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -62,6 +64,9 @@ class Stack:
     redis_dbs: tuple[str, str]
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     llm_process: subprocess.Popen[bytes] | None = None
+    # How each process of `lumikb up` was started, so a test can kill one and start it again.
+    specs: dict[str, Any] = field(default_factory=dict)
+    process_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def home(self) -> Path:
@@ -88,6 +93,10 @@ class Stack:
             return dict(httpx.get(f"{self.llm_url}/_hold").json())
         return dict(httpx.post(f"{self.llm_url}/_hold", json={"hold": hold}).json())
 
+    def configure_llm(self, **changes: Any) -> dict[str, Any]:
+        """Change the fake LLM server's behaviour (`FakeConfig` fields: latency, 429 and 5xx shares)."""
+        return dict(httpx.post(f"{self.llm_url}/_config", json=changes).json())
+
     def llm_calls(self) -> list[dict[str, Any]]:
         return list(httpx.get(f"{self.llm_url}/_calls").json()["calls"])
 
@@ -98,6 +107,25 @@ class Stack:
         body = response.json()
         assert "errors" not in body, body["errors"]
         return dict(body["data"])
+
+    def kill(self, name: str) -> int:
+        """SIGKILL a process of `lumikb up` with its whole process group (a Celery worker's children
+        too), as a crash does; returns its pid."""
+        process = self.processes[name]
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        return process.pid
+
+    def restart(self, name: str) -> subprocess.Popen[bytes]:
+        """Start a killed process of `lumikb up` again, as `lumikb up --detach` does (same command,
+        same environment, same log file)."""
+        from lumikb_pipeline.core.config import load_settings
+        from lumikb_pipeline.orchestration import processes
+
+        with stack_environment(self):
+            started = processes.start_services(load_settings(), [self.specs[name]], self.process_env)
+        self.processes.update(started)
+        return started[name]
 
     def log(self, name: str) -> str:
         path = self.home / "logs" / f"{name}.log"
@@ -174,9 +202,26 @@ class StackHandle:
     stack: Stack
 
 
+@contextmanager
+def stack_environment(stack: Stack) -> Iterator[None]:
+    """This process's environment (and the settings read from it) point at `stack` inside the block."""
+    from lumikb_pipeline.core.config import get_settings
+
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(stack.env)
+    get_settings.cache_clear()
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        get_settings.cache_clear()
+
+
 def start_stack(root: Path, overrides: Mapping[str, str] | None = None) -> Stack:
     """Create the databases, write the instance, start every process and wait until all answer.
-    `overrides` replace variables of the stack's environment (a benchmark's rate limit, batch size)."""
+    `overrides` replace some of `stack_env`'s variables (a test module's own rates and sizes)."""
     from lumikb_pipeline.db import migrate
     from lumikb_pipeline.infra.dagster_instance import apply_pool_limits, instance_config, render_instance_yaml
     from lumikb_pipeline.orchestration import processes
@@ -213,7 +258,9 @@ def start_stack(root: Path, overrides: Mapping[str, str] | None = None) -> Stack
         code_port = free_port()
         workspace = processes.write_workspace(settings, port=code_port)
         specs = processes.service_specs(settings, workspace, code_server_port=code_port)
-        stack.processes = processes.start_services(settings, specs, processes.service_env(settings, env))
+        stack.specs = {spec.name: spec for spec in specs}
+        stack.process_env = processes.service_env(settings, env)
+        stack.processes = processes.start_services(settings, specs, stack.process_env)
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -257,4 +304,6 @@ def unique_slug(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-__all__ = ["POOL_LIMITS", "Stack", "start_stack", "stop_stack", "unique_slug", "wait_until", "Iterator"]
+__all__ = [
+    "POOL_LIMITS", "Iterator", "Stack", "stack_environment", "start_stack", "stop_stack", "unique_slug", "wait_until",
+]

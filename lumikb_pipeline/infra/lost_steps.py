@@ -1,0 +1,152 @@
+"""Celery steps whose worker died are delivered again within a minute, not after the visibility timeout.
+
+With the Redis broker a step taken by a worker stays in the broker's `unacked` hash until the worker
+acknowledges it (`task_acks_late`). When only a worker's child dies, Celery gives the step back at
+once (`task_reject_on_worker_lost`); when the whole worker dies (its process group killed, the host
+lost) nobody does until `visibility_timeout` (hours: it must outlast the longest step), and the
+Dagster run waits on the step all that time.
+
+So every step beats while it runs (`step_heartbeat`, from the worker's `task_prerun`/`task_postrun`
+signals: a key `lumikb:step-heartbeat:<task id>` that expires `HEARTBEAT_TTL_S` after the last beat),
+and the job-status sensor runs `requeue_lost_steps`: a message unacknowledged for more than
+`LOST_AFTER_S` whose task has no heartbeat and that no live worker reports as active or reserved is
+put back at the head of its queue. The redelivered step runs again under the same Dagster run (the
+run waits on the same task id); the ledger claim (the run's root id) and the chunk checkpoints make
+the second execution take over the first one's documents without paying again for what it finished.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+
+from lumikb_pipeline.core.config import Settings
+
+HEARTBEAT_PREFIX = "lumikb:step-heartbeat:"
+HEARTBEAT_INTERVAL_S = 5.0
+HEARTBEAT_TTL_S = 20.0
+# A message must have been unacknowledged this long (and its task silent) before it counts as
+# lost: longer than the heartbeat's time to live, so a step that started beating is never taken.
+LOST_AFTER_S = 30.0
+INSPECT_TIMEOUT_S = 2.0
+
+# kombu's Redis transport keeps the messages workers hold in these keys of the broker's database.
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
+
+
+@contextmanager
+def step_heartbeat(settings: Settings, task_id: str, interval_s: float = HEARTBEAT_INTERVAL_S) -> Iterator[None]:
+    """Keep `lumikb:step-heartbeat:<task_id>` alive while the block runs (a Celery step)."""
+    from lumikb_pipeline.infra import redis_client
+
+    client = redis_client.connect(settings)
+    key = f"{HEARTBEAT_PREFIX}{task_id}"
+    stop = threading.Event()
+
+    def beat_once() -> None:
+        try:
+            client.set(key, "1", ex=int(HEARTBEAT_TTL_S))
+        except Exception:  # noqa: BLE001, S110 - Redis away: the next beat tries again
+            pass
+
+    def beat() -> None:
+        while not stop.wait(interval_s):
+            beat_once()
+
+    beat_once()  # before the step starts, so it is never seen running without a heartbeat
+    thread = threading.Thread(target=beat, name=f"step-heartbeat-{task_id[:8]}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        try:
+            client.delete(key)
+        except Exception:  # noqa: BLE001, S110 - it expires by itself
+            pass
+
+
+class StepHeartbeats:
+    """The heartbeats of the steps a worker process runs, started and stopped by Celery's signals."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._running: dict[str, Any] = {}
+
+    def started(self, task_id: str) -> None:
+        beat = step_heartbeat(self._settings, task_id)
+        beat.__enter__()
+        self._running[task_id] = beat
+
+    def ended(self, task_id: str) -> None:
+        beat = self._running.pop(task_id, None)
+        if beat is not None:
+            beat.__exit__(None, None, None)
+
+
+def _held_by_live_workers(app: Any) -> set[str] | None:
+    """Task ids the live workers report as active or reserved; None when none answered at all."""
+    inspect = app.control.inspect(timeout=INSPECT_TIMEOUT_S)
+    answered = False
+    held: set[str] = set()
+    for replies in (inspect.active(), inspect.reserved()):
+        if replies is None:
+            continue
+        answered = True
+        held |= {str(task.get("id")) for tasks in replies.values() for task in tasks}
+    return held if answered else None
+
+
+def requeue_lost_steps(settings: Settings, now: float | None = None, lost_after_s: float = LOST_AFTER_S) -> list[str]:
+    """Put back in their queues the steps whose worker died; one line per step requeued."""
+    import redis
+    from celery import Celery
+
+    from lumikb_pipeline.infra import redis_client
+
+    broker_url = redis_client.broker_url(settings)
+    if not broker_url.startswith(("redis://", "rediss://", "unix://", "redis+socket://")):
+        return []  # not a Redis broker: no unacked hash to look in
+    broker = redis.Redis.from_url(broker_url.replace("redis+socket://", "unix://", 1))
+    now = now if now is not None else time.time()
+    old = cast(list[bytes], broker.zrangebyscore(UNACKED_INDEX_KEY, 0, now - lost_after_s))
+    if not old:
+        return []
+    heartbeats = redis_client.connect(settings)
+    candidates: dict[str, str] = {}
+    for raw_tag in old:
+        tag = raw_tag.decode() if isinstance(raw_tag, bytes) else str(raw_tag)
+        raw = cast(bytes | None, broker.hget(UNACKED_KEY, tag))
+        if raw is None:
+            continue
+        try:
+            task_id = str(json.loads(raw)[0]["headers"]["id"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            continue
+        if not heartbeats.exists(f"{HEARTBEAT_PREFIX}{task_id}"):
+            candidates[tag] = task_id
+    if not candidates:
+        return []
+    app = Celery(broker=broker_url, set_as_current=False)
+    try:
+        held = _held_by_live_workers(app)
+        lost = {tag: task_id for tag, task_id in candidates.items() if held is None or task_id not in held}
+        lines = []
+        if lost:
+            with app.connection_for_write() as connection:
+                qos = connection.default_channel.qos
+                for tag, task_id in lost.items():
+                    qos.restore_by_tag(tag, leftmost=True)
+                    lines.append(
+                        f"step task {task_id}: its worker is gone (no heartbeat, not held by a live worker); "
+                        "delivered again"
+                    )
+        return lines
+    finally:
+        app.close()

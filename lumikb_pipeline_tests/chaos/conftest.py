@@ -1,0 +1,51 @@
+"""Fixtures of the chaos suite: one `lumikb up` stack for every scenario (`chaos_stack`, the end-to-end
+harness of `dagster/stack.py` with this suite's rates and sizes), one clean re-extraction they all
+compare with (`clean_run`), and the table of what each scenario measured, printed at the end of
+the session and written to `chaos-results.json` under pytest's base temporary directory."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lumikb_pipeline_tests.chaos.harness import (
+    CHAOS_ENV,
+    RESULTS,
+    Measured,
+    results_table,
+    run_reextraction,
+    write_results,
+)
+from lumikb_pipeline_tests.dagster.stack import Stack, stack_environment, start_stack, stop_stack
+
+
+@pytest.fixture(scope="session")
+def chaos_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A running deployment with this suite's settings; this process's environment points at it."""
+    from lumikb_pipeline.db.session import dispose_engines
+
+    running = start_stack(tmp_path_factory.mktemp("chaos-stack"), overrides=CHAOS_ENV)
+    try:
+        with stack_environment(running):
+            running.configure_llm(latency_mean_s=0.25, latency_jitter_s=0.1)
+            yield running
+    finally:
+        dispose_engines()
+        stop_stack(running)
+
+
+@pytest.fixture(scope="session")
+def clean_run(chaos_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Measured:
+    """The re-extraction every scenario is compared with: the same documents, no fault."""
+    return run_reextraction(chaos_stack, tmp_path_factory.mktemp("clean"), "clean", fault=None)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not RESULTS:
+        return
+    table = results_table()
+    terminalreporter.write_sep("=", "chaos: per scenario")
+    terminalreporter.write_line(table)
+    path = Path(str(terminalreporter.config._tmp_path_factory.getbasetemp())) / "chaos-results.json"  # type: ignore[attr-defined]
+    write_results(path)
+    terminalreporter.write_line(f"(also in {path})")

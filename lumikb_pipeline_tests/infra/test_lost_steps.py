@@ -1,0 +1,78 @@
+"""A Celery step whose whole worker died is delivered again (`infra.lost_steps`), not after the
+broker's visibility timeout; a step whose heartbeat is alive is left alone. Real Redis and kombu: a
+consumer process takes messages without acknowledging them and is killed with SIGKILL."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from kombu import Connection, Exchange, Queue
+
+from lumikb_pipeline.core.config import get_settings, load_settings
+from lumikb_pipeline.infra import redis_client
+from lumikb_pipeline.infra.lost_steps import HEARTBEAT_PREFIX, UNACKED_KEY, requeue_lost_steps, step_heartbeat
+
+QUEUE = "lost-steps-test"
+
+TAKE_AND_HOLD = """
+import sys, time
+from kombu import Connection, Exchange, Queue
+queue = Queue(sys.argv[2], Exchange(sys.argv[2]), routing_key=sys.argv[2])
+with Connection(sys.argv[1]) as connection:
+    channel = connection.channel()
+    bound = queue(channel)
+    for _ in range(int(sys.argv[3])):
+        message = None
+        while message is None:
+            message = bound.get(no_ack=False)
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def _publish(url: str, task_ids: list[str]) -> None:
+    queue = Queue(QUEUE, Exchange(QUEUE), routing_key=QUEUE)
+    with Connection(url) as connection:
+        producer = connection.Producer()
+        for task_id in task_ids:
+            producer.publish({"step": task_id}, exchange=queue.exchange, routing_key=QUEUE, declare=[queue],
+                             headers={"id": task_id, "task": "execute_plan"})
+
+
+def _queued(url: str) -> int:
+    import redis
+
+    return int(redis.Redis.from_url(url).llen(QUEUE))
+
+
+def test_a_step_whose_worker_died_is_delivered_again_and_a_beating_one_is_not(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LUMIKB_REDIS_URL", redis_url)
+    monkeypatch.setenv("CELERY_BROKER_URL", redis_url)
+    get_settings.cache_clear()
+    settings = load_settings()
+    _publish(redis_url, ["task-lost", "task-beating"])
+    worker = subprocess.Popen([sys.executable, "-c", TAKE_AND_HOLD, redis_url, QUEUE, "2"],
+                              stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert worker.stdout is not None and worker.stdout.readline().strip() == b"holding"
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    assert _queued(redis_url) == 0  # both held by a dead consumer, as after `kill -9` of a worker
+    assert redis_client.connect(settings).hlen(UNACKED_KEY) == 2
+
+    # Not old enough yet: nothing moves.
+    assert requeue_lost_steps(settings, lost_after_s=60) == []
+    with step_heartbeat(settings, "task-beating"):
+        assert redis_client.connect(settings).exists(f"{HEARTBEAT_PREFIX}task-beating")
+        lines = requeue_lost_steps(settings, now=time.time() + 1, lost_after_s=0)
+    assert lines == ["step task task-lost: its worker is gone (no heartbeat, not held by a live worker); "
+                     "delivered again"]
+    assert _queued(redis_url) == 1
+    assert redis_client.connect(settings).hlen(UNACKED_KEY) == 1  # the beating one stays where it is
+    assert not redis_client.connect(settings).exists(f"{HEARTBEAT_PREFIX}task-beating")  # gone with its step

@@ -5,6 +5,7 @@ These are the operations behind `lumikb kb create`, `lumikb schema set` and `lum
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -126,9 +127,7 @@ def _files(paths: Iterable[Path], report: IngestReport) -> Iterator[Path]:
         elif path.is_dir():
             root = path.resolve()
             files, outside = [], 0
-            for p in sorted(path.rglob("*")):
-                if not p.is_file() or any(part.startswith(".") for part in p.relative_to(path).parts):
-                    continue
+            for p in _folder_files(path, report):
                 # A folder's files stay inside it: a symlink out of it could hand a private file to the LLM.
                 if not p.resolve().is_relative_to(root):
                     report.errors.append((str(p), f"is a link to {p.resolve()}, outside {path}; not ingested "
@@ -143,6 +142,20 @@ def _files(paths: Iterable[Path], report: IngestReport) -> Iterator[Path]:
             yield path
         else:
             report.errors.append((str(path), "is not a regular file or folder"))
+
+
+def _folder_files(folder: Path, report: IngestReport) -> list[Path]:
+    """The regular files under `folder`, sorted, hidden files and folders left out; a folder that
+    cannot be read is an error of the report, not a crash (the rest is still ingested)."""
+
+    def unreadable(error: OSError) -> None:
+        report.errors.append((str(error.filename or folder), f"cannot be read ({error.strerror}); not ingested"))
+
+    found = []
+    for current, folders, names in os.walk(folder, onerror=unreadable):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found += [Path(current) / name for name in names if not name.startswith(".")]
+    return sorted(p for p in found if p.is_file())
 
 
 def read_document_text(path: Path) -> str:

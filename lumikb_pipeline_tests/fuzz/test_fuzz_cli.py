@@ -39,7 +39,9 @@ def _invoke(args: list[str]) -> Result:
 
 
 @pytest.fixture
-def kb(lumikb_env: Path, tmp_path: Path) -> str:
+def kb(lumikb_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # relative paths given to commands stay in a folder of the test's
     assert runner.invoke(app, ["kb", "create", "k", "--schema", str(SCHEMA)]).exit_code == 0
     doc = tmp_path / "a.md"
     doc.write_text("Acme Corp hired Jane Doe in Berlin.")
@@ -56,7 +58,8 @@ COMMANDS: dict[str, Callable[[str], list[str]]] = {
     "schema show": lambda t: ["schema", "show", t],
     "schema show --version": lambda t: ["schema", "show", "k", "--version", t],
     "ingest": lambda t: ["ingest", t, "nothing-here"],
-    "ingest PATH": lambda t: ["ingest", "k", t],
+    # Relative to the test's folder (the fixture's working directory): "/" would walk the machine.
+    "ingest PATH": lambda t: ["ingest", "k", t.lstrip("/") or "."],
     "reextract": lambda t: ["reextract", t, "--dry-run"],
     "reextract --doc": lambda t: ["reextract", "k", "--doc", t, "--dry-run"],
     "reextract --max-cost": lambda t: ["reextract", "k", "--max-cost", t, "--dry-run"],

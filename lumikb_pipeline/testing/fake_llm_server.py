@@ -311,10 +311,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     sock.bind((args.host, args.port))
     host, port = sock.getsockname()[:2]
     _warm_up()
-    print(f"listening on http://{host}:{port}", flush=True)
     # tiktoken loads its encoding on first use (a few hundred ms holding the GIL): done before the first
     # request, or the arrival times of the first calls would come in a bunch.
     count_tokens("warm-up")
+    # Listening before the announcement: a client that connects at once waits in the backlog until
+    # the app accepts, instead of being refused.
+    sock.listen(1024)
+    print(f"listening on http://{host}:{port}", flush=True)
     web.run_app(FakeLLM(config).app(), sock=sock, print=None, access_log=None, backlog=1024)
 
 

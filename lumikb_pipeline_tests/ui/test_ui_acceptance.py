@@ -121,6 +121,9 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         log.close()
+        from lumikb_pipeline.infra.redis_client import stop_embedded_redis
+
+        stop_embedded_redis(work / "demo-home")  # the demo's own Redis outlives the processes that used it
     # Following the hint created no second app database in the repository root.
     assert root_home.exists() == root_home_existed
 

@@ -105,6 +105,7 @@ def _seed(url: str, slug: str, documents: int) -> list[str]:
     from lumikb_pipeline.db import catalog
     from lumikb_pipeline.db.models import Chunk, Document, ExtractionRecord, ExtractionStatus, utcnow
     from lumikb_pipeline.db.session import session_scope
+    from lumikb_pipeline.domain.partition_keys import document_partition_key
     from lumikb_pipeline.domain.schema import parse_schema_text
 
     ids = [str(uuid.uuid4()) for _ in range(documents)]
@@ -117,6 +118,7 @@ def _seed(url: str, slug: str, documents: int) -> list[str]:
         with session_scope(url) as session:
             session.execute(insert(Document), [
                 {"id": doc_id, "kb_id": kb_id, "title": f"Filing {i}", "source": f"filings/{i:06d}.txt",
+                 "partition_key": document_partition_key(slug, f"Filing {i}", doc_id),
                  "content_hash": f"{i:064x}", "revision": 1, "created_at": now, "updated_at": now}
                 for i, doc_id in page
             ])

@@ -33,6 +33,7 @@ from lumikb_pipeline_tests.dagster.helpers import (
     document_text,
     ingest,
     ledger_counts,
+    partition_keys,
     unique_slug,
     write_documents,
 )
@@ -97,7 +98,7 @@ def _ingest_one_run_per_document(slug: str, folder: Path, count: int) -> list[st
 
 
 def _runs_of(stack: Stack, doc_ids: list[str]) -> list[Any]:
-    wanted = set(doc_ids)
+    wanted = set(partition_keys(doc_ids))  # runs name their documents by partition key
     with stack.instance() as instance:
         return [run for run in instance.get_runs(RunsFilter(job_name="document_processing_job"))
                 if run.tags.get("dagster/asset_partition_range_start") in wanted]

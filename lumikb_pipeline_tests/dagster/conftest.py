@@ -13,9 +13,11 @@ from lumikb_pipeline_tests.dagster.stack import Stack, stack_environment, start_
 REUSE_VARIABLE = "LUMIKB_TEST_REUSE_STACK"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A running deployment; this process's environment points at it while the fixture lives.
+    """A running deployment; this process's environment points at it while the fixture lives. It
+    lives for this package's tests only: an idle stack's sensors and workers would otherwise share
+    the CPUs with every timing-based test of the later packages (the ETA test).
 
     `LUMIKB_TEST_REUSE_STACK=<file.json>` reuses one left running by a developer (no teardown).
     """

@@ -150,7 +150,7 @@ def test_reprocessing_workers_without_a_shared_folder_reextract_through_the_app_
 
     started = time.monotonic()
     assert set_schema(slug, SCHEMA_V2) == 2
-    job = wait_until(lambda: _sensor_job(slug, 2), 60, 1, "the sensor's re-extraction job")
+    job = wait_until(lambda: _sensor_job(slug, 2), 180, 1, "the sensor's re-extraction job")
     wait_until(lambda: (_sensor_job(slug, 2) or job).status == JobStatus.SUCCEEDED, 480, 3,
                "the re-extraction on the other machines to succeed")
     elapsed = time.monotonic() - started

@@ -105,7 +105,6 @@ def _held_by_live_workers(app: Any) -> set[str] | None:
 
 def requeue_lost_steps(settings: Settings, now: float | None = None, lost_after_s: float = LOST_AFTER_S) -> list[str]:
     """Put back in their queues the steps whose worker died; one line per step requeued."""
-    import redis
     from celery import Celery
 
     from lumikb_pipeline.infra import redis_client
@@ -113,16 +112,15 @@ def requeue_lost_steps(settings: Settings, now: float | None = None, lost_after_
     broker_url = redis_client.broker_url(settings)
     if not broker_url.startswith(("redis://", "rediss://", "unix://", "redis+socket://")):
         return []  # not a Redis broker: no unacked hash to look in
-    broker = redis.Redis.from_url(broker_url.replace("redis+socket://", "unix://", 1))
+    broker = redis_client.shared_client(broker_url.replace("redis+socket://", "unix://", 1))
     now = now if now is not None else time.time()
-    old = cast(list[bytes], broker.zrangebyscore(UNACKED_INDEX_KEY, 0, now - lost_after_s))
+    old = cast(list[str], broker.zrangebyscore(UNACKED_INDEX_KEY, 0, now - lost_after_s))
     if not old:
         return []
     heartbeats = redis_client.connect(settings)
     candidates: dict[str, str] = {}
-    for raw_tag in old:
-        tag = raw_tag.decode() if isinstance(raw_tag, bytes) else str(raw_tag)
-        raw = cast(bytes | None, broker.hget(UNACKED_KEY, tag))
+    for tag in old:
+        raw = cast(str | None, broker.hget(UNACKED_KEY, tag))
         if raw is None:
             continue
         try:

@@ -112,7 +112,11 @@ def connect(settings: Settings) -> redis.Redis:
     this for every report, and each new client would open connections of its own. redis-py's pool is
     thread-safe and starts afresh in a forked child (Celery prefork), so sharing it is safe.
     """
-    url = redis_url(settings)
+    return shared_client(redis_url(settings))
+
+
+def shared_client(url: str) -> redis.Redis:
+    """The process's client for the Redis at `url` (answers decoded to text); see `connect`."""
     with _clients_lock:
         client = _clients.get(url)
         if client is None:

@@ -18,13 +18,13 @@ the second execution take over the first one's documents without paying again fo
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
 from lumikb_pipeline.core.config import Settings
+from lumikb_pipeline.core.repeating import repeating
 
 HEARTBEAT_PREFIX = "lumikb:step-heartbeat:"
 HEARTBEAT_INTERVAL_S = 5.0
@@ -46,26 +46,18 @@ def step_heartbeat(settings: Settings, task_id: str, interval_s: float = HEARTBE
 
     client = redis_client.connect(settings)
     key = f"{HEARTBEAT_PREFIX}{task_id}"
-    stop = threading.Event()
-
-    def beat_once() -> None:
-        try:
-            client.set(key, "1", ex=int(HEARTBEAT_TTL_S))
-        except Exception:  # noqa: BLE001, S110 - Redis away: the next beat tries again
-            pass
 
     def beat() -> None:
-        while not stop.wait(interval_s):
-            beat_once()
+        client.set(key, "1", ex=int(HEARTBEAT_TTL_S))
 
-    beat_once()  # before the step starts, so it is never seen running without a heartbeat
-    thread = threading.Thread(target=beat, name=f"step-heartbeat-{task_id[:8]}", daemon=True)
-    thread.start()
     try:
-        yield
+        beat()  # before the step starts, so it is never seen running without a heartbeat
+    except Exception:  # noqa: BLE001, S110 - Redis away: the next beat tries again
+        pass
+    try:
+        with repeating(beat, interval_s, f"step-heartbeat-{task_id[:8]}"):
+            yield
     finally:
-        stop.set()
-        thread.join(timeout=5)
         try:
             client.delete(key)
         except Exception:  # noqa: BLE001, S110 - it expires by itself

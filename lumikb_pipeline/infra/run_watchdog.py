@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from lumikb_pipeline.core.repeating import repeating
 
 if TYPE_CHECKING:
     from dagster import DagsterInstance
@@ -39,22 +40,12 @@ def run_heartbeat(instance: DagsterInstance, run_id: str, interval_s: float = HE
     instance.add_run_tags(run_id, {
         TAG_RUN_HOST: socket.gethostname(), TAG_RUN_PID: str(os.getpid()), TAG_RUN_HEARTBEAT: f"{time.time():.3f}",
     })
-    stop = threading.Event()
 
     def beat() -> None:
-        while not stop.wait(interval_s):
-            try:
-                instance.add_run_tags(run_id, {TAG_RUN_HEARTBEAT: f"{time.time():.3f}"})
-            except Exception:  # noqa: BLE001 - a storage hiccup: the next beat tries again
-                continue
+        instance.add_run_tags(run_id, {TAG_RUN_HEARTBEAT: f"{time.time():.3f}"})
 
-    thread = threading.Thread(target=beat, name=f"run-heartbeat-{run_id[:8]}", daemon=True)
-    thread.start()
-    try:
+    with repeating(beat, interval_s, f"run-heartbeat-{run_id[:8]}"):
         yield
-    finally:
-        stop.set()
-        thread.join(timeout=5)
 
 
 def with_run_heartbeat(plan_context: Any, events: Iterator[Any]) -> Iterator[Any]:

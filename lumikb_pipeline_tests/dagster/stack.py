@@ -39,16 +39,37 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], T], timeout_s: float, interval_s: float = 1.0, what: str = "condition") -> T:
-    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout_s`."""
+def wait_until(predicate: Callable[[], T], timeout_s: float, interval_s: float = 1.0, what: str = "condition",
+               explain: Callable[[], str] | None = None) -> T:
+    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout_s`, and
+    with what `explain` says about the state then (e.g. a sensor's last ticks)."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}"
+                                 + (f"\n{explain()}" if explain else ""))
         time.sleep(interval_s)
+
+
+def sensor_ticks(instance: Any, name: str, limit: int = 10) -> str:
+    """A sensor's stored status and its last ticks (time, status, skip reason or error), newest first."""
+    from datetime import UTC, datetime
+
+    from dagster._core.scheduler.instigation import InstigatorType
+
+    lines = []
+    for state in instance.all_instigator_state(instigator_type=InstigatorType.SENSOR):
+        if state.name != name:
+            continue
+        lines.append(f"sensor {name}: {state.status.value}")
+        for tick in instance.get_ticks(state.instigator_origin_id, state.selector_id, limit=limit):
+            at = datetime.fromtimestamp(tick.timestamp, UTC).strftime("%H:%M:%S")
+            detail = tick.error.message.strip()[:500] if tick.error else (tick.skip_reason or "")
+            lines.append(f"  {at} {tick.status.value} {detail}")
+    return "\n".join(lines) or f"sensor {name}: no stored state"
 
 
 @dataclass

@@ -32,7 +32,7 @@ from lumikb_pipeline_tests.dagster.helpers import (
     unique_slug,
     write_documents,
 )
-from lumikb_pipeline_tests.dagster.stack import Stack, wait_until
+from lumikb_pipeline_tests.dagster.stack import Stack, sensor_ticks, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -150,7 +150,9 @@ def test_reprocessing_workers_without_a_shared_folder_reextract_through_the_app_
 
     started = time.monotonic()
     assert set_schema(slug, SCHEMA_V2) == 2
-    job = wait_until(lambda: _sensor_job(slug, 2), 180, 1, "the sensor's re-extraction job")
+    job = wait_until(lambda: _sensor_job(slug, 2), 180, 1, "the sensor's re-extraction job",
+                     explain=lambda: sensor_ticks(stack.instance(), "schema_version_sensor")
+                     + "\ndaemon log:\n" + stack.log("daemon")[-3000:])
     wait_until(lambda: (_sensor_job(slug, 2) or job).status == JobStatus.SUCCEEDED, 480, 3,
                "the re-extraction on the other machines to succeed")
     elapsed = time.monotonic() - started

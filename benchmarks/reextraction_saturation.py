@@ -14,6 +14,12 @@ window anywhere (the first second included). "without ahead" is the design befor
 (`LUMIKB_REEXTRACT_AHEAD_S=0`): each run's step extracts its batch and ends. The JSON also holds
 each run's timeline medians (queued → started → extract → write → ended), which show where calls
 stopped.
+
+"plain" is the seed's plain Celery design (`benchmarks/plain_design.py`: one Celery task per batch,
+chunks one at a time, Celery's per-worker `rate_limit`), run after ours on the same stack's services,
+over the same documents, with as many worker processes as the stack's `reprocessing` worker has
+(two). It is stopped after `--plain-seconds` (its calls per second are what is compared, and at its
+pace a whole job would take most of an hour); the ratio is ours over its share of the limit.
 """
 
 from __future__ import annotations
@@ -31,9 +37,11 @@ DEFAULT_OUTPUT = Path("benchmarks/results/reextraction_saturation.json")
 
 
 def measure(
-    label: str, env: dict[str, str], documents: int, chunks: int, latency: tuple[float, float]
+    label: str, env: dict[str, str], documents: int, chunks: int, latency: tuple[float, float],
+    plain_seconds: float = 0,
 ) -> dict[str, Any]:
-    """Start a stack with `env`, re-extract, stop it; the figures."""
+    """Start a stack with `env`, re-extract, then (with `plain_seconds`) run the plain design over
+    the same documents, stop the stack; the figures."""
     from lumikb_pipeline.core.config import get_settings
     from lumikb_pipeline.db.session import dispose_engines
     from lumikb_pipeline_tests.dagster.saturation import measure_reextraction, overrides
@@ -47,10 +55,13 @@ def measure(
     get_settings.cache_clear()
     try:
         started = time.monotonic()
-        result = measure_reextraction(stack, unique_slug("bench"), root / "docs", documents=documents, chunks=chunks,
+        slug = unique_slug("bench")
+        result = measure_reextraction(stack, slug, root / "docs", documents=documents, chunks=chunks,
                                       latency_mean_s=latency[0], latency_jitter_s=latency[1])
         summary = {"label": label, "env": env, **result.summary(),
                    "wall_s": round(time.monotonic() - started, 1)}
+        if plain_seconds:
+            summary["plain"] = measure_plain(stack, slug, result.limit_per_s, plain_seconds, root / "plain-logs")
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -58,6 +69,34 @@ def measure(
         dispose_engines()
         stop_stack(stack)
     return summary
+
+
+def measure_plain(stack: Any, slug: str, limit_per_s: float, max_seconds: float, logs: Path) -> dict[str, Any]:
+    """The plain design over the KB's documents (at its current schema version) on `stack`'s services."""
+    import httpx
+    from sqlalchemy import select
+
+    from benchmarks.plain_design import measure_plain_design
+    from lumikb_pipeline.db.models import Document, KnowledgeBase
+    from lumikb_pipeline.db.session import session_scope
+    from lumikb_pipeline.testing.call_rates import busiest_window, steady_windows
+
+    with session_scope(stack.app_db_url) as session:
+        kb = session.scalars(select(KnowledgeBase).where(KnowledgeBase.slug == slug)).one()
+        version = kb.current_schema_version
+        doc_ids = list(session.scalars(select(Document.id).where(Document.kb_id == kb.id).order_by(Document.id)))
+    run = measure_plain_design(
+        stack.env, doc_ids, version, workers=2, batch_size=int(os.environ.get("PLAIN_BATCH_SIZE", "10")),
+        limit_per_s=limit_per_s, calls=stack.llm_calls, reset_calls=lambda: httpx.post(f"{stack.llm_url}/_reset"),
+        logs=logs, max_seconds=max_seconds,
+    )
+    windows = steady_windows(run.arrivals, limit_per_s)
+    return {
+        "seconds": round(run.seconds, 1), "finished": run.finished, "calls": len(run.arrivals),
+        "steady_share_of_limit": round(windows.mean_share, 4),
+        "lowest_10s_window_share": round(windows.lowest_share, 4),
+        "calls_per_10s_window": list(windows.counts), "busiest_1s_window": busiest_window(run.arrivals),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-jitter", type=float, default=0.5)
     parser.add_argument("--without-ahead", action=argparse.BooleanOptionalAction, default=None,
                         help="also measure the design without extraction ahead (default: not with --quick)")
+    parser.add_argument("--limit", default="10/s", help="LUMIKB_LLM_RATE_LIMIT of the stack")
+    parser.add_argument("--plain-seconds", type=float, default=None,
+                        help="run the plain Celery design this long after ours (default 300; 60 with --quick; 0: not)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     if not os.environ.get("LUMIKB_REDIS_URL") or not os.environ.get("LUMIKB_NEO4J_URI"):
@@ -80,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     documents = args.documents or (120 if args.quick else 300)
     without = (not args.quick) if args.without_ahead is None else args.without_ahead
     latency = (args.latency_mean, args.latency_jitter)
-    base = {"LUMIKB_REEXTRACT_BATCH_SIZE": str(args.batch_size)}
-    runs = [measure("with ahead", base, documents, args.chunks, latency)]
+    base = {"LUMIKB_REEXTRACT_BATCH_SIZE": str(args.batch_size), "LUMIKB_LLM_RATE_LIMIT": args.limit}
+    plain_seconds = args.plain_seconds if args.plain_seconds is not None else (60 if args.quick else 300)
+    runs = [measure("with ahead", base, documents, args.chunks, latency, plain_seconds)]
     if without:
         before = {**base, "LUMIKB_REEXTRACT_AHEAD_S": "0"}
         runs.append(measure("without ahead", before, documents, args.chunks, latency))
@@ -93,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         "lowest_10s_window_share": ours["lowest_10s_window_share"],
         "busiest_1s_window": ours["busiest_1s_window"],
         "without_ahead_steady_share_of_limit": runs[1]["steady_share_of_limit"] if without else None,
+        "plain_steady_share_of_limit": ours["plain"]["steady_share_of_limit"] if plain_seconds else None,
+        "ratio_to_plain": (round(ours["steady_share_of_limit"] / ours["plain"]["steady_share_of_limit"], 2)
+                           if plain_seconds and ours["plain"]["steady_share_of_limit"] else None),
         "runs": runs,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{run['label']:<15} {run['steady_share_of_limit']:>12.1%} {run['lowest_10s_window_share']:>11.1%} "
               f"{run['busiest_1s_window']:>11} {run['seconds']:>8} {run['runs']:>5}")
         print(f"    calls per 10 s: {run['calls_per_10s_window']}; medians: {run['median_s']}")
+    if plain_seconds:
+        plain = ours["plain"]
+        print(f"{'plain Celery':<15} {plain['steady_share_of_limit']:>12.1%} {plain['lowest_10s_window_share']:>11.1%} "
+              f"{plain['busiest_1s_window']:>11} {plain['seconds']:>8} {'-':>5}"
+              f"{'' if plain['finished'] else f'  (stopped after {plain_seconds:g} s)'}")
+        print(f"    calls per 10 s: {plain['calls_per_10s_window']}; ours / plain: {result['ratio_to_plain']}x")
     print(f"written to {args.output}")
     return 0
 

@@ -146,6 +146,23 @@ BENCHMARKS: tuple[Benchmark, ...] = (
                    lambda r: r["lowest_10s_window_share"], 0.9),
             Figure("re-extraction through the stack: busiest 1-s window at the server",
                    lambda r: r["busiest_1s_window"], None, "<=", "calls"),
+            Figure("plain Celery design (seed): share of the limit (steady part)",
+                   lambda r: r["plain_steady_share_of_limit"], None),
+            Figure("re-extraction through the stack vs the plain Celery design (shares of the limit)",
+                   lambda r: r["ratio_to_plain"], None, unit="x"),
+        ),
+    ),
+    Benchmark(
+        "orchestration_overhead",
+        full=(),
+        quick=("--quick",),
+        figures=(
+            Figure("orchestration overhead per document, offline model: stack vs in-process (median)",
+                   lambda r: r["overhead_ms_per_document"]["median"], 50, "<=", "ms"),
+            Figure("offline re-extraction through the stack, documents/s (median)",
+                   lambda r: r["stack_documents_per_s"], None, unit="/s"),
+            Figure("offline re-extraction in-process, documents/s (median)",
+                   lambda r: r["in_process_documents_per_s"], None, unit="/s"),
         ),
     ),
 )

@@ -1,0 +1,182 @@
+"""What Dagster and Celery cost per document (issue 13, point 4): the same re-extraction with the
+offline model (no LLM wait, so what is left is orchestration and the work itself) through the whole
+stack, and through the processing functions called in this process, side by side in one run.
+
+    eval "$(scripts/services env)"
+    python -m benchmarks.orchestration_overhead            # 400 documents × 3 chunks, 2 rounds
+    python -m benchmarks.orchestration_overhead --quick    # 80 documents, 1 round
+
+One stack of real processes (`lumikb_pipeline_tests/dagster/stack.py`: Dagster code server,
+webserver and daemon, Celery workers with two `reprocessing` processes, PostgreSQL, Redis, Neo4j)
+with `LUMIKB_LLM_MODEL=lumikb/offline`. Each round ingests two KBs of the same documents as
+extracted at schema version 1:
+- **stack**: the first KB's schema changes; the schema-version sensor starts the job (a backfill of
+  batch runs on `reprocessing`); timed from the schema change to the job's end.
+- **in-process**: with the Dagster daemon stopped (so no sensor starts a job), the second KB's
+  schema changes and its documents go through `pipeline.extract.extract_documents` and
+  `pipeline.write.write_documents` here, batch by batch (the batch size of the stack's runs), one
+  process; the daemon is started again afterwards.
+
+The overhead per document is (stack seconds − in-process seconds) / documents, per round; the
+figure is its median (target < 50 ms). The stack runs two processes where in-process runs one, so
+a negative figure means the stack's parallelism outweighs what it costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUTPUT = Path("benchmarks/results/orchestration_overhead.json")
+BATCH_SIZE = 40
+
+
+def _stack_round(stack: Any, root: Path, documents: int, chunks: int) -> float:
+    from sqlalchemy import select
+
+    from lumikb_pipeline.db.models import Job, JobStatus
+    from lumikb_pipeline.db.session import session_scope
+    from lumikb_pipeline_tests.dagster.helpers import SCHEMA_V2, create_kb, database_url, set_schema, unique_slug
+    from lumikb_pipeline_tests.dagster.saturation import ingest_as_extracted
+    from lumikb_pipeline_tests.dagster.stack import wait_until
+
+    slug = unique_slug("overhead")
+    create_kb(slug)
+    ingest_as_extracted(slug, root / slug, documents, chunks)
+    started = time.monotonic()
+    set_schema(slug, SCHEMA_V2)
+
+    def ended() -> Job | None:
+        with session_scope(database_url()) as session:
+            job = session.scalar(select(Job).where(Job.dedupe_key == f"sensor:{slug}:2"))
+            if job is None or job.status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED):
+                return None
+            session.expunge(job)
+            return job
+
+    job = wait_until(ended, 1800, 0.2, f"the re-extraction job of {slug}")
+    seconds = time.monotonic() - started
+    if job.status != JobStatus.SUCCEEDED:
+        raise RuntimeError(f"job {job.id} ended {job.status.value}")
+    return seconds
+
+
+def _in_process_round(stack: Any, root: Path, documents: int, chunks: int) -> float:
+    from lumikb_pipeline.core.config import load_settings
+    from lumikb_pipeline.db import ledger
+    from lumikb_pipeline.db.models import ExtractionStatus
+    from lumikb_pipeline.db.session import session_scope
+    from lumikb_pipeline.graph import open_graph_store
+    from lumikb_pipeline.llm.extractor import ChunkExtractor
+    from lumikb_pipeline.pipeline.extract import extract_documents
+    from lumikb_pipeline.pipeline.write import write_documents
+    from lumikb_pipeline_tests.dagster.helpers import SCHEMA_V2, create_kb, database_url, set_schema, unique_slug
+    from lumikb_pipeline_tests.dagster.saturation import ingest_as_extracted
+
+    slug = unique_slug("inproc")
+    create_kb(slug)
+    ids = ingest_as_extracted(slug, root / slug, documents, chunks)
+    settings = load_settings()
+    store = open_graph_store(settings)
+    extractor = ChunkExtractor(settings)
+    extractor.warm_up()
+    try:
+        started = time.monotonic()
+        version = set_schema(slug, SCHEMA_V2)
+        for first in range(0, len(ids), BATCH_SIZE):
+            batch = ids[first:first + BATCH_SIZE]
+            outcomes = extract_documents(settings, extractor, batch, claimant="bench-in-process",
+                                         schema_version=version)
+            write_documents(settings, store, outcomes, claimant="bench-in-process")
+        seconds = time.monotonic() - started
+    finally:
+        store.close()
+    with session_scope(database_url()) as session:
+        done = len([r for r in ledger.records_for(session, ids, version).values()
+                    if r.status == ExtractionStatus.SUCCEEDED])
+    if done != len(ids):
+        raise RuntimeError(f"in-process: {done} of {len(ids)} documents succeeded")
+    return seconds
+
+
+def measure(documents: int, chunks: int, rounds: int) -> dict[str, Any]:
+    from lumikb_pipeline.core.config import get_settings
+    from lumikb_pipeline.db.session import dispose_engines
+    from lumikb_pipeline_tests.dagster.stack import stack_environment, start_stack, stop_stack, wait_until
+
+    root = Path(tempfile.mkdtemp(prefix="lumikb-overhead-"))
+    overrides = {"LUMIKB_LLM_MODEL": "lumikb/offline", "LUMIKB_REEXTRACT_BATCH_SIZE": str(BATCH_SIZE)}
+    stack = start_stack(root / "stack", overrides)
+    results = []
+    try:
+        with stack_environment(stack):
+            get_settings.cache_clear()
+            for _ in range(rounds):
+                stack_s = _stack_round(stack, root, documents, chunks)
+                stack.kill("daemon")
+                try:
+                    in_process_s = _in_process_round(stack, root, documents, chunks)
+                finally:
+                    logged = len(stack.log("daemon"))
+                    stack.restart("daemon")
+                    # Its sensors tick again: the next round's schema change is seen as in the first.
+                    wait_until(lambda n=logged: "SensorDaemon" in stack.log("daemon")[n:],  # type: ignore[misc]
+                               180, 1, "the daemon to start again")
+                results.append({
+                    "stack_s": round(stack_s, 2), "in_process_s": round(in_process_s, 2),
+                    "stack_documents_per_s": round(documents / stack_s, 2),
+                    "in_process_documents_per_s": round(documents / in_process_s, 2),
+                    "overhead_ms_per_document": round((stack_s - in_process_s) / documents * 1000, 1),
+                })
+                print(f"round {len(results)}: {results[-1]}", flush=True)
+    finally:
+        get_settings.cache_clear()
+        dispose_engines()
+        stop_stack(stack)
+    overheads = [r["overhead_ms_per_document"] for r in results]
+    return {
+        "documents": documents, "chunks_per_document": chunks, "rounds": results, "batch_size": BATCH_SIZE,
+        "overhead_ms_per_document": {"median": statistics.median(overheads), "min": min(overheads),
+                                     "max": max(overheads)},
+        "stack_documents_per_s": statistics.median(r["stack_documents_per_s"] for r in results),
+        "in_process_documents_per_s": statistics.median(r["in_process_documents_per_s"] for r in results),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.orchestration_overhead",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="80 documents, 1 round")
+    parser.add_argument("--documents", type=int, default=None)
+    parser.add_argument("--chunks", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    args = parser.parse_args(argv)
+    if not os.environ.get("LUMIKB_REDIS_URL") or not os.environ.get("LUMIKB_NEO4J_URI"):
+        print('the services are not set: run `scripts/services up` and `eval "$(scripts/services env)"`',
+              file=sys.stderr)
+        return 2
+    documents = args.documents or (80 if args.quick else 400)
+    rounds = args.rounds or (1 if args.quick else 2)
+    result = measure(documents, args.chunks, rounds)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    overhead = result["overhead_ms_per_document"]
+    print(f"\nOrchestration overhead, offline model, {documents} documents × {args.chunks} chunks, {rounds} round(s):")
+    print(f"  through the stack: {result['stack_documents_per_s']:.1f} documents/s; in-process: "
+          f"{result['in_process_documents_per_s']:.1f} documents/s")
+    print(f"  overhead per document (median): {overhead['median']:.1f} ms (min {overhead['min']:.1f}, "
+          f"max {overhead['max']:.1f}); target < 50 ms")
+    print(f"written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

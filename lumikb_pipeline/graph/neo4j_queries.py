@@ -82,7 +82,8 @@ AWAIT_INDEXES = "CALL db.awaitIndexes($timeout_s)"
 # has passed the schema check and `domain.schema.RELATIONSHIP_TYPE_PATTERN` before it reaches the builder, which
 # checks the pattern again. Only type names, never text from a document, are part of a query.
 
-def _lock_and_read(types: tuple[str, ...]) -> str:
+def _then_relationships(nodes: str, types: tuple[str, ...]) -> str:
+    """`nodes` (a clause that binds `nodes`), then the relationships of $rel_lookups between them."""
     for rel_type in types:
         if not RELATIONSHIP_TYPE_PATTERN.fullmatch(rel_type):
             raise ValueError(f"relationship type {rel_type!r} does not match {RELATIONSHIP_TYPE_PATTERN.pattern}")
@@ -102,22 +103,27 @@ def _lock_and_read(types: tuple[str, ...]) -> str:
 }}"""
     else:
         relationships = "WITH nodes, [] AS relationships"
-    return f"""CALL () {{
-  UNWIND $refs AS ref
-  MERGE (e:Entity {{kb_id: $kb_id, type: ref[0], key: ref[1]}})
-  SET e.kb_id = $kb_id
-  RETURN collect(e) AS nodes
-}}
+    return f"""{nodes}
 {relationships}
 RETURN [e IN nodes | [e.name, e.description, e.aggregate, elementId(e)]] AS entities, relationships
 """
 
 
+_LOCK_ENTITIES = """CALL () {
+  UNWIND $refs AS ref
+  MERGE (e:Entity {kb_id: $kb_id, type: ref[0], key: ref[1]})
+  SET e.kb_id = $kb_id
+  RETURN collect(e) AS nodes
+}"""
+
+
 # 1. The document's write lock (MERGE + a no-op SET), its recorded schema version, the chunks of other
 #    documents among the new chunk ids, and its footprint reached from its own chunks, with element
 #    ids. When the write may proceed (not an older version, no foreign chunk) and the footprint names
-#    no entity or relationship beyond $refs and $rel_keys (always so for a new document), the same
-#    query takes step 2 too (`locked` says whether it did): one round trip instead of two.
+#    no entity beyond $refs (always so for a new document), the same query takes step 2 too (`locked`
+#    says whether it did): one round trip instead of two. (The footprint's relationships that the new
+#    graph does not name join entities of $refs, which this query locked; the store reads them with
+#    `read_relationships`.)
 _LOCK_DOCUMENT = """
 MERGE (d:Document {kb_id: $kb_id, id: $doc_id})
 SET d.kb_id = $kb_id
@@ -139,8 +145,7 @@ WITH d, d.schema_version AS held,
   } AS sources
 WITH d, held, foreign, chunks, mentions, sources,
   (held IS NULL OR held <= $schema_version) AND size(foreign) = 0
-  AND all(m IN mentions WHERE [m[1], m[2]] IN $refs)
-  AND all(s IN sources WHERE s[0..5] IN $rel_keys) AS locked
+  AND all(m IN mentions WHERE [m[1], m[2]] IN $refs) AS locked
 OPTIONAL CALL (locked) {
   WITH locked WHERE locked
 """
@@ -149,7 +154,7 @@ OPTIONAL CALL (locked) {
 @functools.cache
 def lock_document(types: tuple[str, ...]) -> str:
     """Steps 1 and 2 in one query, for a write whose new graph has relationships of `types` (sorted)."""
-    body = "\n".join("  " + line for line in _lock_and_read(types).strip().splitlines())
+    body = "\n".join("  " + line for line in _then_relationships(_LOCK_ENTITIES, types).strip().splitlines())
     return _LOCK_DOCUMENT + body + """
 }
 RETURN elementId(d) AS document, held, foreign, chunks, mentions, sources, locked, entities, relationships
@@ -178,7 +183,19 @@ RETURN elementId(d) AS document, d.schema_version AS held, [] AS foreign,
 def lock_and_read_aggregates(types: tuple[str, ...]) -> str:
     """2. Step 2 alone, when the footprint holds entities or relationships the new graph does not
     name (a re-extraction that dropped some, a removal); `types` as in `lock_document`."""
-    return _lock_and_read(types)
+    return _then_relationships(_LOCK_ENTITIES, types)
+
+
+@functools.cache
+def read_relationships(types: tuple[str, ...]) -> str:
+    """The relationships of $rel_lookups between the entities of $entities (element ids, locked by
+    this transaction), of `types` as in `lock_document`."""
+    return _then_relationships("""CALL () {
+  UNWIND $entities AS id
+  MATCH (e:Entity) WHERE elementId(e) = id
+  RETURN collect(e) AS nodes
+}
+WITH nodes WHERE size(nodes) = size($entities)""", types)
 
 
 # Every record of one element, for the plan's rare recount (`plan.RecordLoader`).

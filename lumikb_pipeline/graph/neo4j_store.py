@@ -158,33 +158,36 @@ def _relationship_types(rel_keys: list[RelKey]) -> tuple[str, ...]:
     return tuple(sorted({key[0] for key in rel_keys}))
 
 
-def _lock_parameters(refs: list[Ref], rel_keys: list[RelKey], types: tuple[str, ...]) -> dict[str, Any]:
-    """`$refs`, `$rel_keys` and `$rel_lookups` of the lock step (shapes documented in `neo4j_queries`)."""
+def _lookups(refs: list[Ref], rel_keys: list[RelKey], types: tuple[str, ...]) -> list[list[list[int]]]:
+    """`$rel_lookups` of the lock and read queries (shape documented in `neo4j_queries`)."""
     index = {ref: i for i, ref in enumerate(refs)}
     lookups: dict[str, list[list[int]]] = {rel_type: [] for rel_type in types}
     for i, key in enumerate(rel_keys):
         lookups[key[0]].append([i, index[(key[1], key[2])], index[(key[3], key[4])]])
-    return {
-        "refs": [list(ref) for ref in refs],
-        "rel_keys": [list(key) for key in rel_keys],
-        "rel_lookups": [lookups[rel_type] for rel_type in types],
-    }
+    return [lookups[rel_type] for rel_type in types]
 
 
-def _stored_state(entities: list[Any], relationships: list[Any], refs: list[Ref], rel_keys: list[RelKey],
-                  found: _Found) -> StoredState:
-    """The aggregates the lock step read, and the element ids of what it found."""
-    state = StoredState()
+def _read_entities(entities: list[Any], refs: list[Ref], state: StoredState, found: _Found) -> None:
+    """The entities' aggregates, as the lock step read them (in the order of `refs`)."""
     found.entities = []
     for ref, (name, description, aggregate, element) in zip(refs, entities, strict=True):
         found.entities.append(element)
         if aggregate is not None:
             state.entities[ref] = EntityState.from_stored(name, description, aggregate)
+
+
+def _read_relationships(relationships: list[Any], rel_keys: list[RelKey], state: StoredState, found: _Found) -> None:
+    """The relationships' aggregates, as a lookup of `rel_keys` read them (absent: no such relationship)."""
     for i, description, aggregate, element in relationships:
         key = rel_keys[i]
         state.relationships[key] = RelationshipState.from_stored(description, aggregate)
         found.relationships[key] = element
-    return state
+
+
+def _not_found_again(kb_id: str, doc_id: str) -> RuntimeError:
+    # Cannot happen while the transaction holds the locks; raising rolls the transaction back.
+    return RuntimeError(f"graph store: an element locked by the write of document {doc_id!r} in KB {kb_id!r} "
+                        "was not found again in the same transaction; nothing was written")
 
 
 def _apply_parameters(
@@ -348,7 +351,8 @@ class Neo4jGraphStore:
             types = _relationship_types(rel_keys)
             record = tx.run(
                 q.lock_document(types), kb_id=kb_id, doc_id=doc_id, chunk_ids=[c.id for c in graph.chunks],
-                schema_version=graph.schema_version, **_lock_parameters(refs, rel_keys, types),
+                schema_version=graph.schema_version, refs=[list(ref) for ref in refs],
+                rel_lookups=_lookups(refs, rel_keys, types),
             ).single()
             assert record is not None  # MERGE always yields the document's row
             held = record["held"]
@@ -361,18 +365,39 @@ class Neo4jGraphStore:
             if record is None:  # removal of a document that is not there
                 return WriteSummary(kb_id=kb_id, doc_id=doc_id, mode=mode)
         footprint, found = _footprint(record)
-        if record["locked"]:
-            entities, relationships = record["entities"], record["relationships"]
-        else:  # the footprint names entities or relationships beyond the new graph's: lock them all
+        state = StoredState()
+        missing: list[RelKey] = []
+        locked = bool(record["locked"])
+        if locked:
+            # The footprint's entities were among the new graph's and are locked; its relationships
+            # that the new graph does not name join them (a relationship's endpoints are entities of
+            # the same contribution) and are read next.
+            missing = sorted(footprint.rel_keys - set(rel_keys))
+            ends = set(refs)
+            if any((k[1], k[2]) not in ends or (k[3], k[4]) not in ends for k in missing):
+                locked = False  # cannot happen for a validated contribution; the full path handles it
+        if locked:
+            _read_entities(record["entities"], refs, state, found)
+            _read_relationships(record["relationships"], rel_keys, state, found)
+            if missing:
+                types = _relationship_types(missing)
+                stored = tx.run(
+                    q.read_relationships(types), entities=found.entities, rel_lookups=_lookups(refs, missing, types)
+                ).single()
+                if stored is None:
+                    raise _not_found_again(kb_id, doc_id)
+                _read_relationships(stored["relationships"], missing, state, found)
+        else:  # the footprint names entities beyond the new graph's: lock them all, in order
             refs = touched_refs(footprint, graph)
             rel_keys = touched_rel_keys(footprint, graph)
             types = _relationship_types(rel_keys)
             stored = tx.run(
-                q.lock_and_read_aggregates(types), kb_id=kb_id, **_lock_parameters(refs, rel_keys, types)
+                q.lock_and_read_aggregates(types), kb_id=kb_id, refs=[list(ref) for ref in refs],
+                rel_lookups=_lookups(refs, rel_keys, types),
             ).single()
             assert stored is not None  # the query always returns its one row
-            entities, relationships = stored["entities"], stored["relationships"]
-        state = _stored_state(entities, relationships, refs, rel_keys, found)
+            _read_entities(stored["entities"], refs, state, found)
+            _read_relationships(stored["relationships"], rel_keys, state, found)
         plan = plan_write(kb_id, doc_id, graph, mode, footprint, state, _Records(tx, kb_id))
         # Entities the lock step created that the plan does not write (it always writes those the
         # new graph mentions; this only guards against leaving a nameless node behind).
@@ -381,8 +406,7 @@ class Neo4jGraphStore:
         schema_version = graph.schema_version if graph is not None else 0
         parameters = _apply_parameters(kb_id, doc_id, schema_version, footprint, plan, refs, found, unnamed)
         if tx.run(q.APPLY_PLAN, parameters).single() is None:
-            raise RuntimeError(f"graph store: an element locked by the write of document {doc_id!r} in KB "
-                               f"{kb_id!r} was not found again in the same transaction; nothing was written")
+            raise _not_found_again(kb_id, doc_id)
         return plan.summary
 
     # --- reads ---

@@ -229,8 +229,80 @@ RETURN c.id AS chunk_id, s.description AS description
 #   $chunks_delete        [c];  $entities_delete [e]
 # When an element id does not resolve (it cannot, under the locks the transaction holds) nothing is
 # applied and no row is returned; the store then raises, which rolls the transaction back.
-APPLY_PLAN = """
-MATCH (d:Document) WHERE elementId(d) = $document
+#
+# The query holds only the parts whose rows are not empty (`apply_plan(parts)`, cached): a new
+# document needs four of the twelve optional parts, and each part left out is a subquery Neo4j
+# neither plans nor sets up per execution.
+_APPLY_PARTS: dict[str, str] = {
+    "chunks_ordinal": """CALL (chunks) {
+  UNWIND $chunks_ordinal AS row
+  WITH chunks[row[0]] AS c, row
+  SET c.ordinal = row[1]
+}""",
+    "entities_upsert": """CALL (nodes) {
+  UNWIND $entities_upsert AS row
+  WITH nodes[row[0]] AS e, row
+  SET e.name = row[1], e.description = row[2], e.aggregate = row[3]
+}""",
+    "mentions_delete": """CALL () {
+  UNWIND $mentions_delete AS id
+  MATCH ()-[m:MENTIONS]->() WHERE elementId(m) = id
+  DELETE m
+}""",
+    "mentions_create": """CALL (chunks, nodes) {
+  UNWIND $mentions_create AS row
+  WITH chunks[row[0]] AS c, nodes[row[1]] AS e, row
+  CREATE (c)-[:MENTIONS {names: row[2], descriptions: row[3]}]->(e)
+}""",
+    "mentions_update": """CALL () {
+  UNWIND $mentions_update AS row
+  MATCH ()-[m:MENTIONS]->() WHERE elementId(m) = row[0]
+  SET m.names = row[1], m.descriptions = row[2]
+}""",
+    "sources_delete": """CALL () {
+  UNWIND $sources_delete AS id
+  MATCH ()-[s:Asserts]->() WHERE elementId(s) = id
+  DELETE s
+}""",
+    "relationships_delete": """CALL () {
+  UNWIND $relationships_delete AS id
+  MATCH ()-[r]->() WHERE elementId(r) = id
+  DELETE r
+}""",
+    "relationships_create": """CALL (nodes) {
+  UNWIND $relationships_create AS row
+  WITH nodes[row[0]] AS a, nodes[row[1]] AS b, row
+  CREATE (a)-[:$(row[2]) {type: row[2], kb_id: $kb_id, description: row[3], aggregate: row[4]}]->(b)
+}""",
+    "relationships_update": """CALL () {
+  UNWIND $relationships_update AS row
+  MATCH ()-[r]->() WHERE elementId(r) = row[0]
+  SET r.description = row[1], r.aggregate = row[2]
+}""",
+    "sources_add": """CALL (chunks, nodes) {
+  UNWIND $sources_add AS row
+  WITH chunks[row[0]] AS c, nodes[row[1]] AS a, row
+  CREATE (c)-[:Asserts {type: row[2], target_type: row[3], target_key: row[4], description: row[5]}]->(a)
+}""",
+    "chunks_delete": """CALL (chunks) {
+  UNWIND $chunks_delete AS i
+  WITH chunks[i] AS c
+  DETACH DELETE c
+}""",
+    "entities_delete": """CALL (nodes) {
+  UNWIND $entities_delete AS i
+  WITH nodes[i] AS e
+  DETACH DELETE e
+}""",
+}
+APPLY_PARTS = tuple(_APPLY_PARTS)  # in the order they run
+"""The row lists of `apply_plan` that are parts of their own (the others are always present)."""
+
+
+@functools.cache
+def apply_plan(parts: frozenset[str]) -> str:
+    """The apply step with the parts (of `APPLY_PARTS`) that have rows."""
+    return """MATCH (d:Document) WHERE elementId(d) = $document
 CALL () {
   UNWIND $entities AS id
   MATCH (e:Entity) WHERE elementId(e) = id
@@ -253,72 +325,14 @@ CALL (d) {
   RETURN collect(c) AS created
 }
 WITH d, nodes, existing + created AS chunks
-CALL (chunks) {
-  UNWIND $chunks_ordinal AS row
-  WITH chunks[row[0]] AS c, row
-  SET c.ordinal = row[1]
-}
-CALL (nodes) {
-  UNWIND $entities_upsert AS row
-  WITH nodes[row[0]] AS e, row
-  SET e.name = row[1], e.description = row[2], e.aggregate = row[3]
-}
-CALL () {
-  UNWIND $mentions_delete AS id
-  MATCH ()-[m:MENTIONS]->() WHERE elementId(m) = id
-  DELETE m
-}
-CALL (chunks, nodes) {
-  UNWIND $mentions_create AS row
-  WITH chunks[row[0]] AS c, nodes[row[1]] AS e, row
-  CREATE (c)-[:MENTIONS {names: row[2], descriptions: row[3]}]->(e)
-}
-CALL () {
-  UNWIND $mentions_update AS row
-  MATCH ()-[m:MENTIONS]->() WHERE elementId(m) = row[0]
-  SET m.names = row[1], m.descriptions = row[2]
-}
-CALL () {
-  UNWIND $sources_delete AS id
-  MATCH ()-[s:Asserts]->() WHERE elementId(s) = id
-  DELETE s
-}
-CALL () {
-  UNWIND $relationships_delete AS id
-  MATCH ()-[r]->() WHERE elementId(r) = id
-  DELETE r
-}
-CALL (nodes) {
-  UNWIND $relationships_create AS row
-  WITH nodes[row[0]] AS a, nodes[row[1]] AS b, row
-  CREATE (a)-[:$(row[2]) {type: row[2], kb_id: $kb_id, description: row[3], aggregate: row[4]}]->(b)
-}
-CALL () {
-  UNWIND $relationships_update AS row
-  MATCH ()-[r]->() WHERE elementId(r) = row[0]
-  SET r.description = row[1], r.aggregate = row[2]
-}
-CALL (chunks, nodes) {
-  UNWIND $sources_add AS row
-  WITH chunks[row[0]] AS c, nodes[row[1]] AS a, row
-  CREATE (c)-[:Asserts {type: row[2], target_type: row[3], target_key: row[4], description: row[5]}]->(a)
-}
-CALL (chunks) {
-  UNWIND $chunks_delete AS i
-  WITH chunks[i] AS c
-  DETACH DELETE c
-}
-CALL (nodes) {
-  UNWIND $entities_delete AS i
-  WITH nodes[i] AS e
-  DETACH DELETE e
-}
+""" + "\n".join(_APPLY_PARTS[part] for part in APPLY_PARTS if part in parts) + """
 CALL (d) {
   WITH d WHERE $remove
   DETACH DELETE d
 }
 RETURN 1 AS applied
 """
+
 
 # --- counts ------------------------------------------------------------------------------------
 

@@ -194,7 +194,7 @@ def _apply_parameters(
     kb_id: str, doc_id: str, schema_version: int, footprint: Footprint, plan: WritePlan, refs: list[Ref],
     found: _Found, unnamed: list[Ref],
 ) -> dict[str, Any]:
-    """The parameters of `APPLY_PLAN` (row shapes documented there)."""
+    """The parameters of `neo4j_queries.apply_plan` (row shapes documented there)."""
     entity = {ref: i for i, ref in enumerate(refs)}
     existing = list(found.chunks)
     new_chunks = [(cid, ordinal) for cid, ordinal in plan.chunks_upsert if cid not in footprint.chunks]
@@ -405,7 +405,8 @@ class Neo4jGraphStore:
         unnamed = [ref for ref in refs if ref not in state.entities and ref not in written]
         schema_version = graph.schema_version if graph is not None else 0
         parameters = _apply_parameters(kb_id, doc_id, schema_version, footprint, plan, refs, found, unnamed)
-        if tx.run(q.APPLY_PLAN, parameters).single() is None:
+        parts = frozenset(part for part in q.APPLY_PARTS if parameters[part])
+        if tx.run(q.apply_plan(parts), parameters).single() is None:
             raise _not_found_again(kb_id, doc_id)
         return plan.summary
 

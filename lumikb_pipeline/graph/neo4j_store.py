@@ -1,5 +1,6 @@
-"""The Neo4j graph store: batched, idempotent writes, one transaction per document (three queries:
-lock and read the footprint, lock entities and read aggregates, apply the plan of `graph.plan`).
+"""The Neo4j graph store: batched, idempotent writes, one transaction per document (two queries: lock
+the document and its entities and read the footprint and the aggregates, apply the plan of
+`graph.plan`; a third between them when the document loses entities or relationships).
 
 One driver per process (a connection pool; created lazily, re-created after a fork, closed at exit)
 is shared by every store opened in the process. Writes run in the driver's managed `execute_write`,
@@ -12,6 +13,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 from neo4j import Driver, GraphDatabase, ManagedTransaction
@@ -123,49 +125,122 @@ class _Records:
         return [(r["chunk_id"], r["description"]) for r in result]
 
 
-def _footprint(record: Any) -> Footprint:
+@dataclass
+class _Found:
+    """What the lock steps found, by element id (valid for the rest of the transaction, which holds
+    the locks): the apply step addresses nodes and edges by them instead of looking them up again."""
+
+    document: str
+    chunks: dict[str, str] = field(default_factory=dict)  # chunk id -> element id
+    mentions: dict[tuple[str, Ref], str] = field(default_factory=dict)
+    sources: dict[tuple[RelKey, Source], str] = field(default_factory=dict)
+    entities: list[str] = field(default_factory=list)  # in the order of the locked refs
+    relationships: dict[RelKey, str] = field(default_factory=dict)
+
+
+def _footprint(record: Any) -> tuple[Footprint, _Found]:
     footprint = Footprint(exists=record["held"] is not None)
-    footprint.chunks = {cid: ordinal for cid, ordinal in record["chunks"]}
-    for cid, t, k, names, descriptions in record["mentions"]:
+    found = _Found(document=record["document"])
+    for cid, ordinal, element in record["chunks"]:
+        footprint.chunks[cid] = ordinal
+        found.chunks[cid] = element
+    for cid, t, k, names, descriptions, element in record["mentions"]:
         footprint.mentions[(cid, (t, k))] = (frozenset(names), frozenset(descriptions))
-    for t, st, sk, tt, tk, cid, description in record["sources"]:
+        found.mentions[(cid, (t, k))] = element
+    for t, st, sk, tt, tk, cid, description, element in record["sources"]:
         footprint.sources[(t, st, sk, tt, tk)].add((cid, description))
-    return footprint
+        found.sources[((t, st, sk, tt, tk), (cid, description))] = element
+    return footprint, found
+
+
+def _relationship_types(rel_keys: list[RelKey]) -> tuple[str, ...]:
+    """The relationship types of the lock step's query (`neo4j_queries.lock_document`)."""
+    return tuple(sorted({key[0] for key in rel_keys}))
+
+
+def _lookups(refs: list[Ref], rel_keys: list[RelKey], types: tuple[str, ...]) -> list[list[list[int]]]:
+    """`$rel_lookups` of the lock and read queries (shape documented in `neo4j_queries`)."""
+    index = {ref: i for i, ref in enumerate(refs)}
+    lookups: dict[str, list[list[int]]] = {rel_type: [] for rel_type in types}
+    for i, key in enumerate(rel_keys):
+        lookups[key[0]].append([i, index[(key[1], key[2])], index[(key[3], key[4])]])
+    return [lookups[rel_type] for rel_type in types]
+
+
+def _read_entities(entities: list[Any], refs: list[Ref], state: StoredState, found: _Found) -> None:
+    """The entities' aggregates, as the lock step read them (in the order of `refs`)."""
+    found.entities = []
+    for ref, (name, description, aggregate, element) in zip(refs, entities, strict=True):
+        found.entities.append(element)
+        if aggregate is not None:
+            state.entities[ref] = EntityState.from_stored(name, description, aggregate)
+
+
+def _read_relationships(relationships: list[Any], rel_keys: list[RelKey], state: StoredState, found: _Found) -> None:
+    """The relationships' aggregates, as a lookup of `rel_keys` read them (absent: no such relationship)."""
+    for i, description, aggregate, element in relationships:
+        key = rel_keys[i]
+        state.relationships[key] = RelationshipState.from_stored(description, aggregate)
+        found.relationships[key] = element
+
+
+def _not_found_again(kb_id: str, doc_id: str) -> RuntimeError:
+    # Cannot happen while the transaction holds the locks; raising rolls the transaction back.
+    return RuntimeError(f"graph store: an element locked by the write of document {doc_id!r} in KB {kb_id!r} "
+                        "was not found again in the same transaction; nothing was written")
 
 
 def _apply_parameters(
-    kb_id: str, doc_id: str, schema_version: int, footprint: Footprint, plan: WritePlan, unnamed: list[Ref]
+    kb_id: str, doc_id: str, schema_version: int, footprint: Footprint, plan: WritePlan, refs: list[Ref],
+    found: _Found, unnamed: list[Ref],
 ) -> dict[str, Any]:
-    """The parameters of `APPLY_PLAN` (row shapes documented there)."""
+    """The parameters of `neo4j_queries.apply_plan` (row shapes documented there)."""
+    entity = {ref: i for i, ref in enumerate(refs)}
+    existing = list(found.chunks)
+    new_chunks = [(cid, ordinal) for cid, ordinal in plan.chunks_upsert if cid not in footprint.chunks]
+    chunk = {cid: i for i, cid in enumerate([*existing, *(cid for cid, _ in new_chunks)])}
+    mentions_create, mentions_update = [], []
+    for m in plan.mentions_upsert:
+        element = found.mentions.get((m.chunk_id, m.ref))
+        if element is None:
+            mentions_create.append([chunk[m.chunk_id], entity[m.ref], list(m.names), list(m.descriptions)])
+        else:
+            mentions_update.append([element, list(m.names), list(m.descriptions)])
+    relationships_create, relationships_update = [], []
+    for key, rel in plan.relationships_upsert:
+        element = found.relationships.get(key)
+        if element is None:
+            relationships_create.append([entity[(key[1], key[2])], entity[(key[3], key[4])], key[0], rel.description,
+                                         rel.aggregate_json()])
+        else:
+            relationships_update.append([element, rel.description, rel.aggregate_json()])
     return {
         "kb_id": kb_id,
         "doc_id": doc_id,
+        "document": found.document,
+        "entities": found.entities,
+        "chunks": [found.chunks[cid] for cid in existing],
         "schema_version": schema_version,
         "remove": plan.delete_document,
-        "chunks_upsert": [[cid, ordinal, cid not in footprint.chunks] for cid, ordinal in plan.chunks_upsert],
+        "chunks_new": [[cid, ordinal] for cid, ordinal in new_chunks],
+        "chunks_ordinal": [[chunk[cid], ordinal] for cid, ordinal in plan.chunks_upsert if cid in footprint.chunks],
         "entities_upsert": [
-            [*ref, e.name, e.description, e.aggregate_json()] for ref, e in plan.entities_upsert
+            [entity[ref], e.name, e.description, e.aggregate_json()] for ref, e in plan.entities_upsert
         ],
-        "mentions_delete": [[cid, *ref] for cid, ref in plan.mentions_delete],
-        "mentions_upsert": [
-            [m.chunk_id, *m.ref, list(m.names), list(m.descriptions), (m.chunk_id, m.ref) not in footprint.mentions]
-            for m in plan.mentions_upsert
+        "mentions_delete": [found.mentions[edge] for edge in plan.mentions_delete],
+        "mentions_create": mentions_create,
+        "mentions_update": mentions_update,
+        "sources_delete": [found.sources[(key, source)] for key, source in plan.sources_delete],
+        "sources_add": [
+            [chunk[source[0]], entity[(key[1], key[2])], key[0], key[3], key[4], source[1]]
+            for key, source in plan.sources_add
         ],
-        "sources_delete": [[*key, *source] for key, source in plan.sources_delete],
-        "sources_add": [[*key, *source] for key, source in plan.sources_add],
-        "relationships_delete": [list(key) for key in plan.relationships_delete],
-        "relationships_upsert": [
-            [*key, rel.description, rel.aggregate_json(), created]
-            for key, rel, created in plan_relationships(plan)
-        ],
-        "chunks_delete": plan.chunks_delete,
-        "entities_delete": [list(ref) for ref in [*plan.entities_delete, *unnamed]],
+        "relationships_delete": [found.relationships[key] for key in plan.relationships_delete],
+        "relationships_create": relationships_create,
+        "relationships_update": relationships_update,
+        "chunks_delete": [chunk[cid] for cid in plan.chunks_delete],
+        "entities_delete": [entity[ref] for ref in [*plan.entities_delete, *unnamed]],
     }
-
-
-def plan_relationships(plan: WritePlan) -> list[tuple[RelKey, RelationshipState, bool]]:
-    """The relationships to write, each with whether it is new."""
-    return [(key, rel, key in plan.created_relationships) for key, rel in plan.relationships_upsert]
 
 
 class Neo4jGraphStore:
@@ -268,41 +343,71 @@ class Neo4jGraphStore:
         tx: ManagedTransaction, kb_id: str, doc_id: str, graph: DocumentGraph | None, mode: WriteMode
     ) -> WriteSummary:
         """The transaction function (the driver may run it again after a transient error): lock the
-        document and read its footprint, lock the entities and read the aggregates, plan, apply."""
-        chunk_ids = [c.id for c in graph.chunks] if graph else []
-        query = q.LOCK_DOCUMENT if graph is not None else q.LOCK_EXISTING_DOCUMENT
-        record = tx.run(query, kb_id=kb_id, doc_id=doc_id, chunk_ids=chunk_ids).single()
-        if record is None:  # removal of a document that is not there
-            return WriteSummary(kb_id=kb_id, doc_id=doc_id, mode=mode)
+        document and read its footprint, lock the entities and read the aggregates (in the same query
+        when the footprint names nothing beyond the new graph), plan, apply."""
         if graph is not None:
+            refs = touched_refs(Footprint(), graph)
+            rel_keys = touched_rel_keys(Footprint(), graph)
+            types = _relationship_types(rel_keys)
+            record = tx.run(
+                q.lock_document(types), kb_id=kb_id, doc_id=doc_id, chunk_ids=[c.id for c in graph.chunks],
+                schema_version=graph.schema_version, refs=[list(ref) for ref in refs],
+                rel_lookups=_lookups(refs, rel_keys, types),
+            ).single()
+            assert record is not None  # MERGE always yields the document's row
             held = record["held"]
             if held is not None and held > graph.schema_version:
                 return WriteSummary(kb_id=kb_id, doc_id=doc_id, mode=mode, newer_version_held=held)
             if record["foreign"]:
                 raise foreign_chunks_error(kb_id, doc_id, [(cid, owner) for cid, owner in record["foreign"]])
-        footprint = _footprint(record)
-        refs = touched_refs(footprint, graph)
-        rel_keys = touched_rel_keys(footprint, graph)
-        stored = tx.run(
-            q.LOCK_AND_READ_AGGREGATES, kb_id=kb_id, refs=[list(ref) for ref in refs],
-            rel_keys=[list(key) for key in rel_keys],
-        ).single()
-        assert stored is not None  # the query always returns its one row
+        else:
+            record = tx.run(q.LOCK_EXISTING_DOCUMENT, kb_id=kb_id, doc_id=doc_id).single()
+            if record is None:  # removal of a document that is not there
+                return WriteSummary(kb_id=kb_id, doc_id=doc_id, mode=mode)
+        footprint, found = _footprint(record)
         state = StoredState()
-        for t, k, name, description, aggregate in stored["entities"]:
-            if aggregate is not None:
-                state.entities[(t, k)] = EntityState.from_stored(name, description, aggregate)
-        for key, description, aggregate in stored["relationships"]:
-            state.relationships[(key[0], key[1], key[2], key[3], key[4])] = RelationshipState.from_stored(
-                description, aggregate
-            )
+        missing: list[RelKey] = []
+        locked = bool(record["locked"])
+        if locked:
+            # The footprint's entities were among the new graph's and are locked; its relationships
+            # that the new graph does not name join them (a relationship's endpoints are entities of
+            # the same contribution) and are read next.
+            missing = sorted(footprint.rel_keys - set(rel_keys))
+            ends = set(refs)
+            if any((k[1], k[2]) not in ends or (k[3], k[4]) not in ends for k in missing):
+                locked = False  # cannot happen for a validated contribution; the full path handles it
+        if locked:
+            _read_entities(record["entities"], refs, state, found)
+            _read_relationships(record["relationships"], rel_keys, state, found)
+            if missing:
+                types = _relationship_types(missing)
+                stored = tx.run(
+                    q.read_relationships(types), entities=found.entities, rel_lookups=_lookups(refs, missing, types)
+                ).single()
+                if stored is None:
+                    raise _not_found_again(kb_id, doc_id)
+                _read_relationships(stored["relationships"], missing, state, found)
+        else:  # the footprint names entities beyond the new graph's: lock them all, in order
+            refs = touched_refs(footprint, graph)
+            rel_keys = touched_rel_keys(footprint, graph)
+            types = _relationship_types(rel_keys)
+            stored = tx.run(
+                q.lock_and_read_aggregates(types), kb_id=kb_id, refs=[list(ref) for ref in refs],
+                rel_lookups=_lookups(refs, rel_keys, types),
+            ).single()
+            assert stored is not None  # the query always returns its one row
+            _read_entities(stored["entities"], refs, state, found)
+            _read_relationships(stored["relationships"], rel_keys, state, found)
         plan = plan_write(kb_id, doc_id, graph, mode, footprint, state, _Records(tx, kb_id))
         # Entities the lock step created that the plan does not write (it always writes those the
         # new graph mentions; this only guards against leaving a nameless node behind).
         written = {ref for ref, _ in plan.entities_upsert}
         unnamed = [ref for ref in refs if ref not in state.entities and ref not in written]
         schema_version = graph.schema_version if graph is not None else 0
-        tx.run(q.APPLY_PLAN, _apply_parameters(kb_id, doc_id, schema_version, footprint, plan, unnamed)).consume()
+        parameters = _apply_parameters(kb_id, doc_id, schema_version, footprint, plan, refs, found, unnamed)
+        parts = frozenset(part for part in q.APPLY_PARTS if parameters[part])
+        if tx.run(q.apply_plan(parts), parameters).single() is None:
+            raise _not_found_again(kb_id, doc_id)
         return plan.summary
 
     # --- reads ---

@@ -177,3 +177,84 @@ def test_a_neo4j_graph_of_the_old_model_is_converted(tmp_path: Path, new_kb_fact
 
 def _invariants(store: GraphStore, kb_id: str) -> list[InvariantReport]:
     return check_invariants(store, kb_id)
+
+
+# --- Neo4j: a hub document's write reads the same whatever the hub's degree ----------------------
+
+
+def neo4j_hub_document(kb_id: str, d: int, version: int = 1) -> DocumentGraph:
+    """Document d: names the hub pairs Acme -EMPLOYS-> Jane and Jane -LOCATED_IN-> Oslo, and a
+    person of its own whom Acme employs and who lives in Oslo (so the hubs gain relationships)."""
+    own = f"Person {d}"
+    return doc_graph(kb_id, f"doc-{d:04d}", [(
+        [("Acme", "Organization", "A company."), ("Jane", "Person", "An engineer."), ("Oslo", "Place"),
+         (own, "Person", f"Named in document {d}, v{version}.")],
+        [("Acme", "Organization", "EMPLOYS", "Jane", "Person", f"Since {d} (v{version})."),
+         ("Jane", "Person", "LOCATED_IN", "Oslo", "Place"),
+         ("Acme", "Organization", "EMPLOYS", own, "Person"),
+         (own, "Person", "LOCATED_IN", "Oslo", "Place")],
+    )])
+
+
+class _ProfiledTransaction:
+    """Runs each query of a write with PROFILE and adds up its database hits."""
+
+    def __init__(self, tx: object) -> None:
+        self.tx, self.hits = tx, 0
+
+    def run(self, query: str, parameters: dict[str, object] | None = None, **kwargs: object) -> object:
+        result = self.tx.run("PROFILE " + query, parameters, **kwargs)  # type: ignore[attr-defined]
+        records = list(result)
+        stack = [result.consume().profile]
+        while stack:
+            operator = stack.pop()
+            self.hits += operator.get("dbHits", 0)
+            stack += operator.get("children", [])
+        return _Records(records)
+
+
+class _Records:
+    def __init__(self, records: list[object]) -> None:
+        self.records = records
+
+    def single(self) -> object:
+        return self.records[0] if self.records else None
+
+    def consume(self) -> None:
+        return None
+
+    def __iter__(self) -> object:
+        return iter(self.records)
+
+
+def test_a_neo4j_hub_write_reads_the_same_at_any_degree(new_kb_factory: Callable[[], str]) -> None:
+    """Writing a new document that names the hubs, and re-extracting one, costs the same database
+    hits with 60 and with 240 documents naming them: no lookup expands a hub's relationships
+    (a relationship is found between its two bound endpoints, starting from the one with fewer
+    relationships of its type)."""
+    from lumikb_pipeline.graph.neo4j_store import Neo4jGraphStore
+    from lumikb_pipeline_tests.graph.conftest import neo4j_store
+
+    store = neo4j_store()
+    kb_id = new_kb_factory()
+
+    def hits(graph: DocumentGraph) -> int:
+        with store._driver.session(database=store.database) as session:
+            tx = session.begin_transaction()
+            try:
+                profiled = _ProfiledTransaction(tx)
+                Neo4jGraphStore._write(profiled, kb_id, graph.doc_id, graph, WriteMode.REPLACE)  # type: ignore[arg-type]
+                return profiled.hits
+            finally:
+                tx.rollback()
+
+    at: dict[int, tuple[int, int]] = {}
+    written = 0
+    for degree in (60, 240):
+        for d in range(written, degree):
+            store.write_document(neo4j_hub_document(kb_id, d), SCHEMA, WriteMode.REPLACE)
+        written = degree
+        at[degree] = (hits(neo4j_hub_document(kb_id, 10_000)), hits(neo4j_hub_document(kb_id, 7, version=2)))
+    (new_low, again_low), (new_high, again_high) = at[60], at[240]
+    assert new_high <= new_low + 5, at
+    assert again_high <= again_low + 5, at

@@ -114,6 +114,34 @@ def test_replace_reextraction_removes_only_this_documents_contribution(graph_sto
     assert_invariants_hold(graph_store, kb_id)
 
 
+def test_replace_that_keeps_both_entities_but_drops_their_relationship_removes_its_provenance(
+    graph_store: GraphStore, kb_id: str
+) -> None:
+    """The re-extraction still names Acme and Ann but no longer says that one employs the other: the
+    relationship loses this document's records (and goes when no other document states it)."""
+    graph_store.write_document(acme_doc(kb_id, "a", "From A."), SCHEMA, "replace")
+    graph_store.write_document(acme_doc(kb_id, "b", "From B."), SCHEMA, "replace")
+    both_no_relationship = doc_graph(kb_id, "a", [
+        ([("Acme Corp", "Organization", "From A."), ("Own a", "Organization")], []),
+        ([("Acme Corp", "Organization", "From A."), ("Ann Lee", "Person")], []),
+    ])
+
+    summary = graph_store.write_document(both_no_relationship, SCHEMA, "replace")
+
+    [employs] = relationship_props(graph_store, kb_id, "EMPLOYS")
+    assert employs["chunk_ids"] == ["b:1"] and employs["description"] == "said by b"
+    assert (summary.relationships, summary.relationships_deleted, summary.entities_deleted) == (0, 0, 0)
+    graph_store.write_document(acme_doc(kb_id, "a", "From A."), SCHEMA, "replace")
+    graph_store.remove_document(kb_id, "b")
+    summary = graph_store.write_document(both_no_relationship, SCHEMA, "replace")
+    assert relationship_props(graph_store, kb_id, "EMPLOYS") == []
+    assert summary.relationships_deleted == 1
+    assert set(entity_props(graph_store, kb_id)) == {
+        ("Organization", "acme corp"), ("Organization", "own a"), ("Person", "ann lee"),
+    }
+    assert_invariants_hold(graph_store, kb_id)
+
+
 def test_replace_removes_chunks_the_document_no_longer_has(graph_store: GraphStore, kb_id: str) -> None:
     three = doc_graph(kb_id, "d", [([("Acme", "Organization")], []), ([("Ann", "Person")], []),
                                    ([("Bo", "Person")], [])])

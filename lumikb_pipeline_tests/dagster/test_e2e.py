@@ -51,6 +51,39 @@ from lumikb_pipeline_tests.dagster.stack import POOL_LIMITS, Stack, wait_until
 pytestmark = pytest.mark.slow
 
 STATE: dict[str, Any] = {}
+SCHEMA_SENSOR = {"repositoryLocationName": "lumikb_pipeline", "repositoryName": "__repository__",
+                 "sensorName": "schema_version_sensor"}
+SET_SENSOR_CURSOR = """
+mutation Cursor($selector: SensorSelector!, $cursor: String) {
+  setSensorCursor(sensorSelector: $selector, cursor: $cursor) { __typename ... on PythonError { message } }
+}
+"""
+START_SENSOR = """
+mutation Start($selector: SensorSelector!) {
+  startSensor(sensorSelector: $selector) { __typename ... on PythonError { message } }
+}
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _leave_the_stack_as_found(stack: Stack) -> Any:
+    """The stack outlives this module (it is the package's): what the tests here change in it is
+    put back at the end. The schema-version sensor (stopped by test 4) runs again, with every KB's
+    current version as handled (the versions these tests set while it was stopped start no job in
+    later modules), and the drift check goes back to its default cron (test 6 set one per minute)."""
+    yield
+    from lumikb_pipeline.db.models import KnowledgeBase
+
+    with session_scope(database_url()) as session:
+        versions = {str(kb_id): version for kb_id, version in
+                    session.execute(select(KnowledgeBase.id, KnowledgeBase.current_schema_version))}
+    cursor = stack.graphql(SET_SENSOR_CURSOR, {"selector": SCHEMA_SENSOR,
+                                               "cursor": json.dumps(versions, sort_keys=True)})
+    assert cursor["setSensorCursor"]["__typename"] == "Sensor", cursor
+    started = stack.graphql(START_SENSOR, {"selector": SCHEMA_SENSOR})
+    assert started["startSensor"]["__typename"] == "Sensor", started
+    reset = stack.lumikb("schedule", "set-cron", "0 2 * * *")
+    assert reset.returncode == 0, reset.stderr
 
 
 def _say(message: str) -> None:
@@ -308,9 +341,7 @@ def test_a_backfill_launched_like_the_ui_does_over_non_adjacent_partitions_compl
     stack: Stack,
 ) -> None:
     slug, ids = STATE["kb1"], STATE["kb1_ids"]
-    selector = {"repositoryLocationName": "lumikb_pipeline", "repositoryName": "__repository__",
-                "sensorName": "schema_version_sensor"}
-    sensor = stack.graphql(SENSOR_STATE, {"selector": selector})["sensorOrError"]
+    sensor = stack.graphql(SENSOR_STATE, {"selector": SCHEMA_SENSOR})["sensorOrError"]
     assert sensor["__typename"] == "Sensor", sensor
     stopped = stack.graphql(STOP_SENSOR, {"id": sensor["id"]})
     assert stopped["stopSensor"]["__typename"] == "StopSensorMutationResult", stopped

@@ -9,8 +9,8 @@ This module is both the Celery app its workers run and the driver that measures 
 
 `measure_plain_design` starts the workers, sends one task per batch, waits for the last document
 (or for `max_seconds`) and counts the calls at the fake LLM server, the same way as the stack's
-measurement (`lumikb_pipeline_tests/dagster/saturation.py`). `benchmarks.reextraction_saturation
---plain` runs it beside the stack on the same stack's services, documents and worker count.
+measurement (`lumikb_pipeline_tests/dagster/saturation.py`). `benchmarks.reextraction_saturation`
+(`--plain-seconds`) runs it beside the stack on the same stack's services, documents and worker count.
 """
 
 from __future__ import annotations

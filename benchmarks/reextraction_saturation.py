@@ -61,7 +61,8 @@ def measure(
         summary = {"label": label, "env": env, **result.summary(),
                    "wall_s": round(time.monotonic() - started, 1)}
         if plain_seconds:
-            summary["plain"] = measure_plain(stack, slug, result.limit_per_s, plain_seconds, root / "plain-logs")
+            summary["plain"] = measure_plain(stack, slug, result.limit_per_s, plain_seconds, root / "plain-logs",
+                                             int(env["LUMIKB_REEXTRACT_BATCH_SIZE"]))
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -71,7 +72,9 @@ def measure(
     return summary
 
 
-def measure_plain(stack: Any, slug: str, limit_per_s: float, max_seconds: float, logs: Path) -> dict[str, Any]:
+def measure_plain(
+    stack: Any, slug: str, limit_per_s: float, max_seconds: float, logs: Path, batch_size: int
+) -> dict[str, Any]:
     """The plain design over the KB's documents (at its current schema version) on `stack`'s services."""
     import httpx
     from sqlalchemy import select
@@ -86,7 +89,7 @@ def measure_plain(stack: Any, slug: str, limit_per_s: float, max_seconds: float,
         version = kb.current_schema_version
         doc_ids = list(session.scalars(select(Document.id).where(Document.kb_id == kb.id).order_by(Document.id)))
     run = measure_plain_design(
-        stack.env, doc_ids, version, workers=2, batch_size=int(os.environ.get("PLAIN_BATCH_SIZE", "10")),
+        stack.env, doc_ids, version, workers=2, batch_size=batch_size,
         limit_per_s=limit_per_s, calls=stack.llm_calls, reset_calls=lambda: httpx.post(f"{stack.llm_url}/_reset"),
         logs=logs, max_seconds=max_seconds,
     )

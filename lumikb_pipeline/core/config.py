@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     llm_max_in_flight: int | None = Field(default=None, gt=0, le=10_000)
     llm_timeout_s: float = Field(default=120.0, gt=0)
     llm_max_attempts: int = Field(default=6, ge=1, le=50)
+    # A provider outage (5xx, 429, timeouts, connection errors) is waited out: a chunk fails on
+    # them only once they have gone on this long and its attempts are spent (llm/retry.py).
+    llm_retry_window_s: float = Field(default=600.0, ge=0, le=86_400)
     chunk_tokens: int = Field(default=400, ge=32, le=8192)
     reextract_batch_size: int = Field(default=25, ge=1, le=10_000)
     # Seconds a re-extraction step may extract its job's later documents ahead while the next run

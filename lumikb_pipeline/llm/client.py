@@ -117,7 +117,7 @@ class ChunkCaller:
         except Cancelled:
             return ChunkFailure(chunk_id=chunk.id, reason=CANCELLED, llm_calls=usage.calls)
         except Exception as exc:
-            reason = failure_reason(exc, usage.calls, self.model, self.secrets)
+            reason = failure_reason(exc, usage.calls, self.model, self.secrets, budget.outage_s())
             if classify(exc) == "permanent" and not isinstance(exc, UnusableAnswer | litellm.APIError):
                 # Not an LLM or network condition: keep the (scrubbed) traceback for whoever debugs it.
                 log.error("chunk %s failed unexpectedly: %s", chunk.id,

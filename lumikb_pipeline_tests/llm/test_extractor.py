@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -17,7 +18,9 @@ from lumikb_pipeline_tests.fake_llm import FakeServer
 from lumikb_pipeline_tests.llm.conftest import create_kb
 from lumikb_pipeline_tests.llm.limits import early_retries
 
-FAST_RETRIES = RetryPolicy(max_attempts=3, max_rate_limited=20, backoff_base_s=0.05, backoff_max_s=0.2)
+# No outage window: a provider that keeps failing fails the chunk after its attempts.
+FAST_RETRIES = RetryPolicy(max_attempts=3, max_rate_limited=20, backoff_base_s=0.05, backoff_max_s=0.2,
+                           outage_window_s=0)
 
 
 def chunk(i: int, text: str | None = None) -> ChunkInput:
@@ -190,6 +193,47 @@ def test_server_errors_that_do_not_stop_fail_the_chunk_after_the_attempts(
 
     assert isinstance(result, ChunkFailure) and result.reason.startswith("provider_error:")
     assert "HTTP 500" in result.reason and result.llm_calls == 3
+
+
+def test_an_outage_shorter_than_the_window_is_waited_out_and_the_chunk_extracted(
+    extract: Callable[..., list[ChunkOutcome]], fake_llm: FakeServer
+) -> None:
+    fake_llm.configure(rate_5xx=1.0)
+    recovers = threading.Timer(1.5, lambda: fake_llm.configure(rate_5xx=0.0))
+    recovers.start()
+    try:
+        [result] = extractions(extract([chunk(1)], retry=RetryPolicy(
+            max_attempts=2, backoff_base_s=0.05, backoff_max_s=0.2, outage_window_s=30)))
+    finally:
+        recovers.cancel()
+
+    statuses = [c["status"] for c in fake_llm.calls()]
+    # More 500s than the attempts allow, and then the answer.
+    assert statuses[-1] == 200 and statuses.count(500) > 2 and result.llm_calls == len(statuses)
+
+
+def test_an_outage_longer_than_the_window_fails_the_chunk_with_how_long_it_lasted(
+    extract: Callable[..., list[ChunkOutcome]], fake_llm: FakeServer
+) -> None:
+    fake_llm.configure(rate_5xx=1.0)
+
+    started = time.monotonic()
+    [result] = extract([chunk(1)], retry=RetryPolicy(max_attempts=2, backoff_base_s=0.05, backoff_max_s=0.2,
+                                                     outage_window_s=1.5))
+
+    assert time.monotonic() - started >= 1.5
+    assert isinstance(result, ChunkFailure) and result.reason.startswith("provider_error:")
+    assert result.llm_calls > 2 and " s)" in result.reason and "LUMIKB_LLM_RETRY_WINDOW_S" in result.reason
+
+
+def test_unusable_answers_fail_the_chunk_after_the_attempts_whatever_the_window(
+    extract: Callable[..., list[ChunkOutcome]], fake_llm: FakeServer
+) -> None:
+    fake_llm.configure(malformed_rate=1.0, malformed_kinds=["prose"])
+
+    [result] = extract([chunk(1)], retry=RetryPolicy(max_attempts=2, backoff_base_s=0.05, outage_window_s=600))
+
+    assert isinstance(result, ChunkFailure) and result.llm_calls == 2
 
 
 # --- checkpoints (done-means 4) -------------------------------------------------------------------

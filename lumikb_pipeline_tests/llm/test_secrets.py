@@ -55,7 +55,8 @@ def test_the_api_key_appears_in_no_log_error_or_stored_result(
     caplog.set_level(logging.DEBUG)
     fake_llm.configure(**provider_behaviour)
     extractor = ChunkExtractor(llm_settings(llm_api_key=SENTINEL),
-                               retry=RetryPolicy(max_attempts=2, backoff_base_s=0.01, backoff_max_s=0.02))
+                               retry=RetryPolicy(max_attempts=2, backoff_base_s=0.01, backoff_max_s=0.02,
+                                                 outage_window_s=0))
 
     results = extractor.extract_sync(create_kb(pg_url), 1, schema_v1, [chunk(1), chunk(2)])
 

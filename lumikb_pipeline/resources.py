@@ -110,12 +110,13 @@ class GraphStoreResource(ConfigurableResource):
         job_id: str | None,
         mode: WriteMode,
         should_stop: Callable[[], bool] | None = None,
+        run_failed: Callable[[], bool] | None = None,
     ) -> list[DocumentOutcome]:
         """Write each extracted document's graph into `store` and close its ledger row
         (`pipeline.write.write_documents`)."""
         return write_documents(
             _app_database(self.database_url), store, extracted, claimant=claimant, job_id=job_id,
-            mode=mode, should_stop=should_stop,
+            mode=mode, should_stop=should_stop, run_failed=run_failed,
         )
 
 
@@ -138,6 +139,7 @@ class LLMResource(ConfigurableResource):
         job_id: str | None,
         schema_version: int | None,
         should_stop: Callable[[], bool] | None = None,
+        run_failed: Callable[[], bool] | None = None,
         strategy: StrategyOption = "auto",
         ahead: bool = False,
     ) -> list[DocumentOutcome]:
@@ -146,7 +148,7 @@ class LLMResource(ConfigurableResource):
         settings = _app_database(self.database_url)
         return extract_documents(
             settings, ChunkExtractor(settings), doc_ids, claimant=claimant, job_id=job_id,
-            schema_version=schema_version, should_stop=should_stop, strategy=strategy,
+            schema_version=schema_version, should_stop=should_stop, run_failed=run_failed, strategy=strategy,
             ahead_s=settings.reextract_ahead_s if ahead else 0.0,
         )
 

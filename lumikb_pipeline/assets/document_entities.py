@@ -130,6 +130,12 @@ class RunEndWatch:
     calls nobody wants. With this flag the step starts no more LLM calls and writes no more
     documents (they end `cancelled`, as with `lumikb cancel`). A thread reads the run's status
     every `interval_s`: the extractor asks the flag before every call, on its event loop.
+
+    A run that *failed* under a running step did not choose to stop: its process died (the run
+    watchdog failed it) and the run's retry, with the same claimant, takes its documents over. Then
+    `failed()` is true: the step leaves its documents claimed and untouched (`handed_back`) and
+    fails (`_hand_back`), so the retry from failure runs it again; marking them `cancelled` would
+    end the job `cancelled` with its documents undone.
     """
 
     STOPPING = (DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED, DagsterRunStatus.FAILURE,
@@ -140,6 +146,7 @@ class RunEndWatch:
         self._run_id = context.run_id
         self._interval_s = interval_s
         self._stop = threading.Event()
+        self._failed = threading.Event()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._poll, name=f"run-end-watch-{self._run_id[:8]}", daemon=True)
 
@@ -155,6 +162,10 @@ class RunEndWatch:
     def __call__(self) -> bool:
         return self._stop.is_set()
 
+    def failed(self) -> bool:
+        """The run ended under the step without being cancelled (its process died)."""
+        return self._failed.is_set()
+
     def _poll(self) -> None:
         while not self._closed.wait(self._interval_s):
             try:
@@ -162,12 +173,28 @@ class RunEndWatch:
             except Exception:  # noqa: BLE001 - a storage hiccup: look again next time
                 continue
             if run is None or run.status in self.STOPPING:
+                if run is not None and run.status in (DagsterRunStatus.FAILURE, DagsterRunStatus.SUCCESS):
+                    self._failed.set()
                 self._stop.set()
                 return
 
 
 def _failures(outcomes: Sequence[DocumentOutcome]) -> list[DocumentOutcome]:
     return [o for o in outcomes if o.status == "failed"]
+
+
+def _hand_back(context: OpExecutionContext, stage: str, outcomes: Sequence[DocumentOutcome]) -> None:
+    """Fail the step when its run failed under it and it left documents to the run's retry: a
+    step that succeeded would not run again in the retry from failure, and they would stay undone."""
+    left = [o.doc_id for o in outcomes if o.status == "handed_back"]
+    if left:
+        raise Failure(
+            description=(
+                f"the run failed while this step ran ({stage}; its run process is gone): it stopped and left "
+                f"{len(left)} document(s) claimed for the run's retry, which does them"
+            ),
+            allow_retries=False,
+        )
 
 
 def _report_failures(
@@ -220,7 +247,7 @@ def extract_document_entities(
         for job_id, doc_ids in scope.by_job().items():
             outcomes += llm.extract_documents(
                 doc_ids, claimant=scope.claimant, job_id=job_id, schema_version=scope.schema_version,
-                should_stop=run_ended, strategy=scope.strategy, ahead=ahead,
+                should_stop=run_ended, run_failed=run_ended.failed, strategy=scope.strategy, ahead=ahead,
             )
     counts = {status: sum(1 for o in outcomes if o.status == status) for status in {o.status for o in outcomes}}
     context.log.info(
@@ -229,6 +256,7 @@ def extract_document_entities(
     )
     # Hand the outcomes on first: the write op runs on them even if this step then fails.
     yield Output(outcomes)
+    _hand_back(context, "extraction", outcomes)
     failed = _failures(outcomes)
     if failed:
         yield from _report_failures(context, "extraction", failed, scope)
@@ -380,13 +408,14 @@ def write_document_entities(
         for outcome in ready:
             (result,) = graph_store.write_documents(
                 store, [outcome], claimant=scope.claimant, job_id=scope.jobs.get(outcome.doc_id), mode=scope.mode,
-                should_stop=run_ended,
+                should_stop=run_ended, run_failed=run_ended.failed,
             )
             results.append(result)
             if result.status == "succeeded":
                 yield _materialization(reextraction, result, scope, labels.get(result.doc_id, {}))
     written = sum(1 for o in results if o.status == "succeeded")
     context.log.info(f"wrote {written} of {len(ready)} document(s) ({scope.mode}); {len(current)} already current")
+    _hand_back(context, "graph write", results)
     failed = _failures(results)
     if failed:
         yield from _report_failures(context, "graph write", failed, scope)

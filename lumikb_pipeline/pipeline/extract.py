@@ -41,6 +41,7 @@ from lumikb_pipeline.pipeline.work import (
     StopCheck,
     fail_held,
     group_by_schema,
+    handed_back,
     job_takes_work,
     load_work,
     lost_claim,
@@ -70,6 +71,7 @@ def extract_documents(
     job_id: str | None = None,
     schema_version: int | None = None,
     should_stop: Callable[[], bool] | None = None,
+    run_failed: Callable[[], bool] | None = None,
     lease: timedelta = ledger.DEFAULT_LEASE,
     strategy: StrategyOption = "auto",
     ahead_s: float = 0.0,
@@ -78,7 +80,9 @@ def extract_documents(
     `skipped` (a retried step does not redo them); claimed documents whose chunks all have a
     checkpoint now are `extracted` and stay claimed by `claimant` for stage 2. The claims' leases
     (`lease` long) are renewed while the extraction runs, and once more at its end; a document
-    whose claim was lost meanwhile is `lost`.
+    whose claim was lost meanwhile is `lost`. When `should_stop` stopped the step because its run
+    failed (`run_failed`: its run process died), the documents not extracted are `handed_back`: left
+    claimed and untouched for the run's retry, not cancelled.
 
     With `ahead_s` > 0 and a job, the step may then extract the job's later documents ahead, for at
     most `ahead_s` seconds, until another step of the job extracts its own batch (`pipeline.ahead`)."""
@@ -90,7 +94,7 @@ def extract_documents(
             DocumentOutcome(doc_id, "skipped", schema_version or 0, error=ended)
             for doc_id in doc_ids
         ]
-    stop = stop_check(settings, job_id, should_stop)
+    stop = stop_check(settings, job_id, should_stop, run_failed)
     work = load_work(settings, doc_ids, schema_version)
     outcomes: dict[str, DocumentOutcome] = {}
     claimed: list[DocumentWork] = []
@@ -160,7 +164,9 @@ def extract_documents(
                     outcome.completion_tokens += result.completion_tokens
                     outcome.cost_usd += result.cost_usd
                 outcome.duration_s = elapsed
-                if failures and all(f.reason == "cancelled" for f in failures):
+                if failures and all(f.reason == "cancelled" for f in failures) and stop.handing_back:
+                    outcome.status, outcome.error = "handed_back", handed_back(item.doc_id, claimant)
+                elif failures and all(f.reason == "cancelled" for f in failures):
                     outcome.status = "cancelled"
                     outcome.error = f"{stop.describe()} before every chunk was extracted; the graph was not changed"
                     if not ledger.mark_cancelled(session, item.doc_id, item.schema_version, claimant, outcome.error):

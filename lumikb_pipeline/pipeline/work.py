@@ -40,7 +40,10 @@ from lumikb_pipeline.tracking.control import JobControl
 
 # `lost`: another worker holds the document now (this step's claim expired and was taken); this step
 # left it alone, and it is not final for the job (the other worker reports it).
-OutcomeStatus = Literal["extracted", "succeeded", "failed", "skipped", "cancelled", "lost"]
+# `handed_back`: the step's run failed while the step worked (its run process died and the watchdog
+# failed it); the step stopped and left the document claimed by its run group, untouched, for the
+# run's retry (same claimant) or, without one, the reaper. Not final for the job either.
+OutcomeStatus = Literal["extracted", "succeeded", "failed", "skipped", "cancelled", "lost", "handed_back"]
 
 
 @dataclass
@@ -82,6 +85,13 @@ class DocumentWork:
     chunks: list[ChunkInput] = field(default_factory=list)
     ordinals: dict[str, int] = field(default_factory=dict)
     strategy: Strategy = "full"
+
+
+def handed_back(doc_id: str, claimant: str) -> str:
+    return (
+        f"the step's run failed while it worked on document {doc_id} (its process is gone); the step stopped "
+        f"and left the document claimed by {claimant} for the run's retry"
+    )
 
 
 def lost_claim(doc_id: str, claimant: str) -> str:
@@ -158,10 +168,12 @@ def load_work(settings: Settings, doc_ids: Sequence[str], schema_version: int | 
 
 @dataclass
 class StopCheck:
-    """The job's stop conditions (cancel, budget) combined with the caller's own check."""
+    """The job's stop conditions (cancel, budget) combined with the caller's own check, and whether a
+    stop of the caller's is its run failing (`caller_failed`) rather than a cancel."""
 
     control: JobControl | None
     caller: Callable[[], bool] | None
+    caller_failed: Callable[[], bool] | None = None
 
     def __call__(self) -> bool:
         return bool(
@@ -170,8 +182,18 @@ class StopCheck:
 
     @property
     def cancelled(self) -> bool:
-        """Stopped for a reason other than the budget (a cancel, or the caller)."""
-        return self() and not (self.control is not None and self.control.stop_reason == "budget")
+        """Stopped for a reason other than the budget (a cancel, or the caller) or the caller's run failing."""
+        return self() and not (self.control is not None and self.control.stop_reason == "budget") \
+            and not self.handing_back
+
+    @property
+    def handing_back(self) -> bool:
+        """Stopped only because the caller's run failed (its process died): the documents the step
+        holds stay claimed, untouched, for the run's retry (`handed_back`), and are not cancelled."""
+        return (
+            self.caller_failed is not None and self.caller_failed()
+            and not (self.control is not None and self.control.should_stop())
+        )
 
     def describe(self) -> str:
         if not self.cancelled and self.control is not None:
@@ -183,11 +205,14 @@ class StopCheck:
             self.control.on_result(outcome)
 
 
-def stop_check(settings: Settings, job_id: str | None, should_stop: Callable[[], bool] | None) -> StopCheck:
+def stop_check(
+    settings: Settings, job_id: str | None, should_stop: Callable[[], bool] | None,
+    run_failed: Callable[[], bool] | None = None,
+) -> StopCheck:
     if job_id is None:
-        return StopCheck(None, should_stop)
+        return StopCheck(None, should_stop, run_failed)
     client = redis_client.connect(settings)
-    return StopCheck(JobControl.for_job(client, settings.effective_database_url, job_id), should_stop)
+    return StopCheck(JobControl.for_job(client, settings.effective_database_url, job_id), should_stop, run_failed)
 
 
 def job_takes_work(settings: Settings, job_id: str) -> bool:

@@ -24,6 +24,7 @@ from lumikb_pipeline.pipeline.work import (
     DocumentOutcome,
     DocumentWork,
     fail_held,
+    handed_back,
     load_work,
     lost_claim,
     report_outcomes,
@@ -40,15 +41,18 @@ def write_documents(
     job_id: str | None = None,
     mode: WriteMode = WriteMode.REPLACE,
     should_stop: Callable[[], bool] | None = None,
+    run_failed: Callable[[], bool] | None = None,
     lease: timedelta = ledger.DEFAULT_LEASE,
 ) -> list[DocumentOutcome]:
     """Stage 2: write the graph of each `extracted` document from its checkpoints and close its
     ledger row. Other outcomes pass through unchanged. A document is written whole or not at all:
-    a cancel that arrives before its write keeps its previous graph and marks it `cancelled`.
+    a cancel that arrives before its write keeps its previous graph and marks it `cancelled`; when
+    the stop is the step's run failing (`run_failed`: its process died), the documents not written
+    yet are `handed_back`, left claimed and untouched for the run's retry.
 
     The claim is renewed first, in the transaction that records the result (which holds the row
     until the result is recorded): a document whose claim was lost is not written (`lost`)."""
-    stop = stop_check(settings, job_id, should_stop)
+    stop = stop_check(settings, job_id, should_stop, run_failed)
     to_write = [o for o in extracted if o.status == "extracted"]
     work: dict[str, DocumentWork] = {}
     for version in {o.schema_version for o in to_write}:
@@ -65,6 +69,10 @@ def write_documents(
             with session_scope(settings.effective_database_url) as session:
                 if not ledger.renew(session, [item.doc_id], item.schema_version, claimant, lease):
                     outcome.status, outcome.error = "lost", lost_claim(item.doc_id, claimant)
+                    results.append(outcome)
+                    continue
+                if stop.handing_back:
+                    outcome.status, outcome.error = "handed_back", handed_back(item.doc_id, claimant)
                     results.append(outcome)
                     continue
                 if stop.cancelled:

@@ -7,8 +7,10 @@ moved to v2: the schema sensor starts the re-extraction job, as in production. E
 the same document texts, so its graph, its calls and its time compare with the clean run's.
 
 LLM calls are counted at the fake server: `billed` are the calls it answered 200 (a provider bills
-those; its 429s and 5xx cost nothing), `in flight at the fault` the calls that had arrived and were
-not answered yet when the fault began (their answers may be lost with the process that waited).
+those; its 429s and 5xx cost nothing). `in flight at the fault` are the chunks whose call had reached
+the server when the fault began and whose result was not stored yet (its chunk checkpoint was made
+after the fault, by whoever redid it): their answers may be lost with the process that waited,
+including an answer that had left the server but was not yet checkpointed by the worker.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class Measured:
     status: str
     calls: list[dict[str, Any]]
     graph: Any
+    checkpointed: dict[str, float]  # chunk (the fake server's `chunk`: its content hash's first 16) -> when stored
     window: FaultWindow | None = None
     leftovers: list[str] = field(default_factory=list)
 
@@ -115,10 +118,14 @@ class Measured:
         return sum(1 for call in self.calls if call["status"] == 200)
 
     def in_flight_at_fault(self) -> int:
+        """Chunks whose call had arrived at the fault's start and whose result was not stored then."""
         if self.window is None:
             return 0
         at = self.window.started
-        return sum(1 for c in self.calls if c["arrived"] <= at and (c["answered"] is None or c["answered"] > at))
+        return len({
+            c["chunk"] for c in self.calls
+            if c["arrived"] <= at and c["chunk"] and self.checkpointed.get(c["chunk"], float("inf")) > at
+        })
 
     def resumed_after_s(self) -> float | None:
         """Seconds from the fault's end to the next call the LLM answered (None: none came after it)."""
@@ -138,6 +145,21 @@ def _job(slug: str) -> Any:
             return None
         session.expunge(job)
         return job
+
+
+def checkpoint_times(slug: str, version: int = 2) -> dict[str, float]:
+    """When each chunk of the KB got its checkpoint at `version`, by the first 16 hex digits of its
+    content hash (what the fake server records as a call's `chunk`)."""
+    from lumikb_pipeline.db.models import ChunkCheckpoint, KnowledgeBase
+    from lumikb_pipeline.db.session import session_scope
+
+    with session_scope(database_url()) as session:
+        rows = session.execute(
+            select(ChunkCheckpoint.chunk_hash, ChunkCheckpoint.created_at)
+            .join(KnowledgeBase, KnowledgeBase.id == ChunkCheckpoint.kb_id)
+            .where(KnowledgeBase.slug == slug, ChunkCheckpoint.schema_version == version)
+        ).tuples()
+        return {chunk_hash[:16]: created.timestamp() for chunk_hash, created in rows}
 
 
 def _billed_since(stack: Stack, index: int) -> int:
@@ -244,7 +266,8 @@ def run_reextraction(stack: Stack, folder: Path, name: str, fault: Fault | None,
         left = leftovers(stack)
     measured = Measured(
         name=name, slug=slug, job_id=job.id, doc_ids=doc_ids, started=started, finished=finished, status=status,
-        calls=stack.llm_calls()[calls_before:], graph=canonical_graph(slug), window=window, leftovers=left,
+        calls=stack.llm_calls()[calls_before:], graph=canonical_graph(slug), checkpointed=checkpoint_times(slug),
+        window=window, leftovers=left,
     )
     if status != "succeeded" or left:
         with stack.instance() as instance:

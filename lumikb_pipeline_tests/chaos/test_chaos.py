@@ -1,8 +1,11 @@
 """Fault injection on the real stack (issue 12): each scenario starts a re-extraction of 60
 three-chunk documents, injects one fault once it is well under way, and then only waits. The job
 must end `succeeded` by itself, with the clean run's graph, one succeeded ledger row per document,
-no more billed LLM calls than the clean run's plus the calls in flight at the fault, `lumikb
-progress` in line with the ledger, and nothing left held or running (`harness.assert_recovered`)."""
+no more billed LLM calls than the clean run's plus the chunks in flight at the fault, `lumikb
+progress` in line with the ledger, and nothing left held or running (`harness.assert_recovered`).
+The faults: 1 a Celery child killed in an extract step; 2 the whole `reprocessing` worker killed and
+started again 10 s later; 3 a batch run's process killed; 4 the Dagster daemon killed and started
+again 10 s later; 8 the LLM provider down (5xx) for 30 s, then throttling (429) for 30 s."""
 
 import os
 import signal
@@ -34,4 +37,79 @@ def kill_an_extract_child(stack: Stack, _running: Running) -> FaultWindow:
 
 def test_a_killed_celery_child_running_an_extract_step(chaos_stack: Stack, clean_run: Measured, tmp_path: Path) -> None:
     run = run_reextraction(chaos_stack, tmp_path, "1-extract-child", kill_an_extract_child, clean_run)
+    assert_recovered(chaos_stack, run, clean_run)
+
+
+def kill_the_reprocessing_worker(stack: Stack, _running: Running) -> FaultWindow:
+    """SIGKILL of the `reprocessing` worker's whole process group; started again 10 s later."""
+    started = time.time()
+    pid = stack.kill("worker-reprocessing")
+    time.sleep(10)
+    stack.restart("worker-reprocessing")
+    return FaultWindow(f"SIGKILL of the reprocessing worker group (pid {pid}), restarted 10 s later",
+                       started, time.time())
+
+
+def test_a_killed_reprocessing_worker_group_restarted_10s_later(
+    chaos_stack: Stack, clean_run: Measured, tmp_path: Path
+) -> None:
+    run = run_reextraction(chaos_stack, tmp_path, "2-worker-group", kill_the_reprocessing_worker, clean_run)
+    assert_recovered(chaos_stack, run, clean_run)
+
+
+def kill_the_daemon(stack: Stack, _running: Running) -> FaultWindow:
+    """SIGKILL of the Dagster daemon (its process group); started again 10 s later."""
+    started = time.time()
+    pid = stack.kill("daemon")
+    time.sleep(10)
+    stack.restart("daemon")
+    return FaultWindow(f"SIGKILL of the Dagster daemon (pid {pid}), restarted 10 s later", started, time.time())
+
+
+def test_a_killed_dagster_daemon_restarted_10s_later(
+    chaos_stack: Stack, clean_run: Measured, tmp_path: Path
+) -> None:
+    run = run_reextraction(chaos_stack, tmp_path, "4-daemon", kill_the_daemon, clean_run)
+    assert_recovered(chaos_stack, run, clean_run)
+
+
+def kill_a_run_process(stack: Stack, running: Running) -> FaultWindow:
+    """SIGKILL of the process of a started batch run of the job (its pid is in the run's tags)."""
+    from dagster import DagsterRunStatus, RunsFilter
+
+    from lumikb_pipeline.core.names import TAG_JOB_ID
+    from lumikb_pipeline.infra.run_watchdog import TAG_RUN_PID
+
+    def a_run_pid() -> int | None:
+        with stack.instance() as instance:
+            runs = instance.get_runs(RunsFilter(tags={TAG_JOB_ID: running.job_id},
+                                                statuses=[DagsterRunStatus.STARTED]))
+        pids = [int(run.tags[TAG_RUN_PID]) for run in runs if TAG_RUN_PID in run.tags]
+        return pids[0] if pids else None
+
+    pid = wait_until(a_run_pid, 60, 0.5, "a started run of the job")
+    started = time.time()
+    os.kill(pid, signal.SIGKILL)
+    return FaultWindow(f"SIGKILL of a batch run's process (pid {pid})", started, started)
+
+
+def test_a_killed_dagster_run_process(chaos_stack: Stack, clean_run: Measured, tmp_path: Path) -> None:
+    run = run_reextraction(chaos_stack, tmp_path, "3-run-process", kill_a_run_process, clean_run)
+    assert_recovered(chaos_stack, run, clean_run)
+
+
+def provider_outage_then_throttling(stack: Stack, _running: Running) -> FaultWindow:
+    """The LLM answers 500 to every call for 30 s, then 429 with `Retry-After: 1` to 30% of them for 30 s."""
+    started = time.time()
+    stack.configure_llm(rate_5xx=1.0)
+    time.sleep(30)
+    stack.configure_llm(rate_5xx=0.0, rate_429=0.3, retry_after_s=1.0)
+    ended = time.time()
+    time.sleep(30)
+    stack.configure_llm(rate_429=0.0)
+    return FaultWindow("LLM: 5xx on every call for 30 s, then 429 (Retry-After 1 s) on 30% for 30 s", started, ended)
+
+
+def test_an_llm_outage_then_throttling(chaos_stack: Stack, clean_run: Measured, tmp_path: Path) -> None:
+    run = run_reextraction(chaos_stack, tmp_path, "8-llm-5xx-429", provider_outage_then_throttling, clean_run)
     assert_recovered(chaos_stack, run, clean_run)

@@ -31,13 +31,13 @@ def demo_kb(lumikb_env: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -
     return report.document_ids
 
 
-def _run(doc_ids: list[str], job_id: str | None = None) -> list[str]:
+def _run(doc_ids: list[str], job_id: str | None = None, claimant: str = "test-run") -> list[str]:
     settings = load_settings()
     extractor = ChunkExtractor(settings)
     store = open_graph_store(settings)
     try:
-        extracted = extract_documents(settings, extractor, doc_ids, claimant="test-run", job_id=job_id)
-        written = write_documents(settings, store, extracted, claimant="test-run", job_id=job_id)
+        extracted = extract_documents(settings, extractor, doc_ids, claimant=claimant, job_id=job_id)
+        written = write_documents(settings, store, extracted, claimant=claimant, job_id=job_id)
     finally:
         store.close()
     return [o.status for o in written]
@@ -211,3 +211,51 @@ def test_a_late_redelivery_of_a_step_of_an_ended_job_changes_nothing(demo_kb: li
     assert after == before
     with session_scope(settings.effective_database_url) as session:
         assert session.get_one(Job, job_id).status == ended
+
+
+@pytest.mark.parametrize("stage", ["extract", "write"])
+def test_a_step_whose_run_failed_under_it_leaves_its_documents_to_the_retry_instead_of_cancelling_them(
+    demo_kb: list[str], stage: str
+) -> None:
+    """The run process of a step died and the watchdog failed the run (chaos scenario 3): the
+    orphaned step sees its run ended, stops, and leaves its documents claimed and untouched, so the
+    run's retry (same claimant) does them; the job is not closed `cancelled`."""
+    settings = load_settings()
+    doc_ids = demo_kb[:3]
+    job_id = _job(settings.effective_database_url, doc_ids)
+    run_ended = lambda: True  # noqa: E731 - the step's RunEndWatch, after the run failed
+    if stage == "extract":
+        outcomes = extract_documents(settings, ChunkExtractor(settings), doc_ids, claimant="run-1", job_id=job_id,
+                                     should_stop=run_ended, run_failed=run_ended)
+    else:
+        extracted = extract_documents(settings, ChunkExtractor(settings), doc_ids, claimant="run-1", job_id=job_id)
+        store = open_graph_store(settings)
+        try:
+            outcomes = write_documents(settings, store, extracted, claimant="run-1", job_id=job_id,
+                                       should_stop=run_ended, run_failed=run_ended)
+        finally:
+            store.close()
+
+    assert [o.status for o in outcomes] == ["handed_back"] * 3
+    assert all("left the document claimed by run-1 for the run's retry" in (o.error or "") for o in outcomes)
+    rows = _rows(settings.effective_database_url)
+    assert {(rows[d].status, rows[d].claimed_by) for d in doc_ids} == {(ExtractionStatus.RUNNING, "run-1")}
+    with session_scope(settings.effective_database_url) as session:
+        assert session.get_one(Job, job_id).status == JobStatus.RUNNING
+    # The run's retry takes them over and finishes the job.
+    assert _run(doc_ids, job_id, claimant="run-1") == ["succeeded"] * 3
+    with session_scope(settings.effective_database_url) as session:
+        assert session.get_one(Job, job_id).status == JobStatus.SUCCEEDED
+
+
+def test_a_step_whose_run_was_cancelled_under_it_cancels_its_documents(demo_kb: list[str]) -> None:
+    settings = load_settings()
+    doc_ids = demo_kb[:2]
+    job_id = _job(settings.effective_database_url, doc_ids)
+
+    outcomes = extract_documents(settings, ChunkExtractor(settings), doc_ids, claimant="run-1", job_id=job_id,
+                                 should_stop=lambda: True, run_failed=lambda: False)
+
+    assert [o.status for o in outcomes] == ["cancelled"] * 2
+    rows = _rows(settings.effective_database_url)
+    assert {rows[d].status for d in doc_ids} == {ExtractionStatus.CANCELLED}

@@ -40,10 +40,12 @@ from lumikb_pipeline_tests.dagster.stack import Stack, wait_until
 
 # The stack's settings for this suite: a rate that makes the clean run last about a minute (so a
 # fault lands in the middle of it), batches of 20 documents (3 runs, 2 at a time), and the
-# production retry budget of an LLM call.
+# production retry budget of an LLM call (attempts, and the outage window the other end-to-end
+# tests turn off).
 CHAOS_ENV = {
     "LUMIKB_LLM_RATE_LIMIT": "6/s",
     "LUMIKB_LLM_MAX_ATTEMPTS": "6",
+    "LUMIKB_LLM_RETRY_WINDOW_S": "600",
     "LUMIKB_REEXTRACT_BATCH_SIZE": "20",
 }
 DOCUMENTS = 60

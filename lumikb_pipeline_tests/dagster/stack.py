@@ -175,6 +175,9 @@ def stack_env(root: Path, app_db_url: str, dagster_db_url: str, llm_url: str, we
         "LUMIKB_LLM_RATE_LIMIT": "25/s",
         "LUMIKB_LLM_MAX_IN_FLIGHT": "8",
         "LUMIKB_LLM_MAX_ATTEMPTS": "2",
+        # A poisoned document (500 to its every call, forever) fails after its attempts, not after
+        # production's 10 minutes of waiting the "outage" out.
+        "LUMIKB_LLM_RETRY_WINDOW_S": "0",
         "LUMIKB_REEXTRACT_BATCH_SIZE": "40",
         # Sensors look often so the tests are quick; the rest is production's configuration.
         "LUMIKB_PARTITIONS_SENSOR_INTERVAL_S": "3",

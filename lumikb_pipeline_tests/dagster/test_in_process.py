@@ -56,6 +56,7 @@ def env(pg_url: str, redis_url: str, fake_llm: str, tmp_path: Path, monkeypatch:
     monkeypatch.setenv("LUMIKB_LLM_API_BASE", f"{fake_llm}/v1")
     monkeypatch.setenv("LUMIKB_LLM_API_KEY", "sk-test")
     monkeypatch.setenv("LUMIKB_LLM_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("LUMIKB_LLM_RETRY_WINDOW_S", "0")  # the poisoned document fails after its attempts
     monkeypatch.setenv("LUMIKB_LLM_RATE_LIMIT", "25/s")
     get_settings.cache_clear()
     yield tmp_path

@@ -1,8 +1,10 @@
 """Fixtures of the chaos suite: one `lumikb up` stack for every scenario (`chaos_stack`, the end-to-end
-harness of `dagster/stack.py` with this suite's rates and sizes), one clean re-extraction they all
+harness of `dagster/stack.py` with this suite's rates and sizes, reaching Neo4j through
+`neo4j_proxy`, which a scenario can make unreachable), one clean re-extraction they all
 compare with (`clean_run`), and the table of what each scenario measured, printed at the end of
 the session and written to `chaos-results.json` under pytest's base temporary directory."""
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,15 +18,30 @@ from lumikb_pipeline_tests.chaos.harness import (
     run_reextraction,
     write_results,
 )
+from lumikb_pipeline_tests.chaos.proxy import TcpProxy
+from lumikb_pipeline_tests.conftest import required_env
 from lumikb_pipeline_tests.dagster.stack import Stack, stack_environment, start_stack, stop_stack
 
 
 @pytest.fixture(scope="session")
-def chaos_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def neo4j_proxy() -> Iterator[TcpProxy]:
+    """The stack's way to Neo4j (`LUMIKB_NEO4J_URI` of the machine's Neo4j, behind a proxy)."""
+    uri = required_env("LUMIKB_NEO4J_URI")
+    proxy = TcpProxy.for_url(uri, default_port=7687)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+@pytest.fixture(scope="session")
+def chaos_stack(tmp_path_factory: pytest.TempPathFactory, neo4j_proxy: TcpProxy) -> Iterator[Stack]:
     """A running deployment with this suite's settings; this process's environment points at it."""
     from lumikb_pipeline.db.session import dispose_engines
 
-    running = start_stack(tmp_path_factory.mktemp("chaos-stack"), overrides=CHAOS_ENV)
+    scheme = os.environ["LUMIKB_NEO4J_URI"].split("://", 1)[0]
+    overrides = {**CHAOS_ENV, "LUMIKB_NEO4J_URI": neo4j_proxy.url(scheme)}
+    running = start_stack(tmp_path_factory.mktemp("chaos-stack"), overrides=overrides)
     try:
         with stack_environment(running):
             running.configure_llm(latency_mean_s=0.25, latency_jitter_s=0.1)

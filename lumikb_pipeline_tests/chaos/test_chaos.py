@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from lumikb_pipeline_tests.chaos.harness import (
+    Fault,
     FaultWindow,
     Measured,
     Running,
@@ -22,6 +23,7 @@ from lumikb_pipeline_tests.chaos.harness import (
     assert_recovered,
     run_reextraction,
 )
+from lumikb_pipeline_tests.chaos.proxy import TcpProxy
 from lumikb_pipeline_tests.dagster.stack import Stack, wait_until
 
 # Starting the stack and the clean run falls in the first scenario's time.
@@ -112,4 +114,23 @@ def provider_outage_then_throttling(stack: Stack, _running: Running) -> FaultWin
 
 def test_an_llm_outage_then_throttling(chaos_stack: Stack, clean_run: Measured, tmp_path: Path) -> None:
     run = run_reextraction(chaos_stack, tmp_path, "8-llm-5xx-429", provider_outage_then_throttling, clean_run)
+    assert_recovered(chaos_stack, run, clean_run)
+
+
+def neo4j_unreachable_for_20s(proxy: TcpProxy) -> Fault:
+    def fault(_stack: Stack, _running: Running) -> FaultWindow:
+        """Neo4j gone from the network for 20 s: its connections broken, new ones refused."""
+        started = time.time()
+        proxy.unreachable()
+        time.sleep(20)
+        proxy.reachable()
+        return FaultWindow("Neo4j unreachable for 20 s (connections broken, new ones refused)", started, time.time())
+
+    return fault
+
+
+def test_neo4j_unreachable_for_20s(
+    chaos_stack: Stack, clean_run: Measured, neo4j_proxy: TcpProxy, tmp_path: Path
+) -> None:
+    run = run_reextraction(chaos_stack, tmp_path, "6-neo4j", neo4j_unreachable_for_20s(neo4j_proxy), clean_run)
     assert_recovered(chaos_stack, run, clean_run)

@@ -134,3 +134,24 @@ def test_neo4j_unreachable_for_20s(
 ) -> None:
     run = run_reextraction(chaos_stack, tmp_path, "6-neo4j", neo4j_unreachable_for_20s(neo4j_proxy), clean_run)
     assert_recovered(chaos_stack, run, clean_run)
+
+
+def postgres_restarted(proxy: TcpProxy) -> Fault:
+    def fault(_stack: Stack, _running: Running) -> FaultWindow:
+        """The app's PostgreSQL restarted: every connection to the app database broken, new ones
+        refused for the 5 s of a restart (the Dagster storage is not touched)."""
+        started = time.time()
+        proxy.unreachable()
+        time.sleep(5)
+        proxy.reachable()
+        return FaultWindow("the app's PostgreSQL restarted (connections broken, refused for 5 s)", started,
+                           time.time())
+
+    return fault
+
+
+def test_postgres_restarted(
+    chaos_stack: Stack, clean_run: Measured, postgres_proxy: TcpProxy, tmp_path: Path
+) -> None:
+    run = run_reextraction(chaos_stack, tmp_path, "7-postgres", postgres_restarted(postgres_proxy), clean_run)
+    assert_recovered(chaos_stack, run, clean_run)

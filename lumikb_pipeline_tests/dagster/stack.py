@@ -243,9 +243,13 @@ def stack_environment(stack: Stack) -> Iterator[None]:
         get_settings.cache_clear()
 
 
-def start_stack(root: Path, overrides: Mapping[str, str] | None = None) -> Stack:
+def start_stack(
+    root: Path, overrides: Mapping[str, str] | None = None, app_database_via: tuple[str, int] | None = None
+) -> Stack:
     """Create the databases, write the instance, start every process and wait until all answer.
-    `overrides` replace some of `stack_env`'s variables (a test module's own rates and sizes)."""
+    `overrides` replace some of `stack_env`'s variables (a test module's own rates and sizes);
+    `app_database_via` (host, port) is where the stack reaches its app database instead of the
+    machine's PostgreSQL (the chaos suite's proxy; the Dagster storage stays direct)."""
     from lumikb_pipeline.db import migrate
     from lumikb_pipeline.infra.dagster_instance import apply_pool_limits, instance_config, render_instance_yaml
     from lumikb_pipeline.orchestration import processes
@@ -257,6 +261,9 @@ def start_stack(root: Path, overrides: Mapping[str, str] | None = None) -> Stack
     app_db = create_postgres_database("stack_app")
     dagster_db = _dagster_url(create_postgres_database("stack_dagster"))
     migrate.upgrade(app_db)
+    if app_database_via is not None:
+        host, port = app_database_via
+        app_db = make_url(app_db).set(host=host, port=port).render_as_string(hide_password=False)
 
     (root / "tmp").mkdir(parents=True, exist_ok=True)
     base_env = stack_env(root, app_db, dagster_db, "http://127.0.0.1:0", free_port(), redis_dbs, overrides)

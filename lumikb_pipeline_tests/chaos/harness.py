@@ -7,10 +7,13 @@ moved to v2: the schema sensor starts the re-extraction job, as in production. E
 the same document texts, so its graph, its calls and its time compare with the clean run's.
 
 LLM calls are counted at the fake server: `billed` are the calls it answered 200 (a provider bills
-those; its 429s and 5xx cost nothing). `in flight at the fault` are the chunks whose call had reached
-the server when the fault began and whose result was not stored yet (its chunk checkpoint was made
-after the fault, by whoever redid it): their answers may be lost with the process that waited,
-including an answer that had left the server but was not yet checkpointed by the worker.
+those; its 429s and 5xx cost nothing). `in flight at the fault` are the chunks whose call had been
+sent when the fault began and whose result was not stored yet (its chunk checkpoint was made after
+the fault, by whoever redid it): their answers may be lost with the process that waited, including
+an answer that had left the server but was not yet checkpointed by the worker. A call counts as
+sent before the fault when it reached the server by then, or up to `SEND_LAG_S` later (a request
+already on its way when its worker was killed) if its answer was then never stored (the chunk's
+checkpoint came more than `STORE_S` after it: the process that waited for it was gone).
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ CHAOS_ENV = {
 DOCUMENTS = 60
 CHUNKS_PER_DOCUMENT = 3
 UNDER_WAY_SHARE = 0.35  # the fault comes once this share of the chunks has been answered
+SEND_LAG_S = 0.5
+STORE_S = 2.0
 RESUME_BOUND_S = 120.0
 FINISH_MARGIN_S = 300.0
 CLEAN_TIMEOUT_S = 600.0
@@ -120,14 +125,21 @@ class Measured:
         return sum(1 for call in self.calls if call["status"] == 200)
 
     def in_flight_at_fault(self) -> int:
-        """Chunks whose call had arrived at the fault's start and whose result was not stored then."""
+        """Chunks whose call had been sent at the fault's start and whose result was not stored then."""
         if self.window is None:
             return 0
         at = self.window.started
-        return len({
-            c["chunk"] for c in self.calls
-            if c["arrived"] <= at and c["chunk"] and self.checkpointed.get(c["chunk"], float("inf")) > at
-        })
+
+        def in_flight(call: dict[str, Any]) -> bool:
+            stored = self.checkpointed.get(call["chunk"], float("inf"))
+            if not call["chunk"] or stored <= at:
+                return False
+            if call["arrived"] <= at:
+                return True
+            lost = call["answered"] is None or stored > call["answered"] + STORE_S
+            return call["arrived"] <= at + SEND_LAG_S and lost
+
+        return len({call["chunk"] for call in self.calls if in_flight(call)})
 
     def resumed_after_s(self) -> float | None:
         """Seconds from the fault's end to the next call the LLM answered (None: none came after it)."""

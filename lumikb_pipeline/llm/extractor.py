@@ -65,6 +65,10 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r"Items .* are using the `ReadOnly` qualifier", category=UserWarning)
 
 _SLOW_SHOULD_STOP_S = 0.005
+# How long a paid-for result is kept trying to be stored while the app database is away (a restart,
+# a failover), backing off up to `CHECKPOINT_BACKOFF_MAX_S` between tries, before the chunk fails.
+CHECKPOINT_SAVE_WINDOW_S = 120.0
+CHECKPOINT_BACKOFF_MAX_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ class ChunkExtractor:
         self._redis = redis
         self.concurrency = concurrency or settings.max_in_flight
         self.retry_policy = retry or RetryPolicy.from_settings(settings)
+        self.checkpoint_save_window_s = CHECKPOINT_SAVE_WINDOW_S
         self.limiter_options = dict(limiter_options or {})
         self.rate_limit = settings.rate_limit_for(self.model)
         self._api_key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
@@ -325,10 +330,13 @@ class ChunkExtractor:
 
     async def _checkpoint(self, key: checkpoints.CheckpointKey, content_hash: str,
                           extraction: ChunkExtraction) -> ChunkOutcome:
-        # The result was paid for: try hard to keep it, but a chunk whose result cannot be stored is
-        # a failure, because the graph is written from the checkpoints.
+        # The result was paid for: try hard to keep it (a database restart is waited out, for up to
+        # `checkpoint_save_window_s`), but a chunk whose result cannot be stored is a failure,
+        # because the graph is written from the checkpoints.
         error = ""
-        for attempt in range(3):
+        started = time.monotonic()
+        attempt = 0
+        while True:
             try:
                 await asyncio.to_thread(self._save, key, content_hash, extraction)
                 return extraction
@@ -336,11 +344,16 @@ class ChunkExtractor:
                 error = scrub(f"{type(exc).__name__}: {exc}", self._secrets)[:REASON_CHARS]
                 log.warning("could not store the checkpoint of chunk %s (attempt %d): %s",
                             extraction.chunk_id, attempt + 1, error)
-                await asyncio.sleep(0.5 * 2 ** attempt)
+            left = self.checkpoint_save_window_s - (time.monotonic() - started)
+            if left <= 0:
+                break
+            await asyncio.sleep(min(CHECKPOINT_BACKOFF_MAX_S, 0.25 * 2 ** attempt, left))
+            attempt += 1
         return ChunkFailure(
             chunk_id=extraction.chunk_id, llm_calls=extraction.llm_calls,
             reason=f"checkpoint_not_saved: the chunk was extracted but its result could not be stored in the "
-                   f"app database ({error}); check LUMIKB_DATABASE_URL and retry",
+                   f"app database for {time.monotonic() - started:.0f} s ({attempt + 1} tries; {error}); check "
+                   f"LUMIKB_DATABASE_URL and retry",
         )
 
     def _should_stop(self, should_stop: Callable[[], bool]) -> bool:

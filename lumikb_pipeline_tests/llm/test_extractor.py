@@ -4,6 +4,7 @@ chunk for every kind of bad answer, retries that honour Retry-After, checkpoints
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -237,6 +238,44 @@ def test_unusable_answers_fail_the_chunk_after_the_attempts_whatever_the_window(
 
 
 # --- checkpoints (done-means 4) -------------------------------------------------------------------
+
+class DatabaseAwayFor(ChunkExtractor):
+    """An extractor whose checkpoint writes fail while the app database is away (the first
+    `away_s` after the first write), as during a PostgreSQL restart."""
+
+    away_s = 4.0  # longer than the three tries over 3.5 s this once had
+    first_try: float | None = None
+
+    def _save(self, *args: object) -> None:
+        self.first_try = self.first_try or time.monotonic()
+        if time.monotonic() - self.first_try < self.away_s:
+            raise ConnectionError("connection to server at 127.0.0.1 failed: Connection refused")
+        super()._save(*args)  # type: ignore[arg-type]
+
+
+def test_a_database_restart_while_a_result_is_stored_is_waited_out_and_the_call_not_paid_again(
+    llm_settings: Callable[..., Settings], pg_url: str, schema_v1: DomainSchema, fake_llm: FakeServer
+) -> None:
+    extractor = DatabaseAwayFor(llm_settings(), retry=FAST_RETRIES)
+    kb_id = create_kb(pg_url)
+
+    [result] = extractor.extract_sync(kb_id, 1, schema_v1, [chunk(1)])
+
+    assert isinstance(result, ChunkExtraction) and len(fake_llm.calls()) == 1
+    [again] = ChunkExtractor(llm_settings(), retry=FAST_RETRIES).extract_sync(kb_id, 1, schema_v1, [chunk(1)])
+    assert isinstance(again, ChunkExtraction) and again.from_checkpoint and len(fake_llm.calls()) == 1
+
+
+def test_a_result_that_cannot_be_stored_within_the_window_fails_the_chunk_with_how_long_it_tried(
+    llm_settings: Callable[..., Settings], pg_url: str, schema_v1: DomainSchema
+) -> None:
+    extractor = DatabaseAwayFor(llm_settings(), retry=FAST_RETRIES)
+    extractor.away_s, extractor.checkpoint_save_window_s = 600.0, 1.0
+
+    [result] = extractor.extract_sync(create_kb(pg_url), 1, schema_v1, [chunk(1)])
+
+    assert isinstance(result, ChunkFailure) and result.reason.startswith("checkpoint_not_saved:")
+    assert re.search(r"for [12] s \(\d+ tries", result.reason) and "LUMIKB_DATABASE_URL" in result.reason
 
 def test_extracting_the_same_chunks_again_makes_no_call_and_a_schema_change_sends_every_chunk_again(
     extract: Callable[..., list[ChunkOutcome]], fake_llm: FakeServer, schema_v2: DomainSchema

@@ -34,6 +34,7 @@ class SteadyWindows:
     width_s: float
     counts: tuple[int, ...]
     limit_per_s: float
+    steady_calls: int = 0  # calls from `start` to `end`, the part after the last whole window too
 
     @property
     def shares(self) -> tuple[float, ...]:
@@ -46,13 +47,9 @@ class SteadyWindows:
 
     @property
     def mean_share(self) -> float:
-        """Calls per second over the steady part, as a share of the limit."""
+        """Calls per second over the whole steady part, as a share of the limit."""
         span = self.end - self.start
-        return 0.0 if span <= 0 else self.calls / span / self.limit_per_s
-
-    @property
-    def calls(self) -> int:
-        return sum(self.counts)
+        return 0.0 if span <= 0 else self.steady_calls / span / self.limit_per_s
 
 
 def steady_windows(
@@ -70,7 +67,8 @@ def steady_windows(
     while start + width_s <= last:
         counts.append(bisect.bisect_left(times, start + width_s) - bisect.bisect_left(times, start))
         start += width_s
-    return SteadyWindows(first, last, width_s, tuple(counts), limit_per_s)
+    steady_calls = bisect.bisect_left(times, last) - bisect.bisect_left(times, first)
+    return SteadyWindows(first, last, width_s, tuple(counts), limit_per_s, steady_calls)
 
 
 __all__ = ["SteadyWindows", "busiest_window", "steady_windows"]

@@ -28,9 +28,10 @@ from lumikb_pipeline_tests.dagster.stack import Stack, wait_until
 
 # Starting the stack and the clean run falls in the first scenario's time.
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(1500)]
-# CI's chaos step runs the scenarios a re-extraction most often meets (a worker group lost, a run's
-# process killed, a provider outage): each takes 3-4 minutes and `.ci/run` must stay under an hour.
-# The others run with `scripts/test chaos` (every scenario), and before a release.
+# CI's chaos step runs the scenarios a re-extraction most often meets (a worker process or group
+# lost, a run's process killed, the database restarted, a provider outage): each takes 1-4 minutes
+# and `.ci/run` must stay under an hour. The others (the daemon, Neo4j) run with `scripts/test chaos`
+# (every scenario), and before a release.
 EXTENDED = pytest.mark.chaos_extended
 
 
@@ -41,7 +42,6 @@ def kill_an_extract_child(stack: Stack, _running: Running) -> FaultWindow:
     return FaultWindow(f"SIGKILL of the Celery child (pid {pids[0]}) running an extract step", started, started)
 
 
-@EXTENDED
 def test_a_killed_celery_child_running_an_extract_step(chaos_stack: Stack, clean_run: Measured, tmp_path: Path) -> None:
     run = run_reextraction(chaos_stack, tmp_path, "1-extract-child", kill_an_extract_child, clean_run)
     assert_recovered(chaos_stack, run, clean_run)
@@ -157,7 +157,6 @@ def postgres_restarted(proxy: TcpProxy) -> Fault:
     return fault
 
 
-@EXTENDED
 def test_postgres_restarted(
     chaos_stack: Stack, clean_run: Measured, postgres_proxy: TcpProxy, tmp_path: Path
 ) -> None:

@@ -117,6 +117,18 @@ _LOCK_ENTITIES = """CALL () {
 }"""
 
 
+# What a document holds now, read by both lock queries (`d` bound): its chunks, their mentions and
+# the relationship records they assert, each row with the element id the apply query addresses.
+_FOOTPRINT = """  COLLECT { MATCH (d)-[:HAS_CHUNK]->(c:Chunk) RETURN [c.id, c.ordinal, elementId(c)] } AS chunks,
+  COLLECT {
+    MATCH (d)-[:HAS_CHUNK]->(c:Chunk)-[m:MENTIONS]->(e:Entity)
+    RETURN [c.id, e.type, e.key, m.names, m.descriptions, elementId(m)]
+  } AS mentions,
+  COLLECT {
+    MATCH (d)-[:HAS_CHUNK]->(c:Chunk)-[s:Asserts]->(a:Entity)
+    RETURN [s.type, a.type, a.key, s.target_type, s.target_key, c.id, s.description, elementId(s)]
+  } AS sources"""
+
 # 1. The document's write lock (MERGE + a no-op SET), its recorded schema version, the chunks of other
 #    documents among the new chunk ids, and its footprint reached from its own chunks, with element
 #    ids. When the write may proceed (not an older version, no foreign chunk) and the footprint names
@@ -134,15 +146,7 @@ WITH d, d.schema_version AS held,
     WHERE c.doc_id <> $doc_id
     RETURN [c.id, c.doc_id] AS row ORDER BY row LIMIT 3
   } AS foreign,
-  COLLECT { MATCH (d)-[:HAS_CHUNK]->(c:Chunk) RETURN [c.id, c.ordinal, elementId(c)] } AS chunks,
-  COLLECT {
-    MATCH (d)-[:HAS_CHUNK]->(c:Chunk)-[m:MENTIONS]->(e:Entity)
-    RETURN [c.id, e.type, e.key, m.names, m.descriptions, elementId(m)]
-  } AS mentions,
-  COLLECT {
-    MATCH (d)-[:HAS_CHUNK]->(c:Chunk)-[s:Asserts]->(a:Entity)
-    RETURN [s.type, a.type, a.key, s.target_type, s.target_key, c.id, s.description, elementId(s)]
-  } AS sources
+""" + _FOOTPRINT + """
 WITH d, held, foreign, chunks, mentions, sources,
   (held IS NULL OR held <= $schema_version) AND size(foreign) = 0
   AND all(m IN mentions WHERE [m[1], m[2]] IN $refs) AS locked
@@ -166,15 +170,7 @@ LOCK_EXISTING_DOCUMENT = """
 MATCH (d:Document {kb_id: $kb_id, id: $doc_id})
 SET d.kb_id = $kb_id
 RETURN elementId(d) AS document, d.schema_version AS held, [] AS foreign,
-  COLLECT { MATCH (d)-[:HAS_CHUNK]->(c:Chunk) RETURN [c.id, c.ordinal, elementId(c)] } AS chunks,
-  COLLECT {
-    MATCH (d)-[:HAS_CHUNK]->(c:Chunk)-[m:MENTIONS]->(e:Entity)
-    RETURN [c.id, e.type, e.key, m.names, m.descriptions, elementId(m)]
-  } AS mentions,
-  COLLECT {
-    MATCH (d)-[:HAS_CHUNK]->(c:Chunk)-[s:Asserts]->(a:Entity)
-    RETURN [s.type, a.type, a.key, s.target_type, s.target_key, c.id, s.description, elementId(s)]
-  } AS sources,
+""" + _FOOTPRINT + """,
   false AS locked, [] AS entities, [] AS relationships
 """
 

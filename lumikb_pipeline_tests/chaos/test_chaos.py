@@ -47,37 +47,34 @@ def test_a_killed_celery_child_running_an_extract_step(chaos_stack: Stack, clean
     assert_recovered(chaos_stack, run, clean_run)
 
 
-def kill_the_reprocessing_worker(stack: Stack, _running: Running) -> FaultWindow:
-    """SIGKILL of the `reprocessing` worker's whole process group; started again 10 s later."""
-    started = time.time()
-    pid = stack.kill("worker-reprocessing")
-    time.sleep(10)
-    stack.restart("worker-reprocessing")
-    return FaultWindow(f"SIGKILL of the reprocessing worker group (pid {pid}), restarted 10 s later",
-                       started, time.time())
+def killed_and_restarted(process: str, what: str) -> Fault:
+    """SIGKILL of a process of `lumikb up` with its whole process group (`what` it is, for the
+    report); started again 10 s later, as `lumikb up --detach` does."""
+
+    def fault(stack: Stack, _running: Running) -> FaultWindow:
+        started = time.time()
+        pid = stack.kill(process)
+        time.sleep(10)
+        stack.restart(process)
+        return FaultWindow(f"SIGKILL of {what} (pid {pid}), restarted 10 s later", started, time.time())
+
+    return fault
 
 
 def test_a_killed_reprocessing_worker_group_restarted_10s_later(
     chaos_stack: Stack, clean_run: Measured, tmp_path: Path
 ) -> None:
-    run = run_reextraction(chaos_stack, tmp_path, "2-worker-group", kill_the_reprocessing_worker, clean_run)
+    run = run_reextraction(chaos_stack, tmp_path, "2-worker-group",
+                           killed_and_restarted("worker-reprocessing", "the reprocessing worker group"), clean_run)
     assert_recovered(chaos_stack, run, clean_run)
-
-
-def kill_the_daemon(stack: Stack, _running: Running) -> FaultWindow:
-    """SIGKILL of the Dagster daemon (its process group); started again 10 s later."""
-    started = time.time()
-    pid = stack.kill("daemon")
-    time.sleep(10)
-    stack.restart("daemon")
-    return FaultWindow(f"SIGKILL of the Dagster daemon (pid {pid}), restarted 10 s later", started, time.time())
 
 
 @EXTENDED
 def test_a_killed_dagster_daemon_restarted_10s_later(
     chaos_stack: Stack, clean_run: Measured, tmp_path: Path
 ) -> None:
-    run = run_reextraction(chaos_stack, tmp_path, "4-daemon", kill_the_daemon, clean_run)
+    run = run_reextraction(chaos_stack, tmp_path, "4-daemon", killed_and_restarted("daemon", "the Dagster daemon"),
+                           clean_run)
     assert_recovered(chaos_stack, run, clean_run)
 
 

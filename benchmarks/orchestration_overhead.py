@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -107,7 +106,6 @@ def _in_process_round(stack: Any, root: Path, documents: int, chunks: int) -> fl
 
 
 def measure(documents: int, chunks: int, rounds: int) -> dict[str, Any]:
-    from lumikb_pipeline.core.config import get_settings
     from lumikb_pipeline.db.session import dispose_engines
     from lumikb_pipeline_tests.dagster.stack import stack_environment, start_stack, stop_stack, wait_until
 
@@ -117,7 +115,6 @@ def measure(documents: int, chunks: int, rounds: int) -> dict[str, Any]:
     results = []
     try:
         with stack_environment(stack):
-            get_settings.cache_clear()
             for _ in range(rounds):
                 stack_s = _stack_round(stack, root, documents, chunks)
                 stack.kill("daemon")
@@ -137,7 +134,6 @@ def measure(documents: int, chunks: int, rounds: int) -> dict[str, Any]:
                 })
                 print(f"round {len(results)}: {results[-1]}", flush=True)
     finally:
-        get_settings.cache_clear()
         dispose_engines()
         stop_stack(stack)
     overheads = [r["overhead_ms_per_document"] for r in results]
@@ -159,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
-    if not os.environ.get("LUMIKB_REDIS_URL") or not os.environ.get("LUMIKB_NEO4J_URI"):
-        print('the services are not set: run `scripts/services up` and `eval "$(scripts/services env)"`',
-              file=sys.stderr)
+    from lumikb_pipeline_tests.dagster.stack import services_unset
+
+    if unset := services_unset():
+        print(unset, file=sys.stderr)
         return 2
     documents = args.documents or (80 if args.quick else 400)
     rounds = args.rounds or (1 if args.quick else 2)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -42,31 +41,24 @@ def measure(
 ) -> dict[str, Any]:
     """Start a stack with `env`, re-extract, then (with `plain_seconds`) run the plain design over
     the same documents, stop the stack; the figures."""
-    from lumikb_pipeline.core.config import get_settings
     from lumikb_pipeline.db.session import dispose_engines
     from lumikb_pipeline_tests.dagster.saturation import measure_reextraction, overrides
-    from lumikb_pipeline_tests.dagster.stack import start_stack, stop_stack, unique_slug
+    from lumikb_pipeline_tests.dagster.stack import stack_environment, start_stack, stop_stack, unique_slug
 
     root = Path(tempfile.mkdtemp(prefix=f"lumikb-saturation-{label}-"))
     stack = start_stack(root / "stack", overrides(env))
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(stack.env)
-    get_settings.cache_clear()
     try:
-        started = time.monotonic()
-        slug = unique_slug("bench")
-        result = measure_reextraction(stack, slug, root / "docs", documents=documents, chunks=chunks,
-                                      latency_mean_s=latency[0], latency_jitter_s=latency[1])
-        summary = {"label": label, "env": env, **result.summary(),
-                   "wall_s": round(time.monotonic() - started, 1)}
-        if plain_seconds:
-            summary["plain"] = measure_plain(stack, slug, result.limit_per_s, plain_seconds, root / "plain-logs",
-                                             int(env["LUMIKB_REEXTRACT_BATCH_SIZE"]))
+        with stack_environment(stack):
+            started = time.monotonic()
+            slug = unique_slug("bench")
+            result = measure_reextraction(stack, slug, root / "docs", documents=documents, chunks=chunks,
+                                          latency_mean_s=latency[0], latency_jitter_s=latency[1])
+            summary = {"label": label, "env": env, **result.summary(),
+                       "wall_s": round(time.monotonic() - started, 1)}
+            if plain_seconds:
+                summary["plain"] = measure_plain(stack, slug, result.limit_per_s, plain_seconds,
+                                                 root / "plain-logs", int(env["LUMIKB_REEXTRACT_BATCH_SIZE"]))
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        get_settings.cache_clear()
         dispose_engines()
         stop_stack(stack)
     return summary
@@ -118,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the plain Celery design this long after ours (default 300; 60 with --quick; 0: not)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
-    if not os.environ.get("LUMIKB_REDIS_URL") or not os.environ.get("LUMIKB_NEO4J_URI"):
-        print('the services are not set: run `scripts/services up` and `eval "$(scripts/services env)"`',
-              file=sys.stderr)
+    from lumikb_pipeline_tests.dagster.stack import services_unset
+
+    if unset := services_unset():
+        print(unset, file=sys.stderr)
         return 2
     documents = args.documents or (120 if args.quick else 300)
     without = (not args.quick) if args.without_ahead is None else args.without_ahead

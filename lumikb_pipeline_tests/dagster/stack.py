@@ -33,6 +33,13 @@ T = TypeVar("T")
 POOL_LIMITS = {"lumikb_llm": 3, "lumikb_graph_write": 3}
 
 
+def services_unset() -> str | None:
+    """Why a stack cannot start here (the services' variables are not set), or None when it can."""
+    if os.environ.get("LUMIKB_REDIS_URL") and os.environ.get("LUMIKB_NEO4J_URI"):
+        return None
+    return 'the services are not set: run `scripts/services up` and `eval "$(scripts/services env)"`'
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -343,5 +343,6 @@ def unique_slug(prefix: str) -> str:
 
 
 __all__ = [
-    "POOL_LIMITS", "Iterator", "Stack", "stack_environment", "start_stack", "stop_stack", "unique_slug", "wait_until",
+    "POOL_LIMITS", "Iterator", "Stack", "sensor_ticks", "services_unset", "stack_environment", "start_stack",
+    "stop_stack", "unique_slug", "wait_until",
 ]

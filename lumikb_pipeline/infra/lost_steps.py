@@ -13,6 +13,14 @@ and the job-status sensor runs `requeue_lost_steps`: a message unacknowledged fo
 put back at the head of its queue. The redelivered step runs again under the same Dagster run (the
 run waits on the same task id); the ledger claim (the run's root id) and the chunk checkpoints make
 the second execution take over the first one's documents without paying again for what it finished.
+
+A step can also vanish from the broker altogether: Redis restarted without its data (the embedded
+Redis keeps none) takes the queued messages, the `unacked` hash and the stored results with it, and
+the Dagster run would wait on its steps until its max runtime. So the run's executor watches each
+step it submitted (`infra.executor`) and submits it again once `step_gone_from_broker` has held for
+`GONE_AFTER_S`: no result, no heartbeat, not in its queue, not in `unacked`, not held by a live
+worker. A step still running on a live worker keeps beating (its heartbeat is written again within
+`HEARTBEAT_INTERVAL_S` of Redis coming back) and is left to finish; its result reaches the new Redis.
 """
 
 from __future__ import annotations
@@ -33,6 +41,11 @@ HEARTBEAT_TTL_S = 20.0
 # lost: longer than the heartbeat's time to live, so a step that started beating is never taken.
 LOST_AFTER_S = 30.0
 INSPECT_TIMEOUT_S = 2.0
+
+# A submitted step is taken for lost by the broker after this long without a result, a heartbeat, a
+# place in its queue or a worker holding it: longer than a heartbeat's interval after Redis is back.
+GONE_AFTER_S = 30.0
+GONE_CHECK_INTERVAL_S = 5.0
 
 # kombu's Redis transport keeps the messages workers hold in these keys of the broker's database.
 UNACKED_KEY = "unacked"
@@ -140,3 +153,35 @@ def requeue_lost_steps(settings: Settings, now: float | None = None, lost_after_
         return lines
     finally:
         app.close()
+
+
+def _in_broker(broker: Any, task_id: str, queue: str) -> bool:
+    """Whether a message of `task_id` waits in `queue` (any of kombu's priority lists of it) or is
+    held unacknowledged by a worker."""
+    for key in broker.scan_iter(match=f"{queue}*", count=100):
+        if broker.type(key) == "list" and any(task_id in message for message in broker.lrange(key, 0, -1)):
+            return True
+    return any(task_id in raw for raw in cast(list[str], broker.hvals(UNACKED_KEY)))
+
+
+def step_gone_from_broker(settings: Settings, task_id: str, queue: str) -> bool:
+    """Whether the broker has lost the step `task_id` submitted to `queue`: no heartbeat, no message
+    queued or unacknowledged, not held by a live worker. (Its result, the caller checks first.)
+    False for a broker that is not Redis; raises when Redis does not answer."""
+    from celery import Celery
+
+    from lumikb_pipeline.infra import redis_client
+
+    broker_url = redis_client.broker_url(settings)
+    if not broker_url.startswith(("redis://", "rediss://", "unix://", "redis+socket://")):
+        return False
+    if redis_client.connect(settings).exists(f"{HEARTBEAT_PREFIX}{task_id}"):
+        return False
+    if _in_broker(redis_client.shared_client(broker_url.replace("redis+socket://", "unix://", 1)), task_id, queue):
+        return False
+    app = Celery(broker=broker_url, set_as_current=False)
+    try:
+        held = _held_by_live_workers(app)
+    finally:
+        app.close()
+    return held is None or task_id not in held

@@ -13,7 +13,13 @@ from kombu import Connection, Exchange, Queue
 
 from lumikb_pipeline.core.config import get_settings, load_settings
 from lumikb_pipeline.infra import redis_client
-from lumikb_pipeline.infra.lost_steps import HEARTBEAT_PREFIX, UNACKED_KEY, requeue_lost_steps, step_heartbeat
+from lumikb_pipeline.infra.lost_steps import (
+    HEARTBEAT_PREFIX,
+    UNACKED_KEY,
+    requeue_lost_steps,
+    step_gone_from_broker,
+    step_heartbeat,
+)
 
 QUEUE = "lost-steps-test"
 
@@ -76,3 +82,67 @@ def test_a_step_whose_worker_died_is_delivered_again_and_a_beating_one_is_not(
     assert _queued(redis_url) == 1
     assert redis_client.connect(settings).hlen(UNACKED_KEY) == 1  # the beating one stays where it is
     assert not redis_client.connect(settings).exists(f"{HEARTBEAT_PREFIX}task-beating")  # gone with its step
+
+
+def _empty_queue_of_workers(url: str) -> None:
+    import redis
+
+    redis.Redis.from_url(url).flushdb()  # Redis restarted without its data
+
+
+def test_a_step_is_gone_from_the_broker_only_when_nothing_holds_it(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LUMIKB_REDIS_URL", redis_url)
+    monkeypatch.setenv("CELERY_BROKER_URL", redis_url)
+    get_settings.cache_clear()
+    settings = load_settings()
+    _publish(redis_url, ["task-queued"])
+    assert not step_gone_from_broker(settings, "task-queued", QUEUE)  # waiting in its queue
+    _empty_queue_of_workers(redis_url)
+    with step_heartbeat(settings, "task-queued"):
+        assert not step_gone_from_broker(settings, "task-queued", QUEUE)  # a worker runs it
+    assert step_gone_from_broker(settings, "task-queued", QUEUE)  # no message, no heartbeat, no worker
+
+
+class _EventLog:
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+
+    def warning(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+def test_a_watched_step_the_broker_lost_is_submitted_again(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery import Celery
+
+    from lumikb_pipeline.infra.executor import _WatchedStep
+
+    monkeypatch.setenv("LUMIKB_REDIS_URL", redis_url)
+    monkeypatch.setenv("CELERY_BROKER_URL", redis_url)
+    get_settings.cache_clear()
+    app = Celery(broker=redis_url, backend=redis_url, set_as_current=False)
+    log = _EventLog()
+    try:
+        step = _WatchedStep(lambda: app.send_task("execute_plan", queue=QUEUE), QUEUE, "extract", log,
+                            gone_after_s=1.0, check_interval_s=0.2)
+        first = step.result.id
+        deadline = time.time() + 1.5
+        while time.time() < deadline:  # queued, no worker yet: left alone
+            assert not step.ready()
+            time.sleep(0.2)
+        assert step.result.id == first and log.warnings == [] and _queued(redis_url) == 1
+
+        _empty_queue_of_workers(redis_url)
+        deadline = time.time() + 30
+        while step.result.id == first and time.time() < deadline:
+            assert not step.ready()
+            time.sleep(0.2)
+        assert step.result.id != first
+        assert _queued(redis_url) == 1  # its message is back in the queue, under a new task id
+        assert len(log.warnings) == 1 and first in log.warnings[0] and step.result.id in log.warnings[0]
+
+        app.backend.store_result(step.result.id, ["an event"], "SUCCESS")  # a worker ran it
+        assert step.ready() and step.get() == ["an event"]
+    finally:
+        app.close()

@@ -40,6 +40,7 @@ from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from lumikb_pipeline.core.config import RateLimit, Settings
 
@@ -263,8 +264,14 @@ class RateLimiter:
     async def release_lease(self, lease: str) -> None:
         """Give a lease back at once (an expired one is gone already)."""
         self._held.discard(lease)
-        # Shielded: a cancelled caller must still give its slot back, or it is lost until expiry.
-        await asyncio.shield(self.redis.zrem(self.leases_key, lease))
+        try:
+            # Shielded: a cancelled caller must still give its slot back, or it is lost until expiry.
+            await asyncio.shield(self.redis.zrem(self.leases_key, lease))
+        except (RedisError, OSError) as exc:
+            # Redis away (restarting): the lease, no longer renewed, expires within `lease_ttl_s`.
+            # Raising here would throw away the answer of the call the lease covered, paid for.
+            log.warning("could not give back the in-flight lease of %s (it expires on its own): %s",
+                        self.model, type(exc).__name__)
 
     async def in_flight(self) -> int:
         """Leases held now across all processes (expired ones not counted)."""

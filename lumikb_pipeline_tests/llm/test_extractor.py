@@ -381,6 +381,38 @@ def test_an_unreachable_redis_fails_each_chunk_with_a_hint(
     assert fake_llm.calls() == []
 
 
+def test_an_answer_that_comes_while_redis_restarts_is_kept_and_not_paid_again(
+    llm_settings: Callable[..., Settings], pg_url: str, redis_url: str, fake_llm: FakeServer, schema_v1: DomainSchema
+) -> None:
+    """The call's in-flight lease cannot be given back while Redis is away: the answer is kept all
+    the same (the lease expires on its own), not thrown away and paid for again."""
+    from lumikb_pipeline_tests.chaos.proxy import TcpProxy
+
+    proxy = TcpProxy.for_url(redis_url, default_port=6379)
+    fake_llm.configure(latency_mean_s=1.0, latency_jitter_s=0.0)
+    try:
+        url = f"{proxy.url('redis')}/{redis_url.rsplit('/', 1)[1]}"
+        extractor = ChunkExtractor(llm_settings(redis_url=url), retry=FAST_RETRIES)
+        kb_id = create_kb(pg_url)
+        results: list[ChunkOutcome] = []
+        thread = threading.Thread(
+            target=lambda: results.extend(extractor.extract_sync(kb_id, 1, schema_v1, [chunk(1)])))
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not fake_llm.calls():
+            assert time.monotonic() < deadline, "the call never reached the server"
+            time.sleep(0.02)
+        proxy.unreachable()  # Redis restarting while the call waits for its answer
+        time.sleep(2.0)
+        proxy.reachable()
+        thread.join(timeout=30)
+    finally:
+        proxy.close()
+        fake_llm.configure(latency_mean_s=0.0)
+
+    assert len(extractions(results)) == 1 and len(fake_llm.calls()) == 1
+
+
 def test_an_unreachable_database_fails_each_chunk_with_a_hint(
     llm_settings: Callable[..., Settings], fake_llm: FakeServer, schema_v1: DomainSchema
 ) -> None:

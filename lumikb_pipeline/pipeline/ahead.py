@@ -12,7 +12,8 @@ This module is the coordination, in Redis, per job:
 - `OwnExtraction` registers a step while it extracts its own batch (renewed, so a crashed step
   stops counting after `REGISTRATION_TTL_S`);
 - the ahead lock (`lumikb:job:<id>:ahead`): one step extracts ahead at a time, so the others end
-  and free their worker processes for the next runs' steps;
+  and free their worker processes for the next runs' steps; a step that finds it no longer holds
+  the lock (Redis restarted without its data) stops extracting ahead, as when handed over;
 - `pick_ahead`: which documents to extract ahead: pending ones of the job from its *end*, leaving
   the first `margin` pending documents (those the next runs claim) alone, each taken once
   (`SADD`), so neither two steps nor a step and a run extract the same document at once.
@@ -111,6 +112,17 @@ def take_ahead_lock(client: redis.Redis, job_id: str, claimant: str) -> bool:
     return False
 
 
+def renew_ahead_lock(client: redis.Redis, job_id: str, claimant: str) -> bool:
+    """Renew the job's ahead lock held by `claimant`; False when it no longer holds it (Redis lost
+    its data, or the lock expired while this step stalled): the step must then stop extracting
+    ahead, since the documents it took are no longer marked taken."""
+    key = ahead_lock_key(job_id)
+    if client.get(key) != claimant:
+        return False
+    client.pexpire(key, LOCK_TTL_MS)
+    return True
+
+
 def release_ahead_lock(client: redis.Redis, job_id: str, claimant: str) -> None:
     key = ahead_lock_key(job_id)
     try:
@@ -167,5 +179,5 @@ def pick_ahead(
 
 __all__ = [
     "OwnExtraction", "ahead_documents_key", "ahead_lock_key", "extracting_key", "others_extracting", "pick_ahead",
-    "release_ahead_lock", "take_ahead_lock",
+    "release_ahead_lock", "renew_ahead_lock", "take_ahead_lock",
 ]

@@ -31,6 +31,7 @@ from lumikb_pipeline.pipeline.ahead import (
     others_extracting,
     pick_ahead,
     release_ahead_lock,
+    renew_ahead_lock,
     take_ahead_lock,
 )
 from lumikb_pipeline.pipeline.migration import SchemaHistory, StrategyOption, chunk_work, plan_documents
@@ -275,16 +276,16 @@ class _Ahead:
         done = threading.Event()
 
         def watch() -> None:
-            # The hand-over: another step extracts its own batch (or the time is up). Read here,
+            # The hand-over: another step extracts its own batch (or the time is up, or the lock is
+            # gone: Redis lost it, and with it the marks of the documents taken). Read here,
             # so that the extractor's check before every call only reads a flag.
             while not done.wait(AHEAD_POLL_S):
                 try:
                     if time.monotonic() - started > self.max_s or others_extracting(
                         self.client, self.job_id, self.claimant
-                    ):
+                    ) or not renew_ahead_lock(self.client, self.job_id, self.claimant):
                         self._handed_over.set()
                         return
-                    take_ahead_lock(self.client, self.job_id, self.claimant)
                 except Exception:  # noqa: BLE001 - a Redis hiccup: look again
                     continue
 

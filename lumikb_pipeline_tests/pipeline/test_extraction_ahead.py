@@ -153,3 +153,19 @@ def test_a_cancelled_job_stops_extracting_ahead(job: AheadJob, fake_llm: FakeSer
     calls = len(_chunks_called(fake_llm))
     time.sleep(1)
     assert len(_chunks_called(fake_llm)) == calls < DOCUMENTS * CHUNKS
+
+
+def test_a_step_stops_extracting_ahead_when_redis_loses_the_jobs_ahead_lock(
+    job: AheadJob, fake_llm: FakeServer
+) -> None:
+    """Redis restarted without its data forgets which documents were taken ahead: the step that was
+    extracting ahead stops as if handed over, or another step could take its documents again."""
+    thread, outcomes = _extract_in_thread(job, job.doc_ids[:BATCH], "run-1")
+    _wait(lambda: len(_chunks_called(fake_llm)) > BATCH * CHUNKS + 2, 30, "calls for documents ahead")
+    redis_client.connect(job.settings).flushdb()
+    thread.join(timeout=15)
+    assert not thread.is_alive()
+    assert [o.status for o in outcomes] == ["extracted"] * BATCH
+    calls = len(_chunks_called(fake_llm))
+    time.sleep(1)
+    assert len(_chunks_called(fake_llm)) == calls < DOCUMENTS * CHUNKS

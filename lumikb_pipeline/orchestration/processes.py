@@ -1,6 +1,7 @@
 """The local processes of `lumikb up`: a Dagster code server, the webserver, the daemon, and one
-Celery worker (process group) per queue. Logs go to `LUMIKB_HOME/logs/<name>.log`, pid files to
-`LUMIKB_HOME/run/<name>.pid`; every process runs in its own session so it is stopped as a group.
+Celery worker (process group) per queue, started again when it exits by itself (`respawn`). Logs go
+to `LUMIKB_HOME/logs/<name>.log`, pid files to `LUMIKB_HOME/run/<name>.pid`; every process runs in
+its own session so it is stopped as a group.
 """
 
 import os
@@ -27,6 +28,7 @@ from lumikb_pipeline.core.names import (
 )
 from lumikb_pipeline.infra.dagster_instance import apply_pool_limits, ensure_instance_config, pin_dagster_storage_driver
 from lumikb_pipeline.infra.redis_client import broker_url
+from lumikb_pipeline.orchestration.respawn import respawn_argv
 
 STOP_TIMEOUT_S = 30.0
 
@@ -153,7 +155,9 @@ def service_specs(
             )
         )
     specs.append(ServiceSpec("daemon", [_bin("dagster-daemon"), "run", "-w", str(workspace)]))
-    specs.extend(ServiceSpec(f"worker-{queue}", worker_argv(queue, settings)) for queue in QUEUES)
+    # Each worker under `respawn`: started again when it exits by itself (a Redis restart can end a
+    # Celery worker), as the compose file's restart policy does in production.
+    specs.extend(ServiceSpec(f"worker-{queue}", respawn_argv(worker_argv(queue, settings))) for queue in QUEUES)
     return specs
 
 

@@ -1,6 +1,6 @@
 """Fixtures of the chaos suite: one `lumikb up` stack for every scenario (`chaos_stack`, the end-to-end
-harness of `dagster/stack.py` with this suite's rates and sizes, reaching Neo4j and the app database
-through `neo4j_proxy` and `postgres_proxy`, which a scenario can make unreachable), one clean
+harness of `dagster/stack.py` with this suite's rates and sizes, reaching Neo4j, the app database and
+Redis through `neo4j_proxy`, `postgres_proxy` and `redis_proxy`, which a scenario can make unreachable), one clean
 re-extraction they all
 compare with (`clean_run`), and the table of what each scenario measured, printed at the end of
 the session and written to `chaos-results.json` under pytest's base temporary directory."""
@@ -46,8 +46,18 @@ def postgres_proxy() -> Iterator[TcpProxy]:
 
 
 @pytest.fixture(scope="session")
+def redis_proxy() -> Iterator[TcpProxy]:
+    """The stack's way to Redis: its broker, results, limiter and heartbeats (the machine's Redis, behind a proxy)."""
+    proxy = TcpProxy.for_url(required_env("LUMIKB_REDIS_URL"), default_port=6379)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+@pytest.fixture(scope="session")
 def chaos_stack(
-    tmp_path_factory: pytest.TempPathFactory, neo4j_proxy: TcpProxy, postgres_proxy: TcpProxy
+    tmp_path_factory: pytest.TempPathFactory, neo4j_proxy: TcpProxy, postgres_proxy: TcpProxy, redis_proxy: TcpProxy
 ) -> Iterator[Stack]:
     """A running deployment with this suite's settings; this process's environment points at it."""
     from lumikb_pipeline.db.session import dispose_engines
@@ -55,7 +65,8 @@ def chaos_stack(
     scheme = os.environ["LUMIKB_NEO4J_URI"].split("://", 1)[0]
     overrides = {**CHAOS_ENV, "LUMIKB_NEO4J_URI": neo4j_proxy.url(scheme)}
     running = start_stack(tmp_path_factory.mktemp("chaos-stack"), overrides=overrides,
-                          app_database_via=("127.0.0.1", postgres_proxy.port))
+                          app_database_via=("127.0.0.1", postgres_proxy.port),
+                          redis_via=("127.0.0.1", redis_proxy.port))
     try:
         with stack_environment(running):
             running.configure_llm(latency_mean_s=0.25, latency_jitter_s=0.1)

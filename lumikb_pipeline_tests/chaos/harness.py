@@ -141,6 +141,24 @@ class Measured:
 
         return len({call["chunk"] for call in self.calls if in_flight(call)})
 
+    def paid_twice(self, limit: int = 5) -> list[dict[str, Any]]:
+        """A few chunks billed more than once: each call's arrival and answer and the chunk's
+        checkpoint, in seconds from the fault's start (what a failed assertion shows)."""
+        at = self.window.started if self.window else self.started
+        billed: dict[str, list[dict[str, Any]]] = {}
+        for call in self.calls:
+            if call["status"] == 200 and call["chunk"]:
+                billed.setdefault(call["chunk"], []).append(call)
+
+        def since(t: float | None) -> float | None:
+            return None if t is None else round(t - at, 1)
+
+        return [
+            {"chunk": chunk, "calls": [(since(c["arrived"]), since(c["answered"])) for c in calls],
+             "stored": since(self.checkpointed.get(chunk))}
+            for chunk, calls in billed.items() if len(calls) > 1
+        ][:limit]
+
     def resumed_after_s(self) -> float | None:
         """Seconds from the fault's end to the next call the LLM answered (None: none came after it)."""
         if self.window is None:
@@ -345,7 +363,7 @@ def assert_recovered(stack: Stack, run: Measured, clean: Measured) -> None:
     rows = ledger_by_document(run.doc_ids)
     wrong = {doc_id: r for doc_id, r in rows.items() if sorted(r) != [(1, "succeeded"), (2, "succeeded")]}
     assert not wrong, f"{len(wrong)} document(s) without exactly one succeeded row at v2: {list(wrong.items())[:5]}"
-    assert run.billed <= clean.billed + run.in_flight_at_fault(), row
+    assert run.billed <= clean.billed + run.in_flight_at_fault(), {**row, "paid twice": run.paid_twice()}
     shown = stack.lumikb("progress", run.job_id, "--json")
     assert shown.returncode == 0, shown.stderr
     progress = json.loads(shown.stdout)

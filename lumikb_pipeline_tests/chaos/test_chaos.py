@@ -5,7 +5,8 @@ no more billed LLM calls than the clean run's plus the chunks in flight at the f
 progress` in line with the ledger, and nothing left held or running (`harness.assert_recovered`).
 The faults: 1 a Celery child killed in an extract step; 2 the whole `reprocessing` worker killed and
 started again 10 s later; 3 a batch run's process killed; 4 the Dagster daemon killed and started
-again 10 s later; 8 the LLM provider down (5xx) for 30 s, then throttling (429) for 30 s."""
+again 10 s later; 5 Redis restarted without its data; 6 Neo4j unreachable for 20 s; 7 the app's
+PostgreSQL restarted; 8 the LLM provider down (5xx) for 30 s, then throttling (429) for 30 s."""
 
 import os
 import signal
@@ -28,11 +29,6 @@ from lumikb_pipeline_tests.dagster.stack import Stack, wait_until
 
 # Starting the stack and the clean run falls in the first scenario's time.
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(1500)]
-# CI's chaos step runs the scenarios a re-extraction most often meets (a worker process or group
-# lost, a run's process killed, the database restarted, a provider outage): each takes 1-4 minutes
-# and `.ci/run` must stay under an hour. The others (the daemon, Neo4j) run with `scripts/test chaos`
-# (every scenario), and before a release.
-EXTENDED = pytest.mark.chaos_extended
 
 
 def kill_an_extract_child(stack: Stack, _running: Running) -> FaultWindow:
@@ -69,7 +65,6 @@ def test_a_killed_reprocessing_worker_group_restarted_10s_later(
     assert_recovered(chaos_stack, run, clean_run)
 
 
-@EXTENDED
 def test_a_killed_dagster_daemon_restarted_10s_later(
     chaos_stack: Stack, clean_run: Measured, tmp_path: Path
 ) -> None:
@@ -120,6 +115,43 @@ def test_an_llm_outage_then_throttling(chaos_stack: Stack, clean_run: Measured, 
     assert_recovered(chaos_stack, run, clean_run)
 
 
+def redis_restarted_without_its_data(proxy: TcpProxy) -> Fault:
+    def fault(stack: Stack, _running: Running) -> FaultWindow:
+        """Redis restarted without persistence: every connection broken, new ones refused for the 3 s
+        of a restart, and it comes back empty (queued steps, results, heartbeats, limiter state gone).
+        It comes while a step waits in the `reprocessing` queue when one does within 30 s, so that a
+        step message is among what is lost."""
+        import redis
+
+        broker = redis.Redis.from_url(stack.redis_dbs[1])
+
+        def a_step_queued() -> bool:
+            return any(broker.type(key) == b"list" and broker.llen(key)
+                       for key in broker.scan_iter(match="reprocessing*"))
+
+        deadline = time.time() + 30
+        while not a_step_queued() and time.time() < deadline:
+            time.sleep(0.1)
+        queued = a_step_queued()
+        started = time.time()
+        proxy.unreachable()
+        for url in stack.redis_dbs:  # the stack's two databases: limiter and heartbeats; broker and results
+            redis.Redis.from_url(url).flushdb()
+        time.sleep(3)
+        proxy.reachable()
+        return FaultWindow("Redis restarted without its data (connections broken, refused for 3 s, emptied)"
+                           + (" with a step queued" if queued else " (no step was queued)"), started, time.time())
+
+    return fault
+
+
+def test_redis_restarted_without_its_data(
+    chaos_stack: Stack, clean_run: Measured, redis_proxy: TcpProxy, tmp_path: Path
+) -> None:
+    run = run_reextraction(chaos_stack, tmp_path, "5-redis", redis_restarted_without_its_data(redis_proxy), clean_run)
+    assert_recovered(chaos_stack, run, clean_run)
+
+
 def neo4j_unreachable_for_20s(proxy: TcpProxy) -> Fault:
     def fault(_stack: Stack, _running: Running) -> FaultWindow:
         """Neo4j gone from the network for 20 s: its connections broken, new ones refused."""
@@ -132,7 +164,6 @@ def neo4j_unreachable_for_20s(proxy: TcpProxy) -> Fault:
     return fault
 
 
-@EXTENDED
 def test_neo4j_unreachable_for_20s(
     chaos_stack: Stack, clean_run: Measured, neo4j_proxy: TcpProxy, tmp_path: Path
 ) -> None:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import redis
@@ -251,12 +252,15 @@ def stack_environment(stack: Stack) -> Iterator[None]:
 
 
 def start_stack(
-    root: Path, overrides: Mapping[str, str] | None = None, app_database_via: tuple[str, int] | None = None
+    root: Path, overrides: Mapping[str, str] | None = None, app_database_via: tuple[str, int] | None = None,
+    redis_via: tuple[str, int] | None = None,
 ) -> Stack:
     """Create the databases, write the instance, start every process and wait until all answer.
     `overrides` replace some of `stack_env`'s variables (a test module's own rates and sizes);
     `app_database_via` (host, port) is where the stack reaches its app database instead of the
-    machine's PostgreSQL (the chaos suite's proxy; the Dagster storage stays direct)."""
+    machine's PostgreSQL (the chaos suite's proxy; the Dagster storage stays direct), and
+    `redis_via` where its processes reach Redis (broker, results, limiter) instead of the machine's
+    (`Stack.redis_dbs` stay the direct URLs)."""
     from lumikb_pipeline.db import migrate
     from lumikb_pipeline.infra.dagster_instance import apply_pool_limits, instance_config, render_instance_yaml
     from lumikb_pipeline.orchestration import processes
@@ -272,10 +276,15 @@ def start_stack(
         host, port = app_database_via
         app_db = make_url(app_db).set(host=host, port=port).render_as_string(hide_password=False)
 
+    redis_env = redis_dbs
+    if redis_via is not None:
+        host, port = redis_via
+        redis_env = tuple(urlunsplit(urlsplit(url)._replace(netloc=f"{host}:{port}")) for url in redis_dbs)  # type: ignore[assignment]
+
     (root / "tmp").mkdir(parents=True, exist_ok=True)
-    base_env = stack_env(root, app_db, dagster_db, "http://127.0.0.1:0", free_port(), redis_dbs, overrides)
+    base_env = stack_env(root, app_db, dagster_db, "http://127.0.0.1:0", free_port(), redis_env, overrides)
     llm_process, llm_url = _start_llm(base_env, root / "fake-llm.log")
-    env = stack_env(root, app_db, dagster_db, llm_url, int(base_env["LUMIKB_WEBSERVER_PORT"]), redis_dbs, overrides)
+    env = stack_env(root, app_db, dagster_db, llm_url, int(base_env["LUMIKB_WEBSERVER_PORT"]), redis_env, overrides)
     stack = Stack(root, env, app_db, dagster_db, llm_url, f"http://127.0.0.1:{env['LUMIKB_WEBSERVER_PORT']}",
                   redis_dbs, llm_process=llm_process)
 

@@ -226,6 +226,11 @@ def run_store(name: str, store: GraphStore, documents: int) -> dict[str, Any]:
 def _delete_neo4j_kbs(store: Neo4jGraphStore, kb_ids: list[str]) -> None:
     with store._driver.session(database=store.database) as session:
         for kb_id in kb_ids:
+            # The relationships first, in batches: a hub entity's DETACH DELETE in one transaction
+            # would hold every one of its relationships (100,000 documents: Neo4j's memory pool limit).
+            for pattern in ("(:Entity {kb_id: $kb_id})-[r]->()", "()-[r]->(:Entity {kb_id: $kb_id})"):
+                session.run(f"MATCH {pattern} CALL (r) {{ DELETE r }} IN TRANSACTIONS OF 5000 ROWS",
+                            kb_id=kb_id).consume()
             for label in ("Entity", "Chunk", "Document"):
                 # Batched deletes keep the transaction memory bounded; the label is one of three literals.
                 session.run(

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import ColumnElement, and_, case, exists, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -37,6 +38,9 @@ DEFAULT_LEASE = timedelta(minutes=30)
 # Claims of one document in one job after which a claim that finds the row still `running` (the
 # attempt before died without finishing: out of memory, a killed worker) gives up instead.
 MAX_ATTEMPTS = 3
+# Documents per statement where a statement names documents: PostgreSQL takes at most 65,535
+# parameters in one statement, and a job can hold 100,000 documents.
+PAGE = 1000
 ACTIVE_JOB = (JobStatus.PENDING, JobStatus.RUNNING)
 # Jobs whose documents may still be worked on: a failed job's failed documents are redone by Dagster's
 # run retries and re-executions from failure; a cancelled or succeeded job takes no more work.
@@ -57,10 +61,16 @@ class Outcome:
     cost_usd: float = 0.0
 
 
+def _one_of(column: Any, values: Sequence[Any]) -> ColumnElement[bool]:
+    """`column IN values` with one parameter per value: a statement executed for many rows
+    (`ensure_records`) cannot hold SQLAlchemy's expanding `IN` parameters."""
+    return or_(*(column == value for value in values))
+
+
 def _not_held_by_another_job(job_id: str) -> ColumnElement[bool]:
     """The row belongs to no job, to `job_id`, or to a job that has ended: another job that is still
     going keeps its rows (taking one would leave that job waiting forever for a document it lost)."""
-    active = select(Job.id).where(Job.status.in_(ACTIVE_JOB), Job.id != job_id)
+    active = select(Job.id).where(_one_of(Job.status, ACTIVE_JOB), Job.id != job_id)
     return or_(ExtractionRecord.job_id.is_(None), ExtractionRecord.job_id.not_in(active))
 
 
@@ -69,12 +79,12 @@ def documents_in_other_jobs(
 ) -> dict[str, str]:
     """Documents whose row at `schema_version` belongs to another job still going: {doc id: job id}."""
     held: dict[str, str] = {}
-    for start in range(0, len(doc_ids), 1000):
+    for start in range(0, len(doc_ids), PAGE):
         rows = session.execute(
             select(ExtractionRecord.document_id, ExtractionRecord.job_id)
             .join(Job, Job.id == ExtractionRecord.job_id)
             .where(
-                ExtractionRecord.document_id.in_(doc_ids[start : start + 1000]),
+                ExtractionRecord.document_id.in_(doc_ids[start : start + PAGE]),
                 ExtractionRecord.schema_version == schema_version,
                 Job.status.in_(ACTIVE_JOB),
                 Job.id != (job_id or ""),
@@ -85,7 +95,7 @@ def documents_in_other_jobs(
 
 
 def _job_takes_work(job_id: str) -> ColumnElement[bool]:
-    return exists(select(Job.id).where(Job.id == job_id, Job.status.in_(TAKES_WORK)))
+    return exists(select(Job.id).where(Job.id == job_id, _one_of(Job.status, TAKES_WORK)))
 
 
 def job_takes_work(session: Session, job_id: str) -> bool:
@@ -111,9 +121,12 @@ def ensure_records(
     `pending`) when `redo_succeeded` asks for a fresh extraction of every document."""
     if not doc_ids:
         return
-    revisions = dict(
-        session.execute(select(Document.id, Document.revision).where(Document.id.in_(doc_ids))).tuples().all()
-    )
+    revisions: dict[str, int] = {}
+    for start in range(0, len(doc_ids), PAGE):
+        page = doc_ids[start : start + PAGE]
+        revisions.update(
+            session.execute(select(Document.id, Document.revision).where(Document.id.in_(page))).tuples().all()
+        )
     now = utcnow()
     rows = [
         {
@@ -123,31 +136,29 @@ def ensure_records(
         }
         for doc_id in doc_ids
     ]
-    insert = _insert(session)
-    for start in range(0, len(rows), 1000):
-        statement = insert(ExtractionRecord).values(rows[start : start + 1000])
-        session.execute(statement.on_conflict_do_nothing(index_elements=["document_id", "schema_version"]))
+    # One statement executed for many rows: SQLAlchemy sends them in batches ("insertmanyvalues")
+    # from one compiled statement. A new row is the job's at once; an existing row is taken over in
+    # the same statement, through its unique index (separate UPDATEs by `IN` lists of document ids
+    # took a second per 1,000 documents on a ledger the planner had no statistics of yet).
+    insert = _insert(session)(ExtractionRecord)
+    conflict = ["document_id", "schema_version"]
     if job_id is None:
+        session.execute(insert.on_conflict_do_nothing(index_elements=conflict), rows)
         return
     taken_over = [*CLAIMABLE, ExtractionStatus.SKIPPED]
     if redo_succeeded:
         taken_over.append(ExtractionStatus.SUCCEEDED)
-    session.execute(
-        update(ExtractionRecord)
-        .where(
-            ExtractionRecord.document_id.in_(doc_ids),
-            ExtractionRecord.schema_version == schema_version,
-            ExtractionRecord.status.in_(taken_over),
-            _not_held_by_another_job(job_id),
-            _job_takes_work(job_id),
-        )
-        .values(
-            job_id=job_id, status=ExtractionStatus.PENDING, updated_at=now,
+    statement = insert.on_conflict_do_update(
+        index_elements=conflict,
+        set_={
+            "job_id": job_id, "status": ExtractionStatus.PENDING.value, "updated_at": now,
             # attempts count within one job: a new job starts from zero
-            attempts=case((ExtractionRecord.job_id == job_id, ExtractionRecord.attempts), else_=0),
-        )
-        .execution_options(synchronize_session=False)
+            "attempts": case((ExtractionRecord.job_id == job_id, ExtractionRecord.attempts), else_=0),
+        },
+        where=and_(_one_of(ExtractionRecord.status, taken_over), _not_held_by_another_job(job_id),
+                   _job_takes_work(job_id)),
     )
+    session.execute(statement, rows)
 
 
 def _claimable() -> ColumnElement[bool]:
@@ -399,8 +410,8 @@ def latest_succeeded_versions(
     if doc_ids is None:
         return dict(session.execute(query).tuples().all())
     latest: dict[str, int] = {}
-    for start in range(0, len(doc_ids), 1000):
-        batch = query.where(ExtractionRecord.document_id.in_(list(doc_ids[start : start + 1000])))
+    for start in range(0, len(doc_ids), PAGE):
+        batch = query.where(ExtractionRecord.document_id.in_(list(doc_ids[start : start + PAGE])))
         latest.update(session.execute(batch).tuples().all())
     return latest
 

@@ -94,12 +94,15 @@ def select_documents(session: Session, kb: KnowledgeBase, selection: Selection) 
     if selection.kind == "all":
         return list(session.scalars(live))
     # A document is named by its id or by its partition key (as the Dagster UI shows it).
-    found_rows = session.execute(
-        select(Document.id, Document.partition_key).where(
-            Document.kb_id == kb.id, Document.deleted_at.is_(None),
-            or_(Document.id.in_(selection.ids), Document.partition_key.in_(selection.ids)),
-        )
-    ).all()
+    found_rows: list[tuple[str, str]] = []
+    for start in range(0, len(selection.ids), ledger.PAGE):  # PostgreSQL's limit of parameters per statement
+        page = selection.ids[start : start + ledger.PAGE]
+        found_rows += session.execute(
+            select(Document.id, Document.partition_key).where(
+                Document.kb_id == kb.id, Document.deleted_at.is_(None),
+                or_(Document.id.in_(page), Document.partition_key.in_(page)),
+            )
+        ).tuples().all()
     found = {doc_id for doc_id, _key in found_rows}
     named = {name for row in found_rows for name in row}
     missing = [name for name in selection.ids if name not in named]

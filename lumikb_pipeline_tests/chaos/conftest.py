@@ -24,35 +24,31 @@ from lumikb_pipeline_tests.conftest import required_env
 from lumikb_pipeline_tests.dagster.stack import Stack, stack_environment, start_stack, stop_stack
 
 
-@pytest.fixture(scope="session")
-def neo4j_proxy() -> Iterator[TcpProxy]:
-    """The stack's way to Neo4j (`LUMIKB_NEO4J_URI` of the machine's Neo4j, behind a proxy)."""
-    uri = required_env("LUMIKB_NEO4J_URI")
-    proxy = TcpProxy.for_url(uri, default_port=7687)
+def _proxy(variable: str, default_port: int) -> Iterator[TcpProxy]:
+    """A proxy to the machine's service at the URL in `variable`, closed at the end of the session."""
+    proxy = TcpProxy.for_url(required_env(variable), default_port=default_port)
     try:
         yield proxy
     finally:
         proxy.close()
+
+
+@pytest.fixture(scope="session")
+def neo4j_proxy() -> Iterator[TcpProxy]:
+    """The stack's way to Neo4j (the machine's, behind a proxy)."""
+    yield from _proxy("LUMIKB_NEO4J_URI", 7687)
 
 
 @pytest.fixture(scope="session")
 def postgres_proxy() -> Iterator[TcpProxy]:
     """The stack's way to its app database (the machine's PostgreSQL, behind a proxy)."""
-    proxy = TcpProxy.for_url(required_env("LUMIKB_DATABASE_URL"), default_port=5432)
-    try:
-        yield proxy
-    finally:
-        proxy.close()
+    yield from _proxy("LUMIKB_DATABASE_URL", 5432)
 
 
 @pytest.fixture(scope="session")
 def redis_proxy() -> Iterator[TcpProxy]:
-    """The stack's way to Redis: its broker, results, limiter and heartbeats (the machine's Redis, behind a proxy)."""
-    proxy = TcpProxy.for_url(required_env("LUMIKB_REDIS_URL"), default_port=6379)
-    try:
-        yield proxy
-    finally:
-        proxy.close()
+    """The stack's way to Redis: its broker, results, limiter and heartbeats (the machine's, behind a proxy)."""
+    yield from _proxy("LUMIKB_REDIS_URL", 6379)
 
 
 @pytest.fixture(scope="session")

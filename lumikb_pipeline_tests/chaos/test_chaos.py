@@ -152,14 +152,16 @@ def test_redis_restarted_without_its_data(
     assert_recovered(chaos_stack, run, clean_run)
 
 
-def neo4j_unreachable_for_20s(proxy: TcpProxy) -> Fault:
+def unreachable_for(proxy: TcpProxy, seconds: float, what: str) -> Fault:
+    """The service behind `proxy` gone from the network for `seconds`: its connections broken, new
+    ones refused (a restart, or a network cut); `what` it is, for the report."""
+
     def fault(_stack: Stack, _running: Running) -> FaultWindow:
-        """Neo4j gone from the network for 20 s: its connections broken, new ones refused."""
         started = time.time()
         proxy.unreachable()
-        time.sleep(20)
+        time.sleep(seconds)
         proxy.reachable()
-        return FaultWindow("Neo4j unreachable for 20 s (connections broken, new ones refused)", started, time.time())
+        return FaultWindow(what, started, time.time())
 
     return fault
 
@@ -167,26 +169,15 @@ def neo4j_unreachable_for_20s(proxy: TcpProxy) -> Fault:
 def test_neo4j_unreachable_for_20s(
     chaos_stack: Stack, clean_run: Measured, neo4j_proxy: TcpProxy, tmp_path: Path
 ) -> None:
-    run = run_reextraction(chaos_stack, tmp_path, "6-neo4j", neo4j_unreachable_for_20s(neo4j_proxy), clean_run)
+    fault = unreachable_for(neo4j_proxy, 20, "Neo4j unreachable for 20 s (connections broken, new ones refused)")
+    run = run_reextraction(chaos_stack, tmp_path, "6-neo4j", fault, clean_run)
     assert_recovered(chaos_stack, run, clean_run)
-
-
-def postgres_restarted(proxy: TcpProxy) -> Fault:
-    def fault(_stack: Stack, _running: Running) -> FaultWindow:
-        """The app's PostgreSQL restarted: every connection to the app database broken, new ones
-        refused for the 5 s of a restart (the Dagster storage is not touched)."""
-        started = time.time()
-        proxy.unreachable()
-        time.sleep(5)
-        proxy.reachable()
-        return FaultWindow("the app's PostgreSQL restarted (connections broken, refused for 5 s)", started,
-                           time.time())
-
-    return fault
 
 
 def test_postgres_restarted(
     chaos_stack: Stack, clean_run: Measured, postgres_proxy: TcpProxy, tmp_path: Path
 ) -> None:
-    run = run_reextraction(chaos_stack, tmp_path, "7-postgres", postgres_restarted(postgres_proxy), clean_run)
+    # The app's PostgreSQL restarted: refused for the 5 s of a restart (the Dagster storage is not touched).
+    fault = unreachable_for(postgres_proxy, 5, "the app's PostgreSQL restarted (connections broken, refused for 5 s)")
+    run = run_reextraction(chaos_stack, tmp_path, "7-postgres", fault, clean_run)
     assert_recovered(chaos_stack, run, clean_run)

@@ -11,7 +11,7 @@ import time
 import pytest
 from kombu import Connection, Exchange, Queue
 
-from lumikb_pipeline.core.config import get_settings, load_settings
+from lumikb_pipeline.core.config import Settings, get_settings, load_settings
 from lumikb_pipeline.infra import redis_client
 from lumikb_pipeline.infra.lost_steps import (
     HEARTBEAT_PREFIX,
@@ -48,6 +48,15 @@ def _publish(url: str, task_ids: list[str]) -> None:
                              headers={"id": task_id, "task": "execute_plan"})
 
 
+@pytest.fixture
+def settings(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The pipeline's settings with the test Redis as its Redis and broker."""
+    monkeypatch.setenv("LUMIKB_REDIS_URL", redis_url)
+    monkeypatch.setenv("CELERY_BROKER_URL", redis_url)
+    get_settings.cache_clear()
+    return load_settings()
+
+
 def _queued(url: str) -> int:
     import redis
 
@@ -55,12 +64,8 @@ def _queued(url: str) -> int:
 
 
 def test_a_step_whose_worker_died_is_delivered_again_and_a_beating_one_is_not(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch
+    redis_url: str, settings: Settings
 ) -> None:
-    monkeypatch.setenv("LUMIKB_REDIS_URL", redis_url)
-    monkeypatch.setenv("CELERY_BROKER_URL", redis_url)
-    get_settings.cache_clear()
-    settings = load_settings()
     _publish(redis_url, ["task-lost", "task-beating"])
     worker = subprocess.Popen([sys.executable, "-c", TAKE_AND_HOLD, redis_url, QUEUE, "2"],
                               stdout=subprocess.PIPE, start_new_session=True)
@@ -90,13 +95,8 @@ def _empty_queue_of_workers(url: str) -> None:
     redis.Redis.from_url(url).flushdb()  # Redis restarted without its data
 
 
-def test_a_step_is_gone_from_the_broker_only_when_nothing_holds_it(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("LUMIKB_REDIS_URL", redis_url)
-    monkeypatch.setenv("CELERY_BROKER_URL", redis_url)
-    get_settings.cache_clear()
-    settings = load_settings()
+@pytest.mark.slow  # seconds of real waiting: out of the fast step
+def test_a_step_is_gone_from_the_broker_only_when_nothing_holds_it(redis_url: str, settings: Settings) -> None:
     _publish(redis_url, ["task-queued"])
     assert not step_gone_from_broker(settings, "task-queued", QUEUE)  # waiting in its queue
     _empty_queue_of_workers(redis_url)
@@ -113,14 +113,12 @@ class _EventLog:
         self.warnings.append(message)
 
 
-def test_a_watched_step_the_broker_lost_is_submitted_again(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.slow  # seconds of real waiting: out of the fast step
+def test_a_watched_step_the_broker_lost_is_submitted_again(redis_url: str, settings: Settings) -> None:
     from celery import Celery
 
     from lumikb_pipeline.infra.executor import _WatchedStep
 
-    monkeypatch.setenv("LUMIKB_REDIS_URL", redis_url)
-    monkeypatch.setenv("CELERY_BROKER_URL", redis_url)
-    get_settings.cache_clear()
     app = Celery(broker=redis_url, backend=redis_url, set_as_current=False)
     log = _EventLog()
     try:

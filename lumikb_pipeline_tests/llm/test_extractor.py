@@ -381,6 +381,7 @@ def test_an_unreachable_redis_fails_each_chunk_with_a_hint(
     assert fake_llm.calls() == []
 
 
+@pytest.mark.slow  # seconds of real waiting: out of the fast step
 def test_an_answer_that_comes_while_redis_restarts_is_kept_and_not_paid_again(
     llm_settings: Callable[..., Settings], pg_url: str, redis_url: str, fake_llm: FakeServer, schema_v1: DomainSchema
 ) -> None:

@@ -155,6 +155,7 @@ def test_a_cancelled_job_stops_extracting_ahead(job: AheadJob, fake_llm: FakeSer
     assert len(_chunks_called(fake_llm)) == calls < DOCUMENTS * CHUNKS
 
 
+@pytest.mark.slow  # seconds of real waiting: out of the fast step
 def test_a_step_stops_extracting_ahead_when_redis_loses_the_jobs_ahead_lock(
     job: AheadJob, fake_llm: FakeServer
 ) -> None:

@@ -18,10 +18,9 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from lumikb_pipeline.db.models import Document, ExtractionRecord, ExtractionStatus, KnowledgeBase
+from lumikb_pipeline.db.paging import pages
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# Ids or keys per `IN (...)` query (PostgreSQL takes at most 65535 bind parameters per statement).
-PAGE = 1000
 
 
 @dataclass
@@ -105,13 +104,13 @@ def needing_processing(session: Session, doc_ids: Sequence[str]) -> list[str]:
     are re-extraction's work and are left out."""
     ids = list(doc_ids)
     done: set[str] = set()
-    for start in range(0, len(ids), PAGE):  # a bounded number of bind parameters per query
+    for page in pages(ids):
         done.update(
             session.scalars(
                 select(ExtractionRecord.document_id)
                 .join(Document, Document.id == ExtractionRecord.document_id)
                 .where(
-                    ExtractionRecord.document_id.in_(ids[start : start + PAGE]),
+                    ExtractionRecord.document_id.in_(page),
                     ExtractionRecord.document_revision >= Document.revision,
                     ExtractionRecord.status.in_([ExtractionStatus.SUCCEEDED, ExtractionStatus.RUNNING]),
                 )
@@ -158,8 +157,7 @@ def stale_partitions(session: Session, partition_keys: Iterable[str]) -> dict[st
     the time before readable keys: the partition goes, the graph stays), or nothing known."""
     keys = list(partition_keys)
     rows: list[tuple[str, str, str, datetime | None]] = []
-    for start in range(0, len(keys), PAGE):  # all of them once, when an instance moves to readable keys
-        page = keys[start : start + PAGE]
+    for page in pages(keys):  # all of them once, when an instance moves to readable keys
         rows += session.execute(
             select(Document.id, Document.partition_key, KnowledgeBase.slug, Document.deleted_at)
             .join(KnowledgeBase, KnowledgeBase.id == Document.kb_id)

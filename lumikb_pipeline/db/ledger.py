@@ -33,14 +33,12 @@ from lumikb_pipeline.db.models import (
     KnowledgeBase,
     utcnow,
 )
+from lumikb_pipeline.db.paging import pages
 
 DEFAULT_LEASE = timedelta(minutes=30)
 # Claims of one document in one job after which a claim that finds the row still `running` (the
 # attempt before died without finishing: out of memory, a killed worker) gives up instead.
 MAX_ATTEMPTS = 3
-# Documents per statement where a statement names documents: PostgreSQL takes at most 65,535
-# parameters in one statement, and a job can hold 100,000 documents.
-PAGE = 1000
 ACTIVE_JOB = (JobStatus.PENDING, JobStatus.RUNNING)
 # Jobs whose documents may still be worked on: a failed job's failed documents are redone by Dagster's
 # run retries and re-executions from failure; a cancelled or succeeded job takes no more work.
@@ -79,12 +77,12 @@ def documents_in_other_jobs(
 ) -> dict[str, str]:
     """Documents whose row at `schema_version` belongs to another job still going: {doc id: job id}."""
     held: dict[str, str] = {}
-    for start in range(0, len(doc_ids), PAGE):
+    for page in pages(doc_ids):
         rows = session.execute(
             select(ExtractionRecord.document_id, ExtractionRecord.job_id)
             .join(Job, Job.id == ExtractionRecord.job_id)
             .where(
-                ExtractionRecord.document_id.in_(doc_ids[start : start + PAGE]),
+                ExtractionRecord.document_id.in_(page),
                 ExtractionRecord.schema_version == schema_version,
                 Job.status.in_(ACTIVE_JOB),
                 Job.id != (job_id or ""),
@@ -122,8 +120,7 @@ def ensure_records(
     if not doc_ids:
         return
     revisions: dict[str, int] = {}
-    for start in range(0, len(doc_ids), PAGE):
-        page = doc_ids[start : start + PAGE]
+    for page in pages(doc_ids):
         revisions.update(
             session.execute(select(Document.id, Document.revision).where(Document.id.in_(page))).tuples().all()
         )
@@ -410,9 +407,8 @@ def latest_succeeded_versions(
     if doc_ids is None:
         return dict(session.execute(query).tuples().all())
     latest: dict[str, int] = {}
-    for start in range(0, len(doc_ids), PAGE):
-        batch = query.where(ExtractionRecord.document_id.in_(list(doc_ids[start : start + PAGE])))
-        latest.update(session.execute(batch).tuples().all())
+    for page in pages(doc_ids):
+        latest.update(session.execute(query.where(ExtractionRecord.document_id.in_(list(page)))).tuples().all())
     return latest
 
 

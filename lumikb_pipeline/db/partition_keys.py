@@ -11,17 +11,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from lumikb_pipeline.db.models import Document
+from lumikb_pipeline.db.paging import pages
 
 
 def partition_keys_of(session: Session, doc_ids: Iterable[str]) -> dict[str, str]:
     """{document id: partition key} of these documents (ids of no document are left out)."""
     ids = list(dict.fromkeys(doc_ids))
     keys: dict[str, str] = {}
-    for start in range(0, len(ids), 1000):
+    for page in pages(ids):
         keys.update(
-            session.execute(
-                select(Document.id, Document.partition_key).where(Document.id.in_(ids[start : start + 1000]))
-            ).tuples().all()
+            session.execute(select(Document.id, Document.partition_key).where(Document.id.in_(page))).tuples().all()
         )
     return keys
 
@@ -30,8 +29,7 @@ def documents_of_partitions(session: Session, partition_keys: Iterable[str]) -> 
     """{partition key: document id} of these partition keys (keys of no document are left out)."""
     keys = list(dict.fromkeys(partition_keys))
     documents: dict[str, str] = {}
-    for start in range(0, len(keys), 1000):
-        page = keys[start : start + 1000]
+    for page in pages(keys):
         documents.update(
             session.execute(
                 select(Document.partition_key, Document.id).where(Document.partition_key.in_(page))

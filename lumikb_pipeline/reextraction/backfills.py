@@ -12,8 +12,8 @@ from sqlalchemy import select
 
 from lumikb_pipeline.core.config import Settings
 from lumikb_pipeline.core.names import DOCUMENT_ENTITIES_ASSET, REEXTRACTION_JOB, TAG_JOB_ID, TAG_MODE
-from lumikb_pipeline.db import ledger
 from lumikb_pipeline.db.models import Document, Job, JobTrigger, KnowledgeBase
+from lumikb_pipeline.db.paging import pages
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.modes import WriteMode
 from lumikb_pipeline.reextraction.service import Selection, start_reextraction
@@ -44,10 +44,9 @@ def ui_backfill_jobs(
     with session_scope(settings.effective_database_url) as session:
         jobs = {job.kb_id: job.id for job in session.scalars(select(Job).where(Job.dagster_backfill_id == backfill_id))}
         kb_of: dict[str, int] = {}
-        for start in range(0, len(doc_ids), ledger.PAGE):  # PostgreSQL's limit of parameters per statement
+        for page in pages(doc_ids):
             kb_of.update(session.execute(
-                select(Document.id, Document.kb_id)
-                .where(Document.id.in_(doc_ids[start : start + ledger.PAGE]), Document.deleted_at.is_(None))
+                select(Document.id, Document.kb_id).where(Document.id.in_(page), Document.deleted_at.is_(None))
             ).tuples().all())
     if not set(kb_of.values()) <= jobs.keys():
         jobs = record_backfill_jobs(settings, instance, backfill_id)
@@ -66,12 +65,11 @@ def record_backfill_jobs(settings: Settings, instance: DagsterInstance, backfill
         jobs = {job.kb_id: job.id for job in session.scalars(select(Job).where(Job.dagster_backfill_id == backfill_id))}
         partitions = backfill_partitions(backfill)
         by_kb: dict[tuple[int, str], list[str]] = {}
-        for start in range(0, len(partitions), ledger.PAGE):  # PostgreSQL's limit of parameters per statement
+        for page in pages(partitions):
             rows = session.execute(
                 select(Document.id, KnowledgeBase.id, KnowledgeBase.slug)
                 .join(KnowledgeBase, KnowledgeBase.id == Document.kb_id)
-                .where(Document.partition_key.in_(partitions[start : start + ledger.PAGE]),
-                       Document.deleted_at.is_(None))
+                .where(Document.partition_key.in_(page), Document.deleted_at.is_(None))
             ).tuples()
             for doc_id, kb_id, slug in rows:
                 by_kb.setdefault((kb_id, slug), []).append(doc_id)

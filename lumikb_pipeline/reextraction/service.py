@@ -34,6 +34,7 @@ from lumikb_pipeline.core.names import (
 from lumikb_pipeline.db import ledger
 from lumikb_pipeline.db.catalog import get_kb
 from lumikb_pipeline.db.models import Document, Job, JobStatus, JobTrigger, KnowledgeBase, utcnow
+from lumikb_pipeline.db.paging import pages
 from lumikb_pipeline.db.partition_keys import partition_keys_of
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.budget import check_max_cost
@@ -95,8 +96,7 @@ def select_documents(session: Session, kb: KnowledgeBase, selection: Selection) 
         return list(session.scalars(live))
     # A document is named by its id or by its partition key (as the Dagster UI shows it).
     found_rows: list[tuple[str, str]] = []
-    for start in range(0, len(selection.ids), ledger.PAGE):  # PostgreSQL's limit of parameters per statement
-        page = selection.ids[start : start + ledger.PAGE]
+    for page in pages(selection.ids):
         found_rows += session.execute(
             select(Document.id, Document.partition_key).where(
                 Document.kb_id == kb.id, Document.deleted_at.is_(None),

@@ -108,16 +108,27 @@ def _held_by_live_workers(app: Any) -> set[str] | None:
     return held if answered else None
 
 
+def _redis_broker(settings: Settings) -> tuple[str, Any] | None:
+    """The broker's URL and this process's client for it; None when the broker is not Redis (no
+    queues or `unacked` hash to look in)."""
+    from lumikb_pipeline.infra import redis_client
+
+    broker_url = redis_client.broker_url(settings)
+    if not broker_url.startswith(("redis://", "rediss://", "unix://", "redis+socket://")):
+        return None
+    return broker_url, redis_client.shared_client(broker_url.replace("redis+socket://", "unix://", 1))
+
+
 def requeue_lost_steps(settings: Settings, now: float | None = None, lost_after_s: float = LOST_AFTER_S) -> list[str]:
     """Put back in their queues the steps whose worker died; one line per step requeued."""
     from celery import Celery
 
     from lumikb_pipeline.infra import redis_client
 
-    broker_url = redis_client.broker_url(settings)
-    if not broker_url.startswith(("redis://", "rediss://", "unix://", "redis+socket://")):
-        return []  # not a Redis broker: no unacked hash to look in
-    broker = redis_client.shared_client(broker_url.replace("redis+socket://", "unix://", 1))
+    found = _redis_broker(settings)
+    if found is None:
+        return []
+    broker_url, broker = found
     now = now if now is not None else time.time()
     old = cast(list[str], broker.zrangebyscore(UNACKED_INDEX_KEY, 0, now - lost_after_s))
     if not old:
@@ -172,12 +183,13 @@ def step_gone_from_broker(settings: Settings, task_id: str, queue: str) -> bool:
 
     from lumikb_pipeline.infra import redis_client
 
-    broker_url = redis_client.broker_url(settings)
-    if not broker_url.startswith(("redis://", "rediss://", "unix://", "redis+socket://")):
+    found = _redis_broker(settings)
+    if found is None:
         return False
+    broker_url, broker = found
     if redis_client.connect(settings).exists(f"{HEARTBEAT_PREFIX}{task_id}"):
         return False
-    if _in_broker(redis_client.shared_client(broker_url.replace("redis+socket://", "unix://", 1)), task_id, queue):
+    if _in_broker(broker, task_id, queue):
         return False
     app = Celery(broker=broker_url, set_as_current=False)
     try:

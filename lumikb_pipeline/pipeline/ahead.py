@@ -103,13 +103,9 @@ def others_extracting(client: redis.Redis, job_id: str, claimant: str) -> bool:
 
 def take_ahead_lock(client: redis.Redis, job_id: str, claimant: str) -> bool:
     """Take (or renew) the job's ahead lock for `claimant`; False when another step holds it."""
-    key = ahead_lock_key(job_id)
-    if client.set(key, claimant, nx=True, px=LOCK_TTL_MS):
+    if client.set(ahead_lock_key(job_id), claimant, nx=True, px=LOCK_TTL_MS):
         return True
-    if client.get(key) == claimant:
-        client.pexpire(key, LOCK_TTL_MS)
-        return True
-    return False
+    return renew_ahead_lock(client, job_id, claimant)
 
 
 def renew_ahead_lock(client: redis.Redis, job_id: str, claimant: str) -> bool:

@@ -28,9 +28,9 @@ from lumikb_pipeline.graph import open_graph_store
 from lumikb_pipeline.graph.store import GraphStore
 from lumikb_pipeline.infra.redis_client import connect
 from lumikb_pipeline.infra.run_retention import RETENTION_S, expired_step_output_runs
-from lumikb_pipeline.llm.extractor import ChunkExtractor
-from lumikb_pipeline.pipeline import DocumentOutcome, extract_documents, write_documents
 from lumikb_pipeline.pipeline.migration import StrategyOption
+from lumikb_pipeline.pipeline.work import DocumentOutcome
+from lumikb_pipeline.pipeline.write import write_documents
 from lumikb_pipeline.reextraction import backfills, reaper, service, status
 from lumikb_pipeline.reextraction.drift import KbDrift, drift_report
 from lumikb_pipeline.tracking.progress import job_metadata
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
 
     from lumikb_pipeline.db.models import Job
+    from lumikb_pipeline.llm.extractor import ChunkExtractor
 
 
 def _settings(**overrides: str | None) -> Settings:
@@ -123,12 +124,18 @@ class GraphStoreResource(ConfigurableResource):
 class LLMResource(ConfigurableResource):
     """Extraction with the configured model (`LUMIKB_LLM_MODEL`), behind the global rate limit and the
     chunk checkpoints. The model is deliberately not overridable here: the write stage finds the
-    checkpoints by the configured model."""
+    checkpoints by the configured model.
+
+    The LLM modules are imported when a step first uses them, on the Celery worker that runs it (its
+    start-up preloads them): they bring LiteLLM, about 3 s of imports that every run's own process
+    and the code server would otherwise pay, only to load the definitions."""
 
     database_url: str | None = None
 
     def extractor(self) -> ChunkExtractor:
         """A `ChunkExtractor` on this resource's settings."""
+        from lumikb_pipeline.llm.extractor import ChunkExtractor  # here, not above: see the class
+
         return ChunkExtractor(_app_database(self.database_url))
 
     def extract_documents(
@@ -145,6 +152,9 @@ class LLMResource(ConfigurableResource):
     ) -> list[DocumentOutcome]:
         """Claim the documents in the ledger and extract their chunks (`pipeline.extract.extract_documents`);
         with `ahead`, then the job's later documents while its next run starts (`LUMIKB_REEXTRACT_AHEAD_S`)."""
+        from lumikb_pipeline.llm.extractor import ChunkExtractor  # here, not above: see the class
+        from lumikb_pipeline.pipeline.extract import extract_documents
+
         settings = _app_database(self.database_url)
         return extract_documents(
             settings, ChunkExtractor(settings), doc_ids, claimant=claimant, job_id=job_id,

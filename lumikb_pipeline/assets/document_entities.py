@@ -52,8 +52,8 @@ from lumikb_pipeline.core.names import (
     TAG_STRATEGY,
 )
 from lumikb_pipeline.domain.modes import WriteMode
-from lumikb_pipeline.pipeline import DocumentOutcome
 from lumikb_pipeline.pipeline.migration import StrategyOption
+from lumikb_pipeline.pipeline.work import DocumentOutcome
 from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource, LLMResource, ReextractionResource
 
 DOCUMENT_ENTITIES = AssetKey("document_entities")

@@ -46,7 +46,7 @@ def _step_ended(task_id: str | None = None, **_: Any) -> None:
 
 def _preload() -> None:
     import lumikb_pipeline.definitions  # noqa: F401
-    import lumikb_pipeline.pipeline  # noqa: F401
+    import lumikb_pipeline.pipeline.extract  # noqa: F401  (LiteLLM: not loaded by the definitions)
 
 
 _preload()

@@ -17,10 +17,8 @@ Redis, and close the job once its last document is final.
 After a schema change, `migration` plans each document from the version it was extracted at: its
 previous extraction migrated with no LLM call (`graph-only`), the added types asked of the LLM
 (`delta`), or a `full` extraction.
+
+The package imports none of its modules: `extract` brings LiteLLM (seconds to import), which the
+processes that only load the definitions (the code server, every run's process) never call. Import
+`pipeline.extract`, `pipeline.write` and `pipeline.work` (`DocumentOutcome`) directly.
 """
-
-from lumikb_pipeline.pipeline.extract import extract_documents
-from lumikb_pipeline.pipeline.work import DocumentOutcome
-from lumikb_pipeline.pipeline.write import write_documents
-
-__all__ = ["DocumentOutcome", "extract_documents", "write_documents"]

@@ -30,11 +30,10 @@ from lumikb_pipeline.db import ledger
 from lumikb_pipeline.db.catalog import schema_at
 from lumikb_pipeline.db.models import Chunk, Document, KnowledgeBase
 from lumikb_pipeline.db.session import session_scope
-from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure
+from lumikb_pipeline.domain.results import ChunkExtraction, ChunkFailure, ChunkInput
 from lumikb_pipeline.domain.schema import DomainSchema
 from lumikb_pipeline.domain.schema_diff import Strategy
 from lumikb_pipeline.infra import redis_client
-from lumikb_pipeline.llm.extractor import ChunkInput
 from lumikb_pipeline.tracking import progress
 from lumikb_pipeline.tracking.control import JobControl
 

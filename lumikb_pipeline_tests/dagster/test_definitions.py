@@ -19,6 +19,15 @@ def test_definitions_are_loadable() -> None:
     Definitions.validate_loadable(defs)
 
 
+def test_loading_the_definitions_does_not_import_litellm() -> None:
+    # Every run's own process loads the definitions and never calls the LLM (its steps run on Celery
+    # workers); LiteLLM's ~3 s of imports would be paid again by every batch run.
+    probe = "import sys, lumikb_pipeline.definitions; print(sorted(m for m in sys.modules if m.startswith('litellm')))"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_the_workspace_loads_with_the_dagster_cli_from_a_clone_with_no_variables_set(tmp_path: Path) -> None:
     # As a newcomer runs it: the repository root, nothing of ours or Dagster's in the environment.
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8"}

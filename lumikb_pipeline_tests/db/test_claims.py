@@ -18,7 +18,9 @@ from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.schema import parse_schema_file
 from lumikb_pipeline.graph.embedded_store import EmbeddedGraphStore
 from lumikb_pipeline.llm.extractor import ChunkExtractor
-from lumikb_pipeline.pipeline import DocumentOutcome, extract_documents, write_documents
+from lumikb_pipeline.pipeline.extract import extract_documents
+from lumikb_pipeline.pipeline.work import DocumentOutcome
+from lumikb_pipeline.pipeline.write import write_documents
 from lumikb_pipeline_tests.fake_llm import FakeServer
 
 DEMO = Path(__file__).resolve().parents[2] / "lumikb_pipeline" / "demo"

@@ -20,7 +20,9 @@ from lumikb_pipeline.domain.schema import parse_schema_text
 from lumikb_pipeline.graph.embedded_store import EmbeddedGraphStore
 from lumikb_pipeline.graph.store import GraphStore, check_invariants
 from lumikb_pipeline.llm.extractor import ChunkExtractor
-from lumikb_pipeline.pipeline import DocumentOutcome, extract_documents, write_documents
+from lumikb_pipeline.pipeline.extract import extract_documents
+from lumikb_pipeline.pipeline.work import DocumentOutcome
+from lumikb_pipeline.pipeline.write import write_documents
 from lumikb_pipeline_tests.fake_llm import FakeServer
 from lumikb_pipeline_tests.graph.conftest import delete_kbs, neo4j_store
 

@@ -20,8 +20,10 @@ from lumikb_pipeline.domain.schema import parse_schema_file
 from lumikb_pipeline.graph import open_graph_store
 from lumikb_pipeline.infra import redis_client
 from lumikb_pipeline.llm.extractor import ChunkExtractor
-from lumikb_pipeline.pipeline import DocumentOutcome, extract_documents, write_documents
 from lumikb_pipeline.pipeline.ahead import OwnExtraction, ahead_documents_key
+from lumikb_pipeline.pipeline.extract import extract_documents
+from lumikb_pipeline.pipeline.work import DocumentOutcome
+from lumikb_pipeline.pipeline.write import write_documents
 from lumikb_pipeline.reextraction.service import Selection, select_documents, start_reextraction
 from lumikb_pipeline.tracking.control import flag_cancelled
 from lumikb_pipeline_tests.fake_llm import FakeServer

@@ -14,7 +14,8 @@ from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.schema import parse_schema_file
 from lumikb_pipeline.graph import open_graph_store
 from lumikb_pipeline.llm.extractor import ChunkExtractor
-from lumikb_pipeline.pipeline import extract_documents, write_documents
+from lumikb_pipeline.pipeline.extract import extract_documents
+from lumikb_pipeline.pipeline.write import write_documents
 
 DEMO = Path(__file__).resolve().parents[2] / "lumikb_pipeline" / "demo"
 

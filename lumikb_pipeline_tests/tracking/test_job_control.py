@@ -18,7 +18,8 @@ from lumikb_pipeline.db.models import ExtractionRecord, ExtractionStatus, Job, J
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.graph import open_graph_store
 from lumikb_pipeline.llm.extractor import ChunkExtractor
-from lumikb_pipeline.pipeline import extract_documents, write_documents
+from lumikb_pipeline.pipeline.extract import extract_documents
+from lumikb_pipeline.pipeline.write import write_documents
 from lumikb_pipeline.reextraction.cancel import cancel_job
 from lumikb_pipeline.reextraction.service import Selection, start_reextraction
 from lumikb_pipeline.tracking.progress import job_progress

@@ -75,6 +75,7 @@ def measure_plain(
     from lumikb_pipeline.db.models import Document, KnowledgeBase
     from lumikb_pipeline.db.session import session_scope
     from lumikb_pipeline.testing.call_rates import busiest_window, steady_windows
+    from lumikb_pipeline_tests.dagster.saturation import tightest_span_s
 
     with session_scope(stack.app_db_url) as session:
         kb = session.scalars(select(KnowledgeBase).where(KnowledgeBase.slug == slug)).one()
@@ -91,6 +92,7 @@ def measure_plain(
         "steady_share_of_limit": round(windows.mean_share, 4),
         "lowest_10s_window_share": round(windows.lowest_share, 4),
         "calls_per_10s_window": list(windows.counts), "busiest_1s_window": busiest_window(run.arrivals),
+        "tightest_span_of_limit_plus_one_s": tightest_span_s(run.arrivals, limit_per_s),
     }
 
 
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "steady_share_of_limit": ours["steady_share_of_limit"],
         "lowest_10s_window_share": ours["lowest_10s_window_share"],
         "busiest_1s_window": ours["busiest_1s_window"],
+        "tightest_span_of_limit_plus_one_s": ours["tightest_span_of_limit_plus_one_s"],
         "without_ahead_steady_share_of_limit": runs[1]["steady_share_of_limit"] if without else None,
         "plain_steady_share_of_limit": ours["plain"]["steady_share_of_limit"] if plain_seconds else None,
         "ratio_to_plain": (round(ours["steady_share_of_limit"] / ours["plain"]["steady_share_of_limit"], 2)
@@ -146,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         print(f"{run['label']:<15} {run['steady_share_of_limit']:>12.1%} {run['lowest_10s_window_share']:>11.1%} "
               f"{run['busiest_1s_window']:>11} {run['seconds']:>8} {run['runs']:>5}")
-        print(f"    calls per 10 s: {run['calls_per_10s_window']}; medians: {run['median_s']}")
+        print(f"    calls per 10 s: {run['calls_per_10s_window']}; tightest {ours['limit_per_s'] + 1:g} calls: "
+              f"{run['tightest_span_of_limit_plus_one_s']} s; medians: {run['median_s']}")
     if plain_seconds:
         plain = ours["plain"]
         print(f"{'plain Celery':<15} {plain['steady_share_of_limit']:>12.1%} {plain['lowest_10s_window_share']:>11.1%} "

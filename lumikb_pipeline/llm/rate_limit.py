@@ -13,8 +13,8 @@ Two limits hold together, per model:
   scored by expiry. Holders renew their leases in the background; a crashed worker stops renewing
   and its slots come back when the leases expire (`lease_ttl_s`).
 
-What counts is when calls reach the provider, so slots are spaced 3.5% wider than 1/rate
-(`DEFAULT_HEADROOM`), a call that cannot leave within half of that slack of its slot gives the
+What counts is when calls reach the provider, so slots are spaced 5% wider than 1/rate
+(`DEFAULT_HEADROOM`), a call that cannot leave within a third of that slack of its slot gives the
 slot up, and callers that can hold the request back at the last moment (`send_gate`) reserve slots
 at least `lead_s` ahead and enter their call that early.
 
@@ -49,12 +49,13 @@ log = logging.getLogger(__name__)
 DEFAULT_NAMESPACE = "lumikb:llm"
 # Share of the configured rate deliberately left unused. A call reaches the provider some ms after
 # its slot, by an amount that varies from call to call (the sender thread's wake-up, the connection,
-# the provider's own handling; on this project's 2-core test VM, 1.4 ms typically and up to 26 ms
-# on an idle machine); with slots exactly 1/rate apart, one late call and an on-time call ten slots
-# later would put rate+1 calls into one second at the provider. 3.5% spaces the slots so that ten of
-# them span 1.036 s: 36 ms of slack for that variation, at a cost of 0.35 calls/s at 10/s. (With 3%,
-# 31 ms, one run in about eight on the idle test machine saw a second of 11 calls.)
-DEFAULT_HEADROOM = 0.035
+# the provider's own handling, scheduling on a busy machine); with slots exactly 1/rate apart, one
+# late call and an on-time call `rate` slots later would put rate+1 calls into one second at the
+# provider. The slots of one second span 1/(1 - headroom) s, whatever the rate: 5% leaves 53 ms of
+# slack for that variation, at a cost of 0.5 calls/s at 10/s. (With 3.5%, 36 ms, a full-size
+# re-extraction on a quiet 2-core machine saw one second of 11 calls at a 10/s limit; with 3%, one
+# run of the limiter benchmark in about eight did.)
+DEFAULT_HEADROOM = 0.05
 
 # KEYS[1] = TAT, KEYS[2] = penalty; ARGV[1] = emission interval, ARGV[2] = earliest slot from now,
 # both in microseconds. Returns {slot, now} in microseconds of Redis' clock.
@@ -162,14 +163,14 @@ class RateLimiter:
         self.penalty_s = penalty_s
         self.poll_s = poll_s
         self.interval_s = 1.0 / (rate.per_second * (1.0 - headroom))
-        # How late a call may leave and still use its slot: half the slack that the headroom leaves
-        # in a one-second window (the `per_window` slots of a window span 1 s + slack; 18 ms at the
-        # default), so the other half absorbs the variation after it leaves (network, the
-        # provider's own handling). With a third, 1-4% of the slots were given up on a busy 2-core
-        # machine, where the sender thread woke 10-15 ms late.
+        # How late a call may leave and still use its slot: a third of the slack that the headroom
+        # leaves in a one-second window (the `per_window` slots of a window span 1 s + slack; 18 ms
+        # at the default), so two thirds (35 ms) absorb the variation after it leaves (network,
+        # the provider's own handling, which the limiter cannot see). On a busy 2-core machine the
+        # sender thread wakes 10-15 ms late; with 12 ms, 1-4% of the slots were given up.
         per_window = max(1, math.floor(rate.per_second))
         slack_s = per_window * self.interval_s - 1.0
-        self.late_tolerance_s = max(0.002, slack_s / 2)
+        self.late_tolerance_s = max(0.002, slack_s / 3)
         self.missed_slots = 0
         # The model sits in a hash tag, so both keys of a script land on one Redis Cluster slot.
         prefix = f"{namespace}:{{{model}}}"

@@ -39,5 +39,5 @@ def test_benchmarks_run_reports_every_figure_with_its_target(tmp_path: Path) -> 
     for name, row in rows.items():
         assert row["error"] is None, name
         assert isinstance(row["value"], int | float), name
-        assert row["met"] in (True, False, None) and row["comparator"] in (">=", "<="), name
+        assert row["met"] in (True, False, None) and row["comparator"] in (">=", "<=", ">"), name
         assert row["met"] is None or row["target"] is not None, name

@@ -126,7 +126,8 @@ def test_three_processes_with_40_callers_each_hold_10_per_second_and_use_it(
     print(f"\n{len(arrivals)} calls, {rate:.2f}/s over {duration:.0f} s, busiest 1 s window: {busiest} "
           f"(waited {settled:.0f} s for idle CPUs); {summaries}")
     assert busiest <= 10, f"a one-second window at the server held {busiest} calls"
-    assert rate >= 9.5, f"only {rate:.2f} calls/s reached the server"
+    # The ceiling is 9.5/s: the limiter leaves 5% of the rate unused (`rate_limit.DEFAULT_HEADROOM`).
+    assert rate >= 9.3, f"only {rate:.2f} calls/s reached the server"
     assert all(s["failed"] == [] for s in summaries), summaries
     # Every process got its share: the limiter does not starve anyone.
     assert all(s["succeeded"] >= 40 for s in summaries), summaries

@@ -218,10 +218,10 @@ def test_the_leases_of_a_crashed_worker_come_back_when_they_expire(redis_url: st
 def test_the_limit_of_a_model_comes_from_its_rate(redis_url: str) -> None:
     async def main() -> RateLimiter:
         async with client(redis_url) as redis:
-            return limiter(redis, "600/m", headroom=0.035)
+            return limiter(redis, "600/m", headroom=0.05)
 
     lim = run(main)
 
     assert lim.rate == RateLimit(600.0, 60.0)
-    assert lim.interval_s == pytest.approx(1 / (10 * 0.965))
-    assert lim.late_tolerance_s == pytest.approx((10 * lim.interval_s - 1) / 2)
+    assert lim.interval_s == pytest.approx(1 / (10 * 0.95))
+    assert lim.late_tolerance_s == pytest.approx((10 * lim.interval_s - 1) / 3)

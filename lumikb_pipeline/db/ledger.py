@@ -414,21 +414,25 @@ def latest_succeeded_versions(
 
 def outdated_document_ids(session: Session, kb: KnowledgeBase) -> list[str]:
     """Live documents whose latest succeeded extraction is older than the KB's current schema
-    version, or that have none (PRODUCT.md section 1)."""
-    latest = (
-        select(ExtractionRecord.document_id, func.max(ExtractionRecord.schema_version).label("version"))
-        .where(ExtractionRecord.kb_id == kb.id, ExtractionRecord.status == ExtractionStatus.SUCCEEDED)
-        .group_by(ExtractionRecord.document_id)
-        .subquery()
+    version, or that have none (PRODUCT.md section 1).
+
+    Asked as "no succeeded extraction at the current version or later", an anti-join on the
+    (document, schema version) index: PostgreSQL plans it well with or without statistics. Asked as
+    a join against each document's latest version (a grouped subquery), a KB bulk-loaded and not yet
+    analysed got a plan quadratic in its documents: 9 s at 10,000.
+    """
+    current = (
+        select(ExtractionRecord.id)
+        .where(
+            ExtractionRecord.document_id == Document.id,
+            ExtractionRecord.status == ExtractionStatus.SUCCEEDED,
+            ExtractionRecord.schema_version >= kb.current_schema_version,
+        )
+        .exists()
     )
     query = (
         select(Document.id)
-        .outerjoin(latest, latest.c.document_id == Document.id)
-        .where(
-            Document.kb_id == kb.id,
-            Document.deleted_at.is_(None),
-            or_(latest.c.version.is_(None), latest.c.version < kb.current_schema_version),
-        )
+        .where(Document.kb_id == kb.id, Document.deleted_at.is_(None), ~current)
         .order_by(Document.created_at, Document.id)
     )
     return list(session.scalars(query))

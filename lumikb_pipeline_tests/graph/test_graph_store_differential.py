@@ -12,6 +12,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
+
 from lumikb_pipeline.domain.keys import normalise_key
 from lumikb_pipeline.domain.modes import WriteMode
 from lumikb_pipeline.domain.results import DocumentGraph, EntityRef, GraphChunk, GraphEntity, GraphRelationship
@@ -71,6 +73,7 @@ def random_graph(rng: random.Random, kb_id: str, doc_id: str) -> DocumentGraph:
     )
 
 
+@pytest.mark.slow  # about 30 s of generated histories
 def test_neo4j_and_the_embedded_store_agree_on_random_histories(tmp_path: Path, kb_id: str) -> None:
     from lumikb_pipeline_tests.graph.conftest import neo4j_store
 

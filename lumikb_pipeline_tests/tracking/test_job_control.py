@@ -71,6 +71,7 @@ def _progress(job_id: str, client: redis.Redis) -> dict[str, object]:
         return job_progress(session, client, job_id).contract_json()
 
 
+@pytest.mark.slow  # samples progress through a whole job (about 11 s)
 def test_progress_adds_up_never_goes_back_and_agrees_with_the_ledger(job_env: list[str], redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     job = start_reextraction(load_settings(), "acme", Selection.outdated(), launch=False)
@@ -96,6 +97,7 @@ def test_progress_adds_up_never_goes_back_and_agrees_with_the_ledger(job_env: li
     assert any(s["rate_per_s"] is not None and 0 < s["rate_per_s"] for s in samples)  # type: ignore[operator]
 
 
+@pytest.mark.slow  # waits for the job around a FLUSHALL (about 11 s)
 def test_progress_is_right_again_within_5_s_of_a_flushall_and_the_job_completes(
     job_env: list[str], redis_url: str
 ) -> None:

@@ -18,11 +18,26 @@ from typing import Any
 
 import psutil
 
+from lumikb_pipeline.orchestration import respawn
+
+
+def celery_parent(pid: int) -> psutil.Process:
+    """The Celery parent of the worker `lumikb up` started as `pid`: the process itself, or, for a
+    worker run under `orchestration.respawn`, the wrapper's child (asked each time: a respawned
+    worker is a new process)."""
+    process = psutil.Process(pid)
+    if respawn.__name__ in process.cmdline():
+        children = process.children()
+        if not children:
+            raise psutil.NoSuchProcess(pid, msg="the respawn wrapper has no worker right now")
+        return children[0]
+    return process
+
 
 def worker_group(parent_pid: int) -> list[psutil.Process]:
     """The Celery parent and its (prefork) children, those still alive."""
     try:
-        parent = psutil.Process(parent_pid)
+        parent = celery_parent(parent_pid)
         return [parent, *parent.children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
@@ -44,7 +59,7 @@ class GroupSample:
 
 def sample_group(parent_pid: int) -> GroupSample | None:
     try:
-        parent = psutil.Process(parent_pid)
+        parent = celery_parent(parent_pid)
         parent_rss = parent.memory_info().rss
         children = parent.children()
         everything = parent.children(recursive=True)
@@ -124,5 +139,5 @@ def neo4j_connections(ports: set[int]) -> int:
 
 __all__ = [
     "GroupSample", "group_cpu_seconds", "local_ports", "neo4j_connections", "postgres_connections",
-    "redis_connections", "sample_group", "worker_group",
+    "celery_parent", "redis_connections", "sample_group", "worker_group",
 ]

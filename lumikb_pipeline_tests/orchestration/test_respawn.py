@@ -69,3 +69,22 @@ def test_the_local_workers_run_under_respawn(tmp_path: Path) -> None:
                if spec.name.startswith("worker-")}
     assert workers == {f"worker-{queue}": respawn_argv(worker_argv(queue, settings))  # type: ignore[arg-type]
                        for queue in ("document_processing", "reprocessing")}
+
+
+def test_the_resource_probe_finds_the_worker_and_its_children_under_the_wrapper(tmp_path: Path) -> None:
+    # The memory benchmark and the resource-bound tests sample a worker group from the pid `lumikb up`
+    # records, which is the wrapper's: the worker and its (prefork) children are one level down.
+    from lumikb_pipeline_tests.orchestration.resource_probe import celery_parent, sample_group
+
+    forks = ("import multiprocessing, time\n"
+             "for _ in range(2):\n    multiprocessing.Process(target=time.sleep, args=(60,)).start()\n"
+             "time.sleep(60)")
+    wrapper = _start(respawn_argv([sys.executable, "-c", forks]))
+    try:
+        _wait_for(lambda: len(celery_parent(wrapper.pid).children()) == 2, 30, "the worker's two children")
+        sample = sample_group(wrapper.pid)
+        assert celery_parent(wrapper.pid).cmdline()[1] == "-c"
+        assert sample is not None and len(sample.children_rss) == 2
+    finally:
+        os.killpg(wrapper.pid, signal.SIGKILL)
+        wrapper.wait()

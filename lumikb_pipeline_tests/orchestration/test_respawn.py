@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from lumikb_pipeline.orchestration.respawn import respawn_argv
 
 # Counts its starts in a file; exits 3 on its first start, then runs until stopped.
@@ -80,8 +82,15 @@ def test_the_resource_probe_finds_the_worker_and_its_children_under_the_wrapper(
              "for _ in range(2):\n    multiprocessing.Process(target=time.sleep, args=(60,)).start()\n"
              "time.sleep(60)")
     wrapper = _start(respawn_argv([sys.executable, "-c", forks]))
+
+    def worker_children() -> int:
+        try:
+            return len(celery_parent(wrapper.pid).children())
+        except psutil.NoSuchProcess:  # the wrapper has not started the worker yet
+            return 0
+
     try:
-        _wait_for(lambda: len(celery_parent(wrapper.pid).children()) == 2, 30, "the worker's two children")
+        _wait_for(lambda: worker_children() == 2, 30, "the worker's two children")
         sample = sample_group(wrapper.pid)
         assert celery_parent(wrapper.pid).cmdline()[1] == "-c"
         assert sample is not None and len(sample.children_rss) == 2

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import multiprocessing
 import os
 import subprocess
@@ -99,15 +98,11 @@ def _control(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
         return json.load(response)
 
 
-def _round(value: float | None, digits: int) -> float | None:
-    return None if value is None else round(value, digits)
-
-
 def run_design(design: str, *, server_url: str, settings_values: dict[str, Any], kb_id: int, chunks: int,
                workers: int, concurrency: int, budget_s: float | None) -> dict[str, Any]:
     """Run one design with `workers` processes; return its measurements (from the server's record)."""
     from lumikb_pipeline.core.config import parse_rate_limit
-    from lumikb_pipeline.testing.call_rates import busiest_window, tightest_span
+    from lumikb_pipeline.testing.call_rates import busiest_window, tightest_second
 
     limit = parse_rate_limit(settings_values["llm_rate_limit"]).per_second
     _control(server_url, "/_reset", {})
@@ -149,7 +144,7 @@ def run_design(design: str, *, server_url: str, settings_values: dict[str, Any],
         "chunks_per_s": round(succeeded / (finished - started), 3),
         "busiest_1s_window": busiest_window(arrivals),
         # Under 1 s: some second held more calls than the limit; above it, the margin left.
-        "tightest_span_of_limit_plus_one_s": _round(tightest_span(arrivals, math.floor(limit) + 1), 3),
+        "tightest_span_of_limit_plus_one_s": tightest_second(arrivals, limit),
         "missed_slots": sum(s["missed_slots"] for s in summaries),
         "time_budget_s": budget_s,
     }

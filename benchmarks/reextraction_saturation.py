@@ -74,8 +74,7 @@ def measure_plain(
     from benchmarks.plain_design import measure_plain_design
     from lumikb_pipeline.db.models import Document, KnowledgeBase
     from lumikb_pipeline.db.session import session_scope
-    from lumikb_pipeline.testing.call_rates import busiest_window, steady_windows
-    from lumikb_pipeline_tests.dagster.saturation import tightest_span_s
+    from lumikb_pipeline.testing.call_rates import busiest_window, steady_windows, tightest_second
 
     with session_scope(stack.app_db_url) as session:
         kb = session.scalars(select(KnowledgeBase).where(KnowledgeBase.slug == slug)).one()
@@ -92,7 +91,7 @@ def measure_plain(
         "steady_share_of_limit": round(windows.mean_share, 4),
         "lowest_10s_window_share": round(windows.lowest_share, 4),
         "calls_per_10s_window": list(windows.counts), "busiest_1s_window": busiest_window(run.arrivals),
-        "tightest_span_of_limit_plus_one_s": tightest_span_s(run.arrivals, limit_per_s),
+        "tightest_span_of_limit_plus_one_s": tightest_second(run.arrivals, limit_per_s),
     }
 
 

@@ -3,8 +3,8 @@ fake server's `GET /_calls`), as a provider counts them.
 
 - `busiest_window`: the most calls that arrived within any `width_s` (sliding, half-open windows
   `[t, t + width_s)` starting at each arrival: the count a provider's one-second limit sees).
-- `tightest_span`: the shortest time in which `calls` calls arrived. With `calls` = limit + 1 it is
-  the margin to the limit: under 1 s, some second held more calls than the limit.
+- `tightest_second`: the shortest time in which limit + 1 calls arrived, the margin to the limit:
+  under 1 s, some second held more calls than the limit.
 - `steady_windows`: the calls in consecutive windows of `width_s` over the job's steady part, from
   the arrival of its first `head` share of calls to that of its last `tail` share (10% each by
   default), so the ramp-up and the last stragglers are left out.
@@ -27,11 +27,13 @@ def busiest_window(arrivals: Sequence[float], width_s: float = 1.0) -> int:
     return best
 
 
-def tightest_span(arrivals: Sequence[float], calls: int) -> float | None:
-    """The shortest time from the first to the last of any `calls` consecutive arrivals (None: fewer arrivals)."""
+def tightest_second(arrivals: Sequence[float], limit_per_s: float) -> float | None:
+    """The shortest time from the first to the last of any limit + 1 consecutive arrivals, to the ms
+    (None: not that many arrivals)."""
+    calls = math.floor(limit_per_s) + 1
     times = sorted(arrivals)
     spans = [times[i + calls - 1] - times[i] for i in range(len(times) - calls + 1)]
-    return min(spans) if spans else None
+    return round(min(spans), 3) if spans else None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ Used by the saturation test (`test_reextraction_saturation.py`) and the benchmar
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Mapping
@@ -21,7 +20,7 @@ from typing import Any
 import httpx
 from sqlalchemy import select
 
-from lumikb_pipeline.testing.call_rates import SteadyWindows, busiest_window, steady_windows, tightest_span
+from lumikb_pipeline.testing.call_rates import SteadyWindows, busiest_window, steady_windows, tightest_second
 from lumikb_pipeline_tests.dagster.helpers import (
     EXTRACT_STEP,
     SCHEMA_V2,
@@ -122,7 +121,7 @@ class Saturation:
             "busiest_1s_window": self.busiest_1s,
             "busiest_1s_window_first_second": self.busiest_1s_first_second,
             # Under 1 s: some second held more calls than the limit; above it, the margin left.
-            "tightest_span_of_limit_plus_one_s": tightest_span_s(self.arrivals, self.limit_per_s),
+            "tightest_span_of_limit_plus_one_s": tightest_second(self.arrivals, self.limit_per_s),
             "runs": len(self.runs),
             "median_s": {
                 "queued_to_started": median([r.started - r.created for r in self.runs if r.started is not None]),
@@ -139,12 +138,6 @@ class Saturation:
                      if r.ended is not None and WRITE_STEP in r.steps]),
             },
         }
-
-
-def tightest_span_s(arrivals: list[float], limit_per_s: float) -> float | None:
-    """The shortest time in which limit + 1 calls arrived (rounded to the ms)."""
-    span = tightest_span(arrivals, math.floor(limit_per_s) + 1)
-    return None if span is None else round(span, 3)
 
 
 def run_timelines(instance: Any, backfill_id: str, origin: float) -> list[RunTimeline]:

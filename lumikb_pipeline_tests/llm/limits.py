@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import bisect
 import time
 from collections.abc import Sequence
 from typing import Any
-
-
-def max_calls_in_window(times: Sequence[float], window_s: float = 1.0) -> int:
-    """The most calls that any window [t, t + window_s) holds (sliding, over every start time)."""
-    ordered = sorted(times)
-    return max((bisect.bisect_left(ordered, t + window_s) - i for i, t in enumerate(ordered)), default=0)
 
 
 def early_retries(calls: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

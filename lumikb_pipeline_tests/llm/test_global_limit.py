@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
+from lumikb_pipeline.testing.call_rates import busiest_window
 from lumikb_pipeline_tests.fake_llm import FakeServer
 from lumikb_pipeline_tests.llm.conftest import SCHEMA_V1, create_kb
-from lumikb_pipeline_tests.llm.limits import early_retries, max_calls_in_window, wait_for_idle_cpus
+from lumikb_pipeline_tests.llm.limits import early_retries, wait_for_idle_cpus
 
 pytestmark = pytest.mark.slow
 
@@ -122,7 +123,7 @@ def test_three_processes_with_40_callers_each_hold_10_per_second_and_use_it(
     # The rate over the run: the calls after the first, over the time from the first arrival to the
     # last (a call whose slot was reserved before the deadline may arrive up to the send lead after it).
     rate = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
-    busiest = max_calls_in_window(arrivals)
+    busiest = busiest_window(arrivals)
     print(f"\n{len(arrivals)} calls, {rate:.2f}/s over {duration:.0f} s, busiest 1 s window: {busiest} "
           f"(waited {settled:.0f} s for idle CPUs); {summaries}")
     assert busiest <= 10, f"a one-second window at the server held {busiest} calls"
@@ -150,6 +151,6 @@ def test_30_percent_429s_every_chunk_succeeds_and_no_retry_comes_before_retry_af
     assert [s["succeeded"] for s in summaries] == [40, 40], summaries
     assert len(rate_limited) >= 0.2 * len(calls)
     assert early_retries(calls) == []
-    assert max_calls_in_window([c["arrived"] for c in calls]) <= 10
+    assert busiest_window([c["arrived"] for c in calls]) <= 10
     # Every chunk's last call succeeded, and each chunk was retried only after 429s.
     assert {c["hash"] for c in calls if c["status"] == 200} == {c["hash"] for c in calls}

@@ -67,6 +67,13 @@ public final class LumikbNeo4j {
                 .setConfig(BoltConnectorInternalSettings.thread_pool_shutdown_wait_time, Duration.ofSeconds(1))
                 // Test/dev sized: the JVM gets -Xmx1g from scripts/services.
                 .setConfig(GraphDatabaseSettings.pagecache_memory, ByteUnit.mebiBytes(256))
+                // Transaction logs: Neo4j keeps 2 days of them by default
+                // (db.tx_log.rotation.retention_policy), which the benchmarks
+                // grow to tens of GB. A test database needs no point-in-time
+                // recovery, so keep only the newest 128 MiB; logs are pruned
+                // at each checkpoint.
+                .setConfig(GraphDatabaseSettings.keep_logical_logs, "128M size")
+                .setConfig(GraphDatabaseSettings.logical_log_rotation_threshold, ByteUnit.mebiBytes(32))
                 .build();
 
         long tStarted = System.nanoTime();

@@ -25,6 +25,7 @@ pace a whole job would take most of an hour); the ratio is ours over its share o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -54,7 +55,10 @@ def measure(
             result = measure_reextraction(stack, slug, root / "docs", documents=documents, chunks=chunks,
                                           latency_mean_s=latency[0], latency_jitter_s=latency[1])
             summary = {"label": label, "env": env, **result.summary(),
-                       "wall_s": round(time.monotonic() - started, 1)}
+                       "wall_s": round(time.monotonic() - started, 1),
+                       # The raw timeline, to see where a window fell short (seconds from the job's start).
+                       "arrivals_s": [round(t, 3) for t in result.arrivals],
+                       "run_timelines": [dataclasses.asdict(run) for run in result.runs]}
             if plain_seconds:
                 summary["plain"] = measure_plain(stack, slug, result.limit_per_s, plain_seconds,
                                                  root / "plain-logs", int(env["LUMIKB_REEXTRACT_BATCH_SIZE"]))

@@ -232,10 +232,11 @@ class ChunkExtractor:
         results = [outcomes[chunk.id] for chunk in chunks]
         log.info(
             "extracted %d chunks of KB %s at schema version %d with %s: %d from checkpoints, %d LLM calls, "
-            "%d failed, %.1f s", len(results), kb_id, schema_version, self.model,
+            "%d failed, %.1f s; rate slots given up so far %d, latest send after its slot %.0f ms",
+            len(results), kb_id, schema_version, self.model,
             sum(isinstance(r, ChunkExtraction) and r.from_checkpoint for r in results),
             sum(r.llm_calls for r in results), sum(isinstance(r, ChunkFailure) for r in results),
-            time.monotonic() - started,
+            time.monotonic() - started, self.missed_slots, self.max_send_late_s * 1000,
         )
         return results
 

@@ -12,12 +12,14 @@ the OpenAI SDK:
 2. when the prepared request reaches the transport, it is handed to the process's *sender
    thread*, an event loop that does nothing else: it sleeps until the slot, checks it is not late,
    and sends. Its wake-ups are not delayed by the busy loop (only by the GIL, at most one switch
-   interval, 5 ms);
-3. a request that reaches the sender after its slot (plus tolerance) is not sent (`SlotMissed`);
-   the caller reserves another slot.
+   interval). The last check is made from httpcore's `trace` hook just before the request's first
+   byte is written, so a wait for a pooled connection counts too;
+3. a request that reaches the sender, or its connection, after its slot (plus tolerance) is not
+   sent (`SlotMissed`); the caller reserves another slot.
 
 The answer is read completely in the sender thread and handed back as a new response (calls are
-never streamed). Both hooks are public APIs: LiteLLM's `client=` parameter and httpx transports.
+never streamed). The hooks are public APIs: LiteLLM's `client=` parameter, httpx transports and
+httpcore's `trace` request extension.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ import contextvars
 import os
 import sys
 import threading
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 # The OpenAI SDK that LiteLLM drives is built on httpx2 (the successor of httpx, same API); its
 # client only accepts httpx2 transports.
@@ -43,7 +47,7 @@ class SendGate:
     tolerance_s: float
     sent: bool = False
     missed: bool = False
-    late_s: float = 0.0  # how long after `due` the request was handed to the connection (for diagnosis)
+    late_s: float = 0.0  # how long after `due` its first byte was written (for diagnosis)
 
 
 SWITCH_INTERVAL_S = 0.001
@@ -84,17 +88,40 @@ class _Sender:
         """Send `request` at its gate's slot; None when the slot has passed. Runs in the sender loop."""
         if gate is not None:
             await asyncio.sleep(max(0.0, gate.due - self.loop.time()))
-            gate.late_s = self.loop.time() - gate.due
-            if gate.late_s > gate.tolerance_s:
+            if self.loop.time() - gate.due > gate.tolerance_s:
                 return None
-            gate.sent = True  # from here on the request counts as a call, whatever happens to it
-        response = await self.transport(limits).handle_async_request(request)
+            # The last check is made when the request's first byte is about to be written, after
+            # the connection pool has handed out (or opened) a connection: waiting for one is time
+            # the check at wake-up cannot see.
+            request.extensions = {**request.extensions, "trace": self._checkpoint(gate)}
+        try:
+            response = await self.transport(limits).handle_async_request(request)
+        except _TooLate:
+            return None
         try:
             content = await response.aread()
         finally:
             await response.aclose()
         return httpx.Response(response.status_code, headers=response.headers, content=content,
                               extensions={k: v for k, v in response.extensions.items() if k == "http_version"})
+
+
+    def _checkpoint(self, gate: SendGate) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
+        """httpcore's `trace` hook for one gated request: the slot is checked as its headers go out."""
+
+        async def trace(event: str, _info: dict[str, Any]) -> None:
+            if event != "http11.send_request_headers.started" or gate.sent:
+                return
+            gate.late_s = self.loop.time() - gate.due
+            if gate.late_s > gate.tolerance_s:
+                raise _TooLate  # nothing written: httpcore closes the connection, no call is made
+            gate.sent = True  # from here on the request counts as a call, whatever happens to it
+
+        return trace
+
+
+class _TooLate(Exception):
+    """Raised from the trace hook to stop a request before its first byte."""
 
 
 _sender_lock = threading.Lock()

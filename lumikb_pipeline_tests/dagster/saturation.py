@@ -10,6 +10,7 @@ Used by the saturation test (`test_reextraction_saturation.py`) and the benchmar
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Mapping
@@ -209,7 +210,14 @@ def measure_reextraction(
 
 
 def overrides(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    return {**SATURATION_ENV, **(extra or {})}
+    """`SATURATION_ENV` with `extra`; the in-flight cap follows the rate limit (the product's default, 5·R)
+    unless `extra` sets it."""
+    from lumikb_pipeline.core.config import parse_rate_limit
+
+    env = {**SATURATION_ENV, **(extra or {})}
+    if "LUMIKB_LLM_MAX_IN_FLIGHT" not in (extra or {}):
+        env["LUMIKB_LLM_MAX_IN_FLIGHT"] = str(math.ceil(5 * parse_rate_limit(env["LUMIKB_LLM_RATE_LIMIT"]).per_second))
+    return env
 
 
 __all__ = ["SATURATION_ENV", "Saturation", "measure_reextraction", "overrides", "run_timelines"]

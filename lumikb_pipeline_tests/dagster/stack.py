@@ -22,6 +22,7 @@ import httpx
 import redis
 from sqlalchemy.engine import make_url
 
+from lumikb_pipeline.testing.fake_llm_server import raise_priority
 from lumikb_pipeline_tests.conftest import create_postgres_database, drop_postgres_database, required_env
 
 T = TypeVar("T")
@@ -222,6 +223,7 @@ def _start_llm(env: Mapping[str, str], log: Path) -> tuple[subprocess.Popen[byte
     if not line.startswith("listening on "):
         process.kill()
         raise AssertionError(f"the fake LLM server did not start: {line!r}; see {log}")
+    raise_priority(process.pid)  # its arrival times are what the saturation tests count
     return process, line.removeprefix("listening on ")
 
 

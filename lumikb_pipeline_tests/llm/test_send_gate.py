@@ -50,3 +50,35 @@ def test_a_request_that_reaches_its_slot_too_late_is_not_sent(fake_llm: FakeServ
 
     assert gate.missed and not gate.sent
     assert fake_llm.calls() == []
+
+
+def test_a_request_that_waits_for_a_connection_past_its_slot_is_not_sent(
+    fake_llm: FakeServer, schema_v1: DomainSchema
+) -> None:
+    """The check is made as the first byte goes out, not only when the sender wakes: with one
+    connection, the second request waits for the first's answer (0.4 s), long after its slot."""
+    fake_llm.configure(latency_mean_s=0.4)
+    first = {"model": "m", "messages": build_messages(schema_v1, "Acme Corp hired Jane Doe.")}
+    second = {"model": "m", "messages": build_messages(schema_v1, "Jane Doe moved to Berlin.")}
+
+    async def post(client: httpx2.AsyncClient, gate: SendGate, body: dict[str, object]) -> int:
+        token = current_gate.set(gate)
+        try:
+            return (await client.post(f"{fake_llm.api_base}/chat/completions", content=json.dumps(body))).status_code
+        finally:
+            current_gate.reset(token)
+
+    async def main() -> tuple[SendGate, SendGate, list[object]]:
+        now = time.monotonic()
+        early, late = SendGate(due=now + 0.1, tolerance_s=0.05), SendGate(due=now + 0.15, tolerance_s=0.05)
+        async with httpx2.AsyncClient(transport=GatedTransport(1, 1)) as client:
+            results = await asyncio.gather(post(client, early, first), post(client, late, second),
+                                           return_exceptions=True)
+        return early, late, results
+
+    early, late, results = asyncio.run(main())
+
+    assert results[0] == 200 and early.sent
+    assert isinstance(results[1], SlotMissed) and late.missed and not late.sent
+    assert late.late_s > 0.2  # it got the connection only when the first answer had been read
+    assert len(fake_llm.calls()) == 1

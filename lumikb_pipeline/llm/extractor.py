@@ -122,7 +122,7 @@ class ChunkExtractor:
         self._secrets = (self._api_key,) if self._api_key else ()
         self._slow_stop_warned = False
         # For diagnosis: rate slots given up because a call could not leave on time (see rate_limit),
-        # and the latest that a sent request left after its slot.
+        # and how long after its slot the latest sent request had been written.
         self.missed_slots = 0
         self.max_send_late_s = 0.0
         litellm.suppress_debug_info = True  # its "Give Feedback" banner on every error is noise in job logs
@@ -232,7 +232,7 @@ class ChunkExtractor:
         results = [outcomes[chunk.id] for chunk in chunks]
         log.info(
             "extracted %d chunks of KB %s at schema version %d with %s: %d from checkpoints, %d LLM calls, "
-            "%d failed, %.1f s; rate slots given up so far %d, latest send after its slot %.0f ms",
+            "%d failed, %.1f s; rate slots given up so far %d, latest request written after its slot %.0f ms",
             len(results), kb_id, schema_version, self.model,
             sum(isinstance(r, ChunkExtraction) and r.from_checkpoint for r in results),
             sum(r.llm_calls for r in results), sum(isinstance(r, ChunkFailure) for r in results),

@@ -47,7 +47,7 @@ class SendGate:
     tolerance_s: float
     sent: bool = False
     missed: bool = False
-    late_s: float = 0.0  # how long after `due` its first byte was written (for diagnosis)
+    late_s: float = 0.0  # how long after `due` its headers had been written (for diagnosis)
 
 
 SWITCH_INTERVAL_S = 0.001
@@ -110,12 +110,13 @@ class _Sender:
         """httpcore's `trace` hook for one gated request: the slot is checked as its headers go out."""
 
         async def trace(event: str, _info: dict[str, Any]) -> None:
-            if event != "http11.send_request_headers.started" or gate.sent:
-                return
-            gate.late_s = self.loop.time() - gate.due
-            if gate.late_s > gate.tolerance_s:
-                raise _TooLate  # nothing written: httpcore closes the connection, no call is made
-            gate.sent = True  # from here on the request counts as a call, whatever happens to it
+            if event == "http11.send_request_headers.started" and not gate.sent:
+                gate.late_s = self.loop.time() - gate.due
+                if gate.late_s > gate.tolerance_s:
+                    raise _TooLate  # nothing written: httpcore closes the connection, no call is made
+                gate.sent = True  # from here on the request counts as a call, whatever happens to it
+            elif event == "http11.send_request_headers.complete":
+                gate.late_s = self.loop.time() - gate.due
 
         return trace
 

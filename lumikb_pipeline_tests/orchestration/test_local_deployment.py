@@ -3,6 +3,8 @@ cannot point `down` at an unrelated process, an embedded Redis that the demo sto
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import stat
 import subprocess
@@ -159,3 +161,31 @@ def test_the_environment_lumikb_up_gives_its_processes_loads_on_the_embedded_def
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert load_settings().celery_broker_url == env["CELERY_BROKER_URL"]
+
+
+def test_dagster_processes_run_nicer_than_the_workers_and_their_children_inherit_it(tmp_path: Path) -> None:
+    settings = _settings(tmp_path / "home")
+    specs = {spec.name: spec for spec in processes.service_specs(settings, tmp_path / "workspace.yaml",
+                                                                 code_server_port=1)}
+    assert {name for name, spec in specs.items() if spec.niceness == processes.ORCHESTRATION_NICENESS} == {
+        "code-server", "webserver", "daemon"}
+    assert all(spec.niceness == 0 for name, spec in specs.items() if name.startswith("worker-"))
+
+    # A process started as the code server is (it starts each run's process): it and its child are nicer.
+    child_of = ("import subprocess, sys, time; "
+                "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+                "print(c.pid, flush=True); time.sleep(60)")
+    spec = processes.ServiceSpec("code-server-like", [sys.executable, "-c", child_of], niceness=5)
+    started = processes.start_services(settings, [spec], env={"PATH": "/usr/bin:/bin"})["code-server-like"]
+    try:
+        log = processes.logs_dir(settings) / "code-server-like.log"
+        deadline = time.monotonic() + 30
+        while not log.read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = int(log.read_text().split()[0])
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, started.pid) == min(19, own + 5)
+        assert os.getpriority(os.PRIO_PROCESS, child) == min(19, own + 5)
+    finally:
+        os.killpg(started.pid, signal.SIGKILL)
+        started.wait(10)

@@ -1,14 +1,20 @@
 """A re-extraction through the whole stack keeps the provider's limit saturated (issue 13, point 1).
 
 Schema change -> the schema-version sensor -> backfill -> runs on `reprocessing` via dagster-celery, against
-the fake LLM server with a latency of 0.5-1.5 s at a limit of 10/s: at the server, every 10-s window
+the fake LLM server, in the issue's configuration: limit 20/s, latency 0.5-1.5 s, batches of 25 (the
+default), documents of 5 chunks, the in-flight cap's default (5·R = 100). At the server, every 10-s window
 from the first to the last 10% of the job's calls holds at least 90% of the limit, and no 1-s window
 holds more than the limit, the job's first second included.
 
-Its own stack (its own limit and in-flight cap): it must not share the machine with the end-to-end
-stack. Marked unreliable: its one run (2026-11-30, load average 20 on 2 cores while other stacks
-ran) held 71-95% per 10-s window (83% over the steady part) and saw one 11-call second
-(docs/testing.md); it needs a run on a quiet machine before it joins CI, in a step of its own.
+Its own stack (its own limit and in-flight cap): it must not share the machine with another stack. The
+fake server runs at real-time priority (`raise_priority`), so its arrival times are when requests came.
+
+Marked unreliable: on the 2-core machine it failed all four of its runs on 2026-11-30 (22:31-22:50
+UTC, nothing else running), each by little. The first, at the old 10/s configuration: lowest 10-s
+window 83%, busiest second 10. The three at 20/s: lowest window 84%, 88%, 87% (one or two windows of
+168-176 calls against 180), busiest second 20, 21, 20. At 20/s the limiter's ceiling is 190 calls per
+window; slots given up by senders that woke late while a run process
+started (docs/benchmarks.md, "Re-extraction at the limit") take the windows below 180.
 """
 
 from collections.abc import Iterator
@@ -21,6 +27,8 @@ from lumikb_pipeline_tests.dagster.stack import Stack, start_stack, stop_stack, 
 
 pytestmark = [pytest.mark.slow, pytest.mark.unreliable]
 
+LIMIT_PER_S = 20
+
 
 @pytest.fixture(scope="module")
 def saturation_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
@@ -29,7 +37,9 @@ def saturation_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack
     from lumikb_pipeline.core.config import get_settings
     from lumikb_pipeline.db.session import dispose_engines
 
-    running = start_stack(tmp_path_factory.mktemp("saturation"), overrides())
+    running = start_stack(tmp_path_factory.mktemp("saturation"), overrides({
+        "LUMIKB_LLM_RATE_LIMIT": f"{LIMIT_PER_S}/s", "LUMIKB_REEXTRACT_BATCH_SIZE": "25",
+    }))
     saved = dict(os.environ)
     os.environ.clear()
     os.environ.update(running.env)
@@ -48,14 +58,16 @@ def saturation_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack
 def test_reextraction_through_the_stack_holds_the_limit_in_every_window(
     saturation_stack: Stack, tmp_path: Path
 ) -> None:
-    result = measure_reextraction(saturation_stack, unique_slug("sat"), tmp_path / "docs", documents=300, chunks=3)
+    documents, chunks = 500, 5
+    result = measure_reextraction(saturation_stack, unique_slug("sat"), tmp_path / "docs", documents=documents,
+                                  chunks=chunks, latency_mean_s=1.0, latency_jitter_s=0.5)
     summary = result.summary()
     print(f"\n[saturation] {summary}")
     for run in result.runs:
         print(f"[saturation] run {run.run_id[:8]} created {run.created:.1f} started {run.started} ended {run.ended} "
               f"steps { {k.rsplit('.', 1)[-1]: (round(a, 1), round(b, 1)) for k, (a, b) in run.steps.items()} }")
-    assert result.calls >= 300 * 3
-    assert len(result.windows.counts) >= 5, summary
+    assert result.calls >= documents * chunks
+    assert len(result.windows.counts) >= 8, summary
     assert result.windows.lowest_share >= 0.9, summary
-    assert result.busiest_1s <= 10, summary
-    assert result.busiest_1s_first_second <= 10, summary
+    assert result.busiest_1s <= LIMIT_PER_S, summary
+    assert result.busiest_1s_first_second <= LIMIT_PER_S, summary

@@ -257,10 +257,10 @@ def raise_priority(pid: int) -> None:
     idle most of the time (a few ms of CPU per call), and Linux keeps 5% of every second for other
     work anyway (`sched_rt_runtime_us`).
 
-    Measured on the 2-core test machine, 2026-11-30, at 20 calls/s through the whole stack: with
-    `nice -10` the server stamped 21 calls within 0.92 s whose requests the clients had written
-    1.035 s apart or more (each within 17 ms of slots 52.6 ms apart): its event loop ran up to
-    about 110 ms after the requests came. Where real-time scheduling is not allowed, `nice -10`.
+    Measured on the 2-core test machine, 2026-11-30, at 20 calls/s through the whole stack: at
+    normal priority the server stamped 21 calls within 0.81-0.92 s, although slots 21 apart are
+    1.053 s apart and requests were written at most about 44 ms after their slot; at real-time
+    priority, 1.009-1.017 s (docs/benchmarks.md). Where that is not allowed, `nice -10`.
     """
     try:
         for thread in os.listdir(f"/proc/{pid}/task"):

@@ -105,7 +105,6 @@ class _Sender:
         return httpx.Response(response.status_code, headers=response.headers, content=content,
                               extensions={k: v for k, v in response.extensions.items() if k == "http_version"})
 
-
     def _checkpoint(self, gate: SendGate) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
         """httpcore's `trace` hook for one gated request: the slot is checked as its headers go out."""
 

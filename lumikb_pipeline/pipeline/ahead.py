@@ -12,8 +12,10 @@ This module is the coordination, in Redis, per job:
 - `OwnExtraction` registers a step while it extracts its own batch (renewed, so a crashed step
   stops counting after `REGISTRATION_TTL_S`);
 - the ahead lock (`lumikb:job:<id>:ahead`): one step extracts ahead at a time, so the others end
-  and free their worker processes for the next runs' steps; a step that finds it no longer holds
-  the lock (Redis restarted without its data) stops extracting ahead, as when handed over;
+  and free their worker processes for the next runs' steps; a step gives it up as soon as it is
+  handed over, while its last calls are still out, so the next one can follow without a pause; a
+  step that finds it no longer holds the lock (Redis restarted without its data) stops extracting
+  ahead, as when handed over;
 - `pick_ahead`: which documents to extract ahead: pending ones of the job from its *end*, leaving
   the first `margin` pending documents (those the next runs claim) alone, each taken once
   (`SADD`), so neither two steps nor a step and a run extract the same document at once.

@@ -322,10 +322,15 @@ class _Ahead:
                 while not nearly_done.wait(AHEAD_POLL_S) and not should_stop():
                     pass
         finally:
-            for group in groups:
-                group.join()
             done.set()
             watcher.join(timeout=5)
+            # It starts no further chunk: the lock goes now, while its last calls are still out, so
+            # that the next step can start extracting ahead at once (its calls take the slots after
+            # these at the limiter). Held until the last answer, it was a pause of about one LLM
+            # latency in the job's calls at every hand-over.
+            release_ahead_lock(self.client, self.job_id, self.claimant)
+            for group in groups:
+                group.join()
 
     def _extract_group(self, doc_ids: list[str], lead: int, nearly_done: threading.Event) -> None:
         try:

@@ -20,7 +20,7 @@ from lumikb_pipeline.domain.schema import parse_schema_file
 from lumikb_pipeline.graph import open_graph_store
 from lumikb_pipeline.infra import redis_client
 from lumikb_pipeline.llm.extractor import ChunkExtractor
-from lumikb_pipeline.pipeline.ahead import OwnExtraction, ahead_documents_key
+from lumikb_pipeline.pipeline.ahead import OwnExtraction, ahead_documents_key, ahead_lock_key, take_ahead_lock
 from lumikb_pipeline.pipeline.extract import extract_documents
 from lumikb_pipeline.pipeline.work import DocumentOutcome
 from lumikb_pipeline.pipeline.write import write_documents
@@ -137,6 +137,7 @@ def test_a_step_extracts_its_jobs_later_documents_ahead_until_another_step_extra
     assert cached and cached <= ahead  # served from the checkpoints made ahead
 
 
+@pytest.mark.slow  # waits out the step's grace for the ahead lock: out of the fast step
 def test_no_step_extracts_ahead_while_another_extracts_its_own_batch(job: AheadJob, fake_llm: FakeServer) -> None:
     with OwnExtraction(redis_client.connect(job.settings), job.job_id, "run-2"):
         thread, outcomes = _extract_in_thread(job, job.doc_ids[:BATCH], "run-1")
@@ -155,6 +156,24 @@ def test_a_cancelled_job_stops_extracting_ahead(job: AheadJob, fake_llm: FakeSer
     calls = len(_chunks_called(fake_llm))
     time.sleep(1)
     assert len(_chunks_called(fake_llm)) == calls < DOCUMENTS * CHUNKS
+
+
+def test_a_step_handed_over_gives_up_the_ahead_lock_before_its_last_answers(
+    job: AheadJob, fake_llm: FakeServer
+) -> None:
+    """The next step may extract ahead while the last calls of the one handed over are still out:
+    waiting for their answers was a pause of one LLM latency in the job's calls."""
+    fake_llm.configure(latency_mean_s=2.0, latency_jitter_s=0.0)
+    thread, outcomes = _extract_in_thread(job, job.doc_ids[:BATCH], "run-1")
+    _wait(lambda: len(_chunks_called(fake_llm)) > BATCH * CHUNKS + 2, 30, "calls for documents ahead")
+    client = redis_client.connect(job.settings)
+    with OwnExtraction(client, job.job_id, "run-2"):
+        _wait(lambda: take_ahead_lock(client, job.job_id, "run-3"), 1.5, "the ahead lock given up")
+        assert thread.is_alive()  # its last calls are still waiting for their answers
+        thread.join(timeout=15)
+        assert not thread.is_alive()
+    assert client.get(ahead_lock_key(job.job_id)) == "run-3"  # run-1 ending did not take it from run-3
+    assert [o.status for o in outcomes] == ["extracted"] * BATCH
 
 
 @pytest.mark.slow  # seconds of real waiting: out of the fast step

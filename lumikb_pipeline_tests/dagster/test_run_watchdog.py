@@ -63,6 +63,7 @@ def wait_for(what: str, condition: Callable[[], object], timeout_s: float = 120.
         time.sleep(0.2)
 
 
+@pytest.mark.slow  # a real run process killed and waited out: out of the fast step
 def test_a_killed_run_process_is_failed_its_slots_freed_and_its_job_ends(env: Path) -> None:
     settings = load_settings()
     migrate.ensure_database(settings.effective_database_url)

@@ -65,6 +65,7 @@ def wait_until(condition: object, timeout_s: float = 20.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # seconds of 429s waited out: out of the fast step
 def test_a_lease_outlives_a_429_storm_so_no_second_worker_takes_the_document(
     settings: Settings, doc_id: str, fake_llm: FakeServer, tmp_path: Path
 ) -> None:

@@ -9,6 +9,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from lumikb_pipeline.db import migrate
 
 PROCESSES = 4
@@ -20,6 +22,7 @@ def _clean_env(home: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow  # four CLI processes at once: out of the fast step
 def test_four_commands_at_once_on_a_fresh_lumikb_home_all_succeed(tmp_path: Path) -> None:
     for attempt in range(3):  # the race showed in about half of the runs: repeat it
         home = tmp_path / f"home-{attempt}"

@@ -148,6 +148,7 @@ def test_an_embedded_graph_of_the_old_model_is_converted_on_open(tmp_path: Path)
     assert all(report.count == 0 for report in _invariants(migrated, "kb"))
 
 
+@pytest.mark.slow  # a whole graph converted in Neo4j: out of the fast step
 def test_a_neo4j_graph_of_the_old_model_is_converted(tmp_path: Path, new_kb_factory: Callable[[], str]) -> None:
     from lumikb_pipeline_tests.graph.conftest import neo4j_store
     from lumikb_pipeline_tests.graph.legacy.neo4j_store import Neo4jGraphStore as OldNeo4jStore

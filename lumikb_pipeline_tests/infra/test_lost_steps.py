@@ -63,6 +63,7 @@ def _queued(url: str) -> int:
     return int(redis.Redis.from_url(url).llen(QUEUE))
 
 
+@pytest.mark.slow  # a real worker killed and its step redelivered: out of the fast step
 def test_a_step_whose_worker_died_is_delivered_again_and_a_beating_one_is_not(
     redis_url: str, settings: Settings
 ) -> None:

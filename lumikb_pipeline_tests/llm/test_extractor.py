@@ -253,6 +253,7 @@ class DatabaseAwayFor(ChunkExtractor):
         super()._save(*args)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow  # a real PostgreSQL restart: out of the fast step
 def test_a_database_restart_while_a_result_is_stored_is_waited_out_and_the_call_not_paid_again(
     llm_settings: Callable[..., Settings], pg_url: str, schema_v1: DomainSchema, fake_llm: FakeServer
 ) -> None:

@@ -185,6 +185,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.slow  # leases waited out until they expire: out of the fast step
 def test_the_leases_of_a_crashed_worker_come_back_when_they_expire(redis_url: str) -> None:
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, redis_url], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -33,6 +33,7 @@ def _kb_with_a_document(tmp_path: Path) -> None:
     assert runner.invoke(app, ["ingest", "k", str(doc)]).exit_code == 0
 
 
+@pytest.mark.slow  # waits for runs that never start: out of the fast step
 def test_reextract_wait_without_daemon_or_workers_says_what_to_start(lumikb_env: Path, tmp_path: Path) -> None:
     _kb_with_a_document(tmp_path)
     started = time.monotonic()

@@ -34,7 +34,7 @@ from lumikb_pipeline.llm.retry import (
     failure_reason,
     retry_after_s,
 )
-from lumikb_pipeline.llm.send_gate import GatedTransport, SendGate, current_gate
+from lumikb_pipeline.llm.send_gate import STOPPED, GatedTransport, SendGate, current_gate
 
 log = logging.getLogger("lumikb_pipeline.llm.extractor")
 
@@ -79,10 +79,13 @@ class ChunkCaller:
             gated_openai_client(settings, api_key, concurrency) if uses_openai_sdk(model) else None
         )
         # How early a call enters LiteLLM before its slot: enough for its preparation (5-15 ms, far
-        # more while the event loop is busy with other answers: with 0.1 s, 1-5% of the slots were
-        # missed on a loaded 2-core machine); the sender thread holds it until then. The cost is a
-        # lease held that much longer.
-        self.gate_lead_s = 0.25
+        # more while the event loop is busy with other answers); the sender thread holds it until
+        # then. On the loaded 2-core test machine, with 0.25 s, the event loop was so late that
+        # about one slot in six was given up (docs/llm.md). The cost is a lease held that much
+        # longer: R of the default in-flight cap's 5·R. When the limiter is idle the slot is only
+        # `gate_earliest_s` ahead (the loop is not that busy then), so a lone call waits no longer.
+        self.gate_lead_s = 1.0
+        self.gate_earliest_s = 0.25
         self.max_send_late_s = 0.0
 
     async def close(self) -> None:
@@ -139,12 +142,14 @@ class ChunkCaller:
         while True:
             if self.stop_requested():
                 raise Cancelled
-            lead_s = self.gate_lead_s if self.openai_client is not None else 0.0
-            async with self.limiter.slot(lead_s) as due:
+            gated = self.openai_client is not None
+            async with self.limiter.slot(self.gate_lead_s if gated else 0.0,
+                                         self.gate_earliest_s if gated else 0.0) as due:
                 # Asked again after the wait for the slot, which can take seconds.
                 if self.stop_requested():
                     raise Cancelled
-                gate = SendGate(due, self.limiter.late_tolerance_s) if self.openai_client is not None else None
+                # The sender asks once more at the slot: a stop seen by any call since is not sent.
+                gate = SendGate(due, self.limiter.late_tolerance_s, stopped=lambda: self.stopped) if gated else None
                 token = current_gate.set(gate)
                 try:
                     response = await litellm.acompletion(
@@ -165,9 +170,12 @@ class ChunkCaller:
                     await self.limiter.penalize(retry_after_s(exc))
                     raise
                 except Exception:
+                    if gate is not None and gate.missed_at == STOPPED:
+                        raise Cancelled from None
                     if gate is not None and gate.missed:
                         # Never sent: LiteLLM's preparation outlasted the lead. Another slot, no attempt used.
                         self.limiter.missed_slots += 1
+                        self.limiter.missed_by[gate.missed_at] += 1
                         continue
                     usage.calls += int(gate is None or gate.sent)
                     raise

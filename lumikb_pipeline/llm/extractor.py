@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import traceback
 import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -89,6 +91,16 @@ def _protect_logs(secret: str | None) -> None:
     install_log_scrubbing()
 
 
+def _quiet_per_call_logs() -> None:
+    """LiteLLM and httpx log a line at INFO for every call: at 20 calls/s, 40 lines a second, which a
+    Celery worker writes twice (LiteLLM prints to stderr, which Celery logs again), from the event
+    loop that prepares the calls. The extractor logs one line per batch instead; their warnings and
+    errors still show, and `LITELLM_LOG` set by an operator (e.g. `DEBUG`) is left as it is."""
+    if "LITELLM_LOG" not in os.environ:
+        logging.getLogger("LiteLLM").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 class ChunkExtractor:
     """Extracts chunks with the configured model, through the shared limiter and the checkpoints.
 
@@ -124,10 +136,12 @@ class ChunkExtractor:
         # For diagnosis: rate slots given up because a call could not leave on time (see rate_limit),
         # and how long after its slot the latest sent request had been written.
         self.missed_slots = 0
+        self.missed_by: Counter[str] = Counter()
         self.max_send_late_s = 0.0
         litellm.suppress_debug_info = True  # its "Give Feedback" banner on every error is noise in job logs
         register_offline_model()
         _protect_logs(self._api_key)
+        _quiet_per_call_logs()
 
     # --- public API -----------------------------------------------------------------------------
 
@@ -232,11 +246,13 @@ class ChunkExtractor:
         results = [outcomes[chunk.id] for chunk in chunks]
         log.info(
             "extracted %d chunks of KB %s at schema version %d with %s: %d from checkpoints, %d LLM calls, "
-            "%d failed, %.1f s; rate slots given up so far %d, latest request written after its slot %.0f ms",
+            "%d failed, %.1f s; rate slots given up so far %d%s, latest request written after its slot %.0f ms",
             len(results), kb_id, schema_version, self.model,
             sum(isinstance(r, ChunkExtraction) and r.from_checkpoint for r in results),
             sum(r.llm_calls for r in results), sum(isinstance(r, ChunkFailure) for r in results),
-            time.monotonic() - started, self.missed_slots, self.max_send_late_s * 1000,
+            time.monotonic() - started, self.missed_slots,
+            f" ({', '.join(f'{where}: {n}' for where, n in self.missed_by.most_common())})" if self.missed_by else "",
+            self.max_send_late_s * 1000,
         )
         return results
 
@@ -325,6 +341,7 @@ class ChunkExtractor:
             for task in tasks:
                 task.cancel()
             self.missed_slots += limiter.missed_slots
+            self.missed_by.update(limiter.missed_by)
             self.max_send_late_s = max(self.max_send_late_s, run.max_send_late_s)
             await limiter.close()
             await run.close()

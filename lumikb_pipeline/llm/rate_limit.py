@@ -36,6 +36,7 @@ import math
 import random
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -172,6 +173,7 @@ class RateLimiter:
         slack_s = per_window * self.interval_s - 1.0
         self.late_tolerance_s = max(0.002, slack_s / 3)
         self.missed_slots = 0
+        self.missed_by: Counter[str] = Counter()  # where the slots were found late
         # The model sits in a hash tag, so both keys of a script land on one Redis Cluster slot.
         prefix = f"{namespace}:{{{model}}}"
         self.tat_key = f"{prefix}:gcra"
@@ -194,20 +196,23 @@ class RateLimiter:
         return cls(redis, model, settings.rate_limit_for(model), settings.max_in_flight, **options)
 
     @contextlib.asynccontextmanager
-    async def slot(self, lead_s: float = 0.0) -> AsyncIterator[float]:
+    async def slot(self, lead_s: float = 0.0, earliest_s: float | None = None) -> AsyncIterator[float]:
         """Wait for an in-flight lease and then for the next rate slot; the body is the call.
 
         Yields the slot's time (`loop.time()` clock). With `lead_s`, the body is entered that much
-        before the slot and must itself hold the request back until the slot (see `send_gate`).
+        before the slot and must itself hold the request back until the slot (see `send_gate`);
+        the slot is at least `earliest_s` (default `lead_s`) ahead, so when the limiter is idle
+        the body gets only that much.
         """
         lease = await self.acquire_lease()
         try:
-            yield await self.wait_for_slot(lead_s)
+            yield await self.wait_for_slot(lead_s, earliest_s)
         finally:
             await self.release_lease(lease)
 
-    async def wait_for_slot(self, lead_s: float = 0.0) -> float:
-        """Reserve a rate slot and sleep until `lead_s` before it; return the slot's `loop.time()`.
+    async def wait_for_slot(self, lead_s: float = 0.0, earliest_s: float | None = None) -> float:
+        """Reserve a rate slot at least `earliest_s` (default `lead_s`) ahead and sleep until
+        `lead_s` before it; return the slot's `loop.time()`.
 
         A caller that wakes too late gives its slot up and reserves another: a call that leaves
         well after its slot (the event loop was busy, the process was paused) would land next to
@@ -215,15 +220,16 @@ class RateLimiter:
         """
         loop = asyncio.get_running_loop()
         while True:
-            # A slot at least `lead_s` ahead, even when the limiter is idle: the call needs that
-            # time to be prepared before its slot.
-            wait = await self.reserve(earliest_s=lead_s)
+            # A slot at least `earliest_s` ahead, even when the limiter is idle: the call needs
+            # that time to be prepared before its slot.
+            wait = await self.reserve(earliest_s=lead_s if earliest_s is None else min(earliest_s, lead_s))
             due = loop.time() + wait
             await asyncio.sleep(max(0.0, wait - lead_s))
             late = loop.time() - due  # waking within the lead is on time: the gate does the rest
             if late <= self.late_tolerance_s:
                 return due
             self.missed_slots += 1
+            self.missed_by["the call woke late"] += 1
             log.debug("woke %.0f ms late for the rate slot of %s; reserving another", late * 1000, self.model)
 
     async def reserve(self, earliest_s: float = 0.0) -> float:

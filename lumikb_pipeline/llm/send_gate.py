@@ -47,10 +47,13 @@ class SendGate:
     tolerance_s: float
     sent: bool = False
     missed: bool = False
+    missed_at: str = ""  # where a missed slot was found late (for diagnosis), or STOPPED
+    stopped: Callable[[], bool] | None = None  # asked at the slot: True, and the request is not sent
     late_s: float = 0.0  # how long after `due` its headers had been written (for diagnosis)
 
 
-SWITCH_INTERVAL_S = 0.001
+STOPPED = "stopped"
+SWITCH_INTERVAL_S = 0.005  # Python's default, set so that no library lowers it under the sender
 
 current_gate: contextvars.ContextVar[SendGate | None] = contextvars.ContextVar("lumikb_send_gate", default=None)
 
@@ -63,14 +66,21 @@ class _Sender:
     """The process's sender thread: an event loop with one HTTP transport per connection limit."""
 
     def __init__(self) -> None:
-        # A sender that wakes for its slot waits for the GIL until the thread holding it lets go:
-        # up to the switch interval (5 ms by default), over a quarter of the lateness a slot tolerates (18 ms).
-        # 1 ms keeps that wait small in every process that sends gated requests.
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+        # The switch interval is also how long the sender keeps the GIL, once it has it, while
+        # another thread asks for it: from its slot check to the request's first byte it needs a
+        # ms or two. Made to drop the GIL in between (at 1 ms it often was), it waited for a thread
+        # at normal priority that the busy machine did not run, and its request left 50-100 ms
+        # after passing the check, bunched with the next ones. The wait for the GIL on waking, up to
+        # one interval, comes before the check and costs at most a slot (tolerance 18 ms).
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.loop = asyncio.new_event_loop()
         self.transports: dict[tuple[int, int], httpx.AsyncHTTPTransport] = {}
         self.lock = threading.Lock()
-        threading.Thread(target=self.loop.run_forever, name="lumikb-llm-sender", daemon=True).start()
+        threading.Thread(target=self._serve, name="lumikb-llm-sender", daemon=True).start()
+
+    def _serve(self) -> None:
+        _run_before_other_work()
+        self.loop.run_forever()
 
     def transport(self, limits: tuple[int, int]) -> httpx.AsyncHTTPTransport:
         """The transport for these connection limits, made now if needed (it builds an SSL context:
@@ -87,8 +97,15 @@ class _Sender:
                    limits: tuple[int, int]) -> httpx.Response | None:
         """Send `request` at its gate's slot; None when the slot has passed. Runs in the sender loop."""
         if gate is not None:
+            if self.loop.time() - gate.due > gate.tolerance_s:
+                gate.missed_at = "reached the sender late"
+                return None
             await asyncio.sleep(max(0.0, gate.due - self.loop.time()))
             if self.loop.time() - gate.due > gate.tolerance_s:
+                gate.missed_at = "the sender woke late"
+                return None
+            if gate.stopped is not None and gate.stopped():
+                gate.missed_at = STOPPED
                 return None
             # The last check is made when the request's first byte is about to be written, after
             # the connection pool has handed out (or opened) a connection: waiting for one is time
@@ -112,12 +129,30 @@ class _Sender:
             if event == "http11.send_request_headers.started" and not gate.sent:
                 gate.late_s = self.loop.time() - gate.due
                 if gate.late_s > gate.tolerance_s:
+                    gate.missed_at = "late at its first byte"
                     raise _TooLate  # nothing written: httpcore closes the connection, no call is made
                 gate.sent = True  # from here on the request counts as a call, whatever happens to it
             elif event == "http11.send_request_headers.complete":
                 gate.late_s = self.loop.time() - gate.due
 
         return trace
+
+
+def _run_before_other_work() -> None:
+    """Give the calling thread (the sender) the lowest real-time priority, where allowed.
+
+    The sender sleeps until each slot and must run then, whatever else the machine is doing (a run
+    process starting, Neo4j, the step's own work): woken late, it gives the slot up. As `SCHED_FIFO`
+    1 it runs as soon as it wakes, for the few ms of CPU a send takes; Linux keeps 5% of every second
+    for other work anyway (`sched_rt_runtime_us`). Allowed for root, with `CAP_SYS_NICE`, or up to
+    the process's `RLIMIT_RTPRIO` (docker-compose gives the workers `rtprio: 1`); elsewhere the
+    sender keeps normal priority. `SCHED_RESET_ON_FORK`: threads it starts (DNS lookups) and forked
+    processes do not inherit it.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(1))
+    except (AttributeError, OSError):
+        pass  # not Linux, or not allowed
 
 
 class _TooLate(Exception):
@@ -159,7 +194,7 @@ class GatedTransport(httpx.AsyncBaseTransport):
         if response is None:
             assert gate is not None
             gate.missed = True
-            raise SlotMissed("the request reached its rate slot too late and was not sent")
+            raise SlotMissed(f"the request was not sent at its rate slot: {gate.missed_at}")
         response.request = request
         return response
 

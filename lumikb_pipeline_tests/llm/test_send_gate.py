@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import threading
 import time
 
 import httpx2
@@ -11,7 +13,7 @@ import pytest
 
 from lumikb_pipeline.domain.schema import DomainSchema
 from lumikb_pipeline.llm.prompt import build_messages
-from lumikb_pipeline.llm.send_gate import GatedTransport, SendGate, SlotMissed, current_gate
+from lumikb_pipeline.llm.send_gate import STOPPED, GatedTransport, SendGate, SlotMissed, current_gate
 from lumikb_pipeline_tests.fake_llm import FakeServer
 
 
@@ -48,7 +50,24 @@ def test_a_request_that_reaches_its_slot_too_late_is_not_sent(fake_llm: FakeServ
     with pytest.raises(SlotMissed):
         asyncio.run(post_through_gate(fake_llm, gate, body))
 
-    assert gate.missed and not gate.sent
+    assert gate.missed and not gate.sent and gate.missed_at == "reached the sender late"
+    assert fake_llm.calls() == []
+
+
+def test_a_request_whose_call_was_stopped_before_its_slot_is_not_sent(
+    fake_llm: FakeServer, schema_v1: DomainSchema
+) -> None:
+    """A call enters LiteLLM up to the lead (1 s) before its slot: a cancel seen in the meantime is
+    asked once more at the slot, so the request does not go out."""
+    body = {"model": "m", "messages": build_messages(schema_v1, "Acme Corp hired Jane Doe.")}
+    stop = threading.Event()
+    gate = SendGate(due=time.monotonic() + 0.3, tolerance_s=0.05, stopped=stop.is_set)
+    threading.Timer(0.1, stop.set).start()
+
+    with pytest.raises(SlotMissed):
+        asyncio.run(post_through_gate(fake_llm, gate, body))
+
+    assert gate.missed and not gate.sent and gate.missed_at == STOPPED
     assert fake_llm.calls() == []
 
 
@@ -80,5 +99,33 @@ def test_a_request_that_waits_for_a_connection_past_its_slot_is_not_sent(
 
     assert results[0] == 200 and early.sent
     assert isinstance(results[1], SlotMissed) and late.missed and not late.sent
+    assert late.missed_at == "late at its first byte"
     assert late.late_s > 0.2  # it got the connection only when the first answer had been read
     assert len(fake_llm.calls()) == 1
+
+
+def test_the_sender_thread_runs_at_real_time_priority_where_allowed() -> None:
+    """The sender must run when its slot comes, however busy the machine: `SCHED_FIFO` 1 where the
+    process may (root here, `rtprio: 1` in docker-compose), normal priority without an error elsewhere."""
+    allowed: list[bool] = []
+
+    def try_real_time() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+            allowed.append(True)
+        except OSError:
+            allowed.append(False)
+
+    probe = threading.Thread(target=try_real_time)
+    probe.start()
+    probe.join()
+    GatedTransport(1, 1)  # starts the process's sender thread
+    [sender] = [thread for thread in threading.enumerate() if thread.name == "lumikb-llm-sender"]
+    deadline = time.monotonic() + 5
+    while os.sched_getscheduler(sender.native_id) & ~os.SCHED_RESET_ON_FORK != os.SCHED_FIFO and allowed[0]:
+        assert time.monotonic() < deadline, "the sender thread never took real-time priority"
+        time.sleep(0.01)
+    policy = os.sched_getscheduler(sender.native_id) & ~os.SCHED_RESET_ON_FORK
+    assert policy == (os.SCHED_FIFO if allowed[0] else os.SCHED_OTHER)
+    if allowed[0]:
+        assert os.sched_getscheduler(sender.native_id) & os.SCHED_RESET_ON_FORK  # not passed on

@@ -81,7 +81,7 @@ class ChunkCaller:
         # How early a call enters LiteLLM before its slot: enough for its preparation (5-15 ms, far
         # more while the event loop is busy with other answers); the sender thread holds it until
         # then. On the loaded 2-core test machine, with 0.25 s, the event loop was so late that
-        # about one slot in six was given up (docs/llm.md). The cost is a lease held that much
+        # one slot in five to eight was given up (docs/llm.md). The cost is a lease held that much
         # longer: R of the default in-flight cap's 5·R. When the limiter is idle the slot is only
         # `gate_earliest_s` ahead (the loop is not that busy then), so a lone call waits no longer.
         self.gate_lead_s = 1.0

@@ -173,7 +173,8 @@ class ChunkCaller:
                     if gate is not None and gate.missed_at == STOPPED:
                         raise Cancelled from None
                     if gate is not None and gate.missed:
-                        # Never sent: LiteLLM's preparation outlasted the lead. Another slot, no attempt used.
+                        # Never sent: it could not leave on time (`missed_at` says where). Another slot,
+                        # no attempt used.
                         self.limiter.missed_slots += 1
                         self.limiter.missed_by[gate.missed_at] += 1
                         continue

@@ -68,10 +68,10 @@ class _Sender:
     def __init__(self) -> None:
         # The switch interval is also how long the sender keeps the GIL, once it has it, while
         # another thread asks for it: from its slot check to the request's first byte it needs a
-        # ms or two. Made to drop the GIL in between (at 1 ms it often was), it waited for a thread
-        # at normal priority that the busy machine did not run, and its request left 50-100 ms
-        # after passing the check, bunched with the next ones. The wait for the GIL on waking, up to
-        # one interval, comes before the check and costs at most a slot (tolerance 18 ms).
+        # ms or two. Made to drop the GIL in between, it waits for a thread at normal priority that
+        # a busy machine may not run, and its request leaves late after passing the check, bunched
+        # with the next ones (likely what put 21 calls into 0.957 s at 1 ms; docs/llm.md). The wait
+        # for the GIL on waking, up to one interval, comes before the check: at most a slot given up.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.loop = asyncio.new_event_loop()
         self.transports: dict[tuple[int, int], httpx.AsyncHTTPTransport] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import select
 
 from lumikb_pipeline.db import ledger
@@ -99,6 +100,7 @@ def _claim_each(url: str, doc_ids: list[str], job_id: str, worker: str, queue: m
     queue.put((worker, claimed))
 
 
+@pytest.mark.slow  # two processes racing for seconds: out of the fast step
 def test_two_processes_claiming_concurrently_never_claim_the_same_document(pg_url: str) -> None:
     _, doc_ids, job_id = _seed(pg_url, 400)
     dispose_engines()

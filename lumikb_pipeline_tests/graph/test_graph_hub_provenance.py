@@ -228,6 +228,7 @@ class _Records:
         return iter(self.records)
 
 
+@pytest.mark.slow  # builds a hub in Neo4j: out of the fast step
 def test_a_neo4j_hub_write_reads_the_same_at_any_degree(new_kb_factory: Callable[[], str]) -> None:
     """Writing a new document that names the hubs, and re-extracting one, costs the same database
     hits with 60 and with 240 documents naming them: no lookup expands a hub's relationships

@@ -162,6 +162,7 @@ def test_a_mix_of_bad_answers_and_server_errors_ends_with_every_chunk_extracted(
 
 # --- retries and the provider's errors ------------------------------------------------------------
 
+@pytest.mark.slow  # waits out Retry-After: out of the fast step
 def test_429s_are_retried_no_sooner_than_retry_after(extract: Callable[..., list[ChunkOutcome]],
                                                      fake_llm: FakeServer) -> None:
     fake_llm.configure(rate_429=0.4, retry_after_s=0.5, seed=5)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
+
 from lumikb_pipeline.db import catalog
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.reextraction.estimate import ReextractionEstimate, estimate_reextraction
@@ -42,6 +44,7 @@ def _check(scenario: Scenario, change: str, strategy: str) -> tuple[Reextraction
     return estimate, actual
 
 
+@pytest.mark.slow  # a full fake re-extraction measured against the estimate: out of the fast step
 def test_the_estimate_of_a_full_re_extraction_is_within_15_and_30_percent(
     scenario_factory: Callable[[str], Scenario],
 ) -> None:
@@ -53,6 +56,7 @@ def test_the_estimate_of_a_full_re_extraction_is_within_15_and_30_percent(
     assert _error(estimate.estimated_completion_tokens, actual.completion_tokens) <= 0.30
 
 
+@pytest.mark.slow  # a full fake re-extraction measured against the estimate: out of the fast step
 def test_the_estimate_of_a_delta_re_extraction_counts_its_prompt_within_15_percent(
     scenario_factory: Callable[[str], Scenario],
 ) -> None:

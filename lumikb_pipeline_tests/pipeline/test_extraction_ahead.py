@@ -158,6 +158,7 @@ def test_a_cancelled_job_stops_extracting_ahead(job: AheadJob, fake_llm: FakeSer
     assert len(_chunks_called(fake_llm)) == calls < DOCUMENTS * CHUNKS
 
 
+@pytest.mark.slow  # waits out 2-s answers: out of the fast step
 def test_a_step_handed_over_gives_up_the_ahead_lock_before_its_last_answers(
     job: AheadJob, fake_llm: FakeServer
 ) -> None:

@@ -168,12 +168,14 @@ class ChunkExtractor:
         on_result: Callable[[ChunkOutcome], None] | None = None,
         delta: DeltaTask | None = None,
         wind_down: Callable[[], bool] | None = None,
+        on_calls_start: Callable[[], None] | None = None,
     ) -> list[ChunkOutcome]:
         """`extract` for callers that are not async (Dagster ops, Celery tasks, the CLI)."""
         if isinstance(self._redis, aioredis.Redis):
             raise TypeError("extract_sync needs a Redis URL, not an asyncio client bound to another loop")
         return run_in_loop_thread(
-            self.extract(kb_id, schema_version, schema, chunks, should_stop, on_result, delta, wind_down)
+            self.extract(kb_id, schema_version, schema, chunks, should_stop, on_result, delta, wind_down,
+                         on_calls_start)
         )
 
     async def extract(
@@ -186,6 +188,7 @@ class ChunkExtractor:
         on_result: Callable[[ChunkOutcome], None] | None = None,
         delta: DeltaTask | None = None,
         wind_down: Callable[[], bool] | None = None,
+        on_calls_start: Callable[[], None] | None = None,
     ) -> list[ChunkOutcome]:
         """Extract `chunks` of KB `kb_id` at `schema_version` (whose content is `schema`).
 
@@ -197,6 +200,8 @@ class ChunkExtractor:
         cheap, asked before each chunk is started) returns True, no further chunk is started, but the
         chunks already started go on to their calls: their rate slots may be reserved already, and a
         slot given up is a slot nobody uses. The chunks not started fail as `cancelled`.
+        `on_calls_start` is called (in a thread) once the checkpoints are looked up, right before
+        the first LLM call is prepared, and only when some chunk needs one.
         """
         started = time.monotonic()
         prompt_version = effective_prompt_version(schema) if delta is None else derived_prompt_version(schema)
@@ -234,6 +239,8 @@ class ChunkExtractor:
             }))
         todo = [h for h in groups if h not in stored]
         if todo:
+            if on_calls_start is not None:
+                await asyncio.to_thread(on_calls_start)
             try:
                 await self._extract_missing(key, schema, todo, groups, should_stop, settle, delta, wind_down)
             except Exception as exc:

@@ -10,7 +10,8 @@ run's, in the ledger and on its partition.
 
 This module is the coordination, in Redis, per job:
 - `OwnExtraction` registers a step while it extracts its own batch (renewed, so a crashed step
-  stops counting after `REGISTRATION_TTL_S`);
+  stops counting after `REGISTRATION_TTL_S`), from its first LLM call: while it loads its
+  documents and looks up their checkpoints, the step extracting ahead goes on;
 - the ahead lock (`lumikb:job:<id>:ahead`): one step extracts ahead at a time, so the others end
   and free their worker processes for the next runs' steps; a step gives it up as soon as it is
   handed over, while its last calls are still out, so the next one can follow without a pause; a
@@ -62,22 +63,35 @@ def ahead_documents_key(job_id: str) -> str:
 
 
 class OwnExtraction:
-    """Registers a step as extracting its own batch of `job_id` while the context is open."""
+    """Registers a step as extracting its own batch of `job_id` while the context is open; with
+    `lazy`, only from `start()` on (the step's first LLM call) until the context closes."""
 
-    def __init__(self, client: redis.Redis, job_id: str, claimant: str) -> None:
+    def __init__(self, client: redis.Redis, job_id: str, claimant: str, *, lazy: bool = False) -> None:
         self._client, self._key, self._claimant = client, extracting_key(job_id), claimant
+        self._lazy = lazy
         self._closed = threading.Event()
+        self._started = threading.Lock()
         self._thread = threading.Thread(target=self._renew, name=f"own-extraction-{claimant[:24]}", daemon=True)
 
     def __enter__(self) -> OwnExtraction:
-        self._register()
-        self._thread.start()
+        if not self._lazy:
+            self.start()
         return self
+
+    def start(self) -> None:
+        """Register now (once) and keep the registration alive until the context closes."""
+        with self._started:
+            if self._thread.is_alive() or self._closed.is_set():
+                return
+            self._register()
+            self._thread.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self._closed.set()
-        self._thread.join(timeout=5)
+        with self._started:
+            self._closed.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
         try:
             self._client.zrem(self._key, self._claimant)
         except redis.RedisError:

@@ -135,8 +135,12 @@ def extract_documents(
                         ahead.start()
 
                 try:
-                    with OwnExtraction(ahead.client, job_id, claimant):  # type: ignore[arg-type]
-                        _extract_items(settings, extractor, claimed, strategy, stop, on_result, results, ahead)
+                    # Registered from its first LLM call, not while it loads its documents and looks
+                    # up their checkpoints: the step extracting ahead goes on until then, so its
+                    # reserved calls and this step's first ones follow without a pause.
+                    with OwnExtraction(ahead.client, job_id, claimant, lazy=True) as own:  # type: ignore[arg-type]
+                        _extract_items(settings, extractor, claimed, strategy, stop, on_result, results, ahead,
+                                       on_calls_start=own.start)
                 except BaseException:
                     ahead.abort()
                     raise
@@ -193,10 +197,10 @@ def _extract_items(
     settings: Settings, extractor: ChunkExtractor, items: Sequence[DocumentWork], strategy: StrategyOption,
     stop: Callable[[], bool], on_result: Callable[[ChunkExtraction | ChunkFailure], None],
     results: dict[str, ChunkExtraction | ChunkFailure], ahead: _Ahead | None = None,
-    wind_down: Callable[[], bool] | None = None,
+    wind_down: Callable[[], bool] | None = None, on_calls_start: Callable[[], None] | None = None,
 ) -> None:
     """Extract the chunks of `items` (each the cheapest correct way: `_migrate`) into `results`
-    (`wind_down`: see `ChunkExtractor.extract`)."""
+    (`wind_down`, `on_calls_start`: see `ChunkExtractor.extract`)."""
     for (kb_id, version), group in group_by_schema(items).items():
         schema = group[0].schema
         migrated = len(results)
@@ -204,11 +208,11 @@ def _extract_items(
         if ahead is not None:
             ahead.settled += len(results) - migrated
         for result in extractor.extract_sync(kb_id, version, schema, full_chunks, stop, on_result,
-                                             wind_down=wind_down):
+                                             wind_down=wind_down, on_calls_start=on_calls_start):
             results[result.chunk_id] = result
         for task, delta_chunks in deltas:
             for result in extractor.extract_sync(kb_id, version, schema, delta_chunks, stop, on_result, task,
-                                                 wind_down):
+                                                 wind_down, on_calls_start):
                 results[result.chunk_id] = result
 
 

@@ -20,7 +20,13 @@ from lumikb_pipeline.domain.schema import parse_schema_file
 from lumikb_pipeline.graph import open_graph_store
 from lumikb_pipeline.infra import redis_client
 from lumikb_pipeline.llm.extractor import ChunkExtractor
-from lumikb_pipeline.pipeline.ahead import OwnExtraction, ahead_documents_key, ahead_lock_key, take_ahead_lock
+from lumikb_pipeline.pipeline.ahead import (
+    OwnExtraction,
+    ahead_documents_key,
+    ahead_lock_key,
+    others_extracting,
+    take_ahead_lock,
+)
 from lumikb_pipeline.pipeline.extract import extract_documents
 from lumikb_pipeline.pipeline.work import DocumentOutcome
 from lumikb_pipeline.pipeline.write import write_documents
@@ -156,6 +162,18 @@ def test_a_cancelled_job_stops_extracting_ahead(job: AheadJob, fake_llm: FakeSer
     calls = len(_chunks_called(fake_llm))
     time.sleep(1)
     assert len(_chunks_called(fake_llm)) == calls < DOCUMENTS * CHUNKS
+
+
+def test_a_step_counts_as_extracting_its_own_batch_from_its_first_call_only(job: AheadJob) -> None:
+    """While the next step loads its documents and looks up their checkpoints, the step extracting
+    ahead goes on: it is handed over when the next one is about to call."""
+    client = redis_client.connect(job.settings)
+    with OwnExtraction(client, job.job_id, "run-2", lazy=True) as own:
+        assert not others_extracting(client, job.job_id, "run-1")
+        own.start()
+        own.start()  # once
+        assert others_extracting(client, job.job_id, "run-1")
+    assert not others_extracting(client, job.job_id, "run-1")
 
 
 @pytest.mark.slow  # waits out 2-s answers: out of the fast step

@@ -83,7 +83,10 @@ class OwnExtraction:
         with self._started:
             if self._thread.is_alive() or self._closed.is_set():
                 return
-            self._register()
+            try:
+                self._register()
+            except redis.RedisError:
+                pass  # a Redis hiccup must not fail the step: the renewal registers it next round
             self._thread.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

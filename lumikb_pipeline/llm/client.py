@@ -175,7 +175,6 @@ class ChunkCaller:
                     if gate is not None and gate.missed:
                         # Never sent: it could not leave on time (`missed_at` says where). Another slot,
                         # no attempt used.
-                        self.limiter.missed_slots += 1
                         self.limiter.missed_by[gate.missed_at] += 1
                         continue
                     usage.calls += int(gate is None or gate.sent)

@@ -135,7 +135,6 @@ class ChunkExtractor:
         self._slow_stop_warned = False
         # For diagnosis: rate slots given up because a call could not leave on time (see rate_limit),
         # and how long after its slot the latest sent request had been written.
-        self.missed_slots = 0
         self.missed_by: Counter[str] = Counter()
         self.max_send_late_s = 0.0
         litellm.suppress_debug_info = True  # its "Give Feedback" banner on every error is noise in job logs
@@ -144,6 +143,11 @@ class ChunkExtractor:
         _quiet_per_call_logs()
 
     # --- public API -----------------------------------------------------------------------------
+
+    @property
+    def missed_slots(self) -> int:
+        """Rate slots given up so far (a call could not leave on time)."""
+        return sum(self.missed_by.values())
 
     def warm_up(self) -> None:
         """Do the slow first-time work now, before calls are timed (`extract` warms LiteLLM too).
@@ -347,7 +351,6 @@ class ChunkExtractor:
         finally:
             for task in tasks:
                 task.cancel()
-            self.missed_slots += limiter.missed_slots
             self.missed_by.update(limiter.missed_by)
             self.max_send_late_s = max(self.max_send_late_s, run.max_send_late_s)
             await limiter.close()

@@ -172,8 +172,7 @@ class RateLimiter:
         per_window = max(1, math.floor(rate.per_second))
         slack_s = per_window * self.interval_s - 1.0
         self.late_tolerance_s = max(0.002, slack_s / 3)
-        self.missed_slots = 0
-        self.missed_by: Counter[str] = Counter()  # where the slots were found late
+        self.missed_by: Counter[str] = Counter()  # slots given up, by where they were found late
         # The model sits in a hash tag, so both keys of a script land on one Redis Cluster slot.
         prefix = f"{namespace}:{{{model}}}"
         self.tat_key = f"{prefix}:gcra"
@@ -187,6 +186,11 @@ class RateLimiter:
         self._held: set[str] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._poller: asyncio.Lock | None = None
+
+    @property
+    def missed_slots(self) -> int:
+        """Rate slots given up so far (a call could not leave on time)."""
+        return sum(self.missed_by.values())
 
     @classmethod
     def from_settings(cls, settings: Settings, redis: aioredis.Redis, model: str | None = None,
@@ -228,7 +232,6 @@ class RateLimiter:
             late = loop.time() - due  # waking within the lead is on time: the gate does the rest
             if late <= self.late_tolerance_s:
                 return due
-            self.missed_slots += 1
             self.missed_by["the call woke late"] += 1
             log.debug("woke %.0f ms late for the rate slot of %s; reserving another", late * 1000, self.model)
 

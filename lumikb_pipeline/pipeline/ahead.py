@@ -70,7 +70,7 @@ class OwnExtraction:
         self._client, self._key, self._claimant = client, extracting_key(job_id), claimant
         self._lazy = lazy
         self._closed = threading.Event()
-        self._started = threading.Lock()
+        self._lock = threading.Lock()  # start() against __exit__
         self._thread = threading.Thread(target=self._renew, name=f"own-extraction-{claimant[:24]}", daemon=True)
 
     def __enter__(self) -> OwnExtraction:
@@ -80,7 +80,7 @@ class OwnExtraction:
 
     def start(self) -> None:
         """Register now (once) and keep the registration alive until the context closes."""
-        with self._started:
+        with self._lock:
             if self._thread.is_alive() or self._closed.is_set():
                 return
             try:
@@ -91,7 +91,7 @@ class OwnExtraction:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        with self._started:
+        with self._lock:
             self._closed.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)

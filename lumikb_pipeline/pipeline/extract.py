@@ -311,6 +311,11 @@ class _Ahead:
         groups: list[threading.Thread] = []
         try:
             while not should_stop():
+                # Asked here too, not only by the watcher every AHEAD_POLL_S: Redis that lost the
+                # lock lost the marks of the documents taken, and a group picked now would take
+                # documents that are being extracted (paid twice).
+                if not renew_ahead_lock(self.client, self.job_id, self.claimant):
+                    return
                 doc_ids = pick_ahead(
                     self.settings, self.client, self.job_id, self.schema_version, margin, group_chunks
                 )

@@ -98,7 +98,8 @@ def _quiet_per_call_logs() -> None:
     errors still show, and `LITELLM_LOG` set by an operator (e.g. `DEBUG`) is left as it is."""
     if "LITELLM_LOG" not in os.environ:
         logging.getLogger("LiteLLM").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for http_client in ("httpx", "httpx2"):  # httpx2: the OpenAI SDK's, which LiteLLM drives
+        logging.getLogger(http_client).setLevel(logging.WARNING)
 
 
 class ChunkExtractor:

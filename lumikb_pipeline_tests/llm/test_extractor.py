@@ -4,6 +4,7 @@ chunk for every kind of bad answer, retries that honour Retry-After, checkpoints
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import threading
 import time
@@ -62,6 +63,20 @@ def test_chunks_become_validated_extractions_with_usage_and_cost(extract: Callab
     assert first.llm_calls == 1 and first.prompt_tokens > 100 and first.completion_tokens > 10
     assert first.cost_usd > 0 and not first.from_checkpoint
     assert len(fake_llm.calls()) == 5
+
+
+def test_calls_log_one_line_per_batch_not_one_per_request(extract: Callable[..., list[ChunkOutcome]],
+                                                         fake_llm: FakeServer, caplog: pytest.LogCaptureFixture) -> None:
+    """LiteLLM's and the HTTP clients' INFO line per call would be 40 lines a second at 20/s, written
+    by the event loop that prepares the calls; the OpenAI SDK's client is httpx2, with its own logger."""
+    with caplog.at_level(logging.INFO):
+        extractions(extract([chunk(i) for i in range(3)]))
+
+    assert len(fake_llm.calls()) == 3
+    per_request = [r for r in caplog.records if r.levelno < logging.WARNING and r.name.split(".")[0] in
+                   {"httpx", "httpx2", "httpcore", "LiteLLM"}]
+    assert per_request == []
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("extracted 3 chunks")]
 
 
 # --- every kind of bad answer has a clear per-chunk outcome (done-means 3) ---------------------------

@@ -274,9 +274,10 @@ def raise_priority(pid: int) -> None:
         pass  # not root: the server keeps normal priority, and its arrival times are less exact
 
 
-def _warm_up() -> None:
-    """Answer one prompt before serving: first-time work (pydantic, regexes) would otherwise delay
-    the first requests and skew the arrival times that tests check."""
+def warm_up() -> None:
+    """Answer one prompt before serving: first-time work would otherwise stall the server at its first
+    answers and stamp the requests arriving meanwhile late, in a bunch (arrival times are what tests
+    check). Pydantic and regexes, and tiktoken's encoding (about 0.3 s holding the GIL)."""
     from lumikb_pipeline.domain.schema import DomainSchema, EntityType
     from lumikb_pipeline.llm.prompt import build_messages
 
@@ -284,6 +285,7 @@ def _warm_up() -> None:
     messages = build_messages(schema, "Acme Corp hired Jane Doe in Berlin.")
     request_hash(messages)
     json.dumps(heuristic.extract(*read_prompt(messages)))
+    count_tokens("warm-up")
 
 
 def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, FakeConfig]:
@@ -321,10 +323,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     host, port = sock.getsockname()[:2]
-    _warm_up()
-    # tiktoken loads its encoding on first use (a few hundred ms holding the GIL): done before the first
-    # request, or the arrival times of the first calls would come in a bunch.
-    count_tokens("warm-up")
+    warm_up()
     # Listening before the announcement: a client that connects at once waits in the backlog until
     # the app accepts, instead of being refused.
     sock.listen(1024)

@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from lumikb_pipeline.testing.fake_llm_server import FakeConfig, FakeLLM
+from lumikb_pipeline.testing.fake_llm_server import FakeConfig, FakeLLM, warm_up
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -104,6 +104,7 @@ def main(argv: list[str]) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", args.port))
     host, port = sock.getsockname()[:2]
+    warm_up()  # before the announcement: the stack counts arrival times from the first call on
     print(f"listening on http://{host}:{port}", flush=True)
     web.run_app(build_app(FakeConfig.model_validate(json.loads(args.config))), sock=sock, print=None,
                 access_log=None, backlog=1024)

@@ -65,8 +65,9 @@ def test_chunks_become_validated_extractions_with_usage_and_cost(extract: Callab
     assert len(fake_llm.calls()) == 5
 
 
-def test_calls_log_one_line_per_batch_not_one_per_request(extract: Callable[..., list[ChunkOutcome]],
-                                                         fake_llm: FakeServer, caplog: pytest.LogCaptureFixture) -> None:
+def test_calls_log_one_line_per_batch_not_one_per_request(
+    extract: Callable[..., list[ChunkOutcome]], fake_llm: FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
     """LiteLLM's and the HTTP clients' INFO line per call would be 40 lines a second at 20/s, written
     by the event loop that prepares the calls; the OpenAI SDK's client is httpx2, with its own logger."""
     with caplog.at_level(logging.INFO):

@@ -9,12 +9,13 @@ holds more than the limit, the job's first second included.
 Its own stack (its own limit and in-flight cap): it must not share the machine with another stack. The
 fake server runs at real-time priority (`raise_priority`), so its arrival times are when requests came.
 
-Marked unreliable: on the 2-core machine it failed all four of its runs on 2026-11-30 (22:31-22:50
-UTC, nothing else running), each by little. The first, at the old 10/s configuration: lowest 10-s
-window 83%, busiest second 10. The three at 20/s: lowest window 84%, 88%, 87% (one or two windows of
-168-176 calls against 180), busiest second 20, 21, 20. At 20/s the limiter's ceiling is 190 calls per
-window; slots given up by senders that woke late while a run process
-started (docs/benchmarks.md, "Re-extraction at the limit") take the windows below 180.
+Marked unreliable, so no step of `scripts/test` runs it: it passes some runs and misses by little
+in others, and it takes about 10 minutes, which the whole suite's 60 cannot hold. Run it with
+`pytest -m slow lumikb_pipeline_tests/saturation` on a quiet machine. The issue's configuration
+(1,000 documents): with 500, the last two batches, which the runs extract themselves (extraction ahead
+leaves them to the runs), fall inside the job's steady part. On 2026-12-01 (docs/benchmarks.md, "What
+was left"), the three runs of this measurement at 1,000 documents after the fixes there gave lowest
+10-s windows of 83%, 90% and 81.5%, and a busiest second of 20 each.
 """
 
 from collections.abc import Iterator
@@ -58,7 +59,7 @@ def saturation_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack
 def test_reextraction_through_the_stack_holds_the_limit_in_every_window(
     saturation_stack: Stack, tmp_path: Path
 ) -> None:
-    documents, chunks = 500, 5
+    documents, chunks = 1000, 5
     result = measure_reextraction(saturation_stack, unique_slug("sat"), tmp_path / "docs", documents=documents,
                                   chunks=chunks, latency_mean_s=1.0, latency_jitter_s=0.5)
     summary = result.summary()

@@ -14,8 +14,8 @@ in others, and it takes about 10 minutes, which the whole suite's 60 cannot hold
 `pytest -m slow lumikb_pipeline_tests/saturation` on a quiet machine. The issue's configuration
 (1,000 documents): with 500, the last two batches, which the runs extract themselves (extraction ahead
 leaves them to the runs), fall inside the job's steady part. On 2026-12-01 (docs/benchmarks.md, "What
-was left"), the three runs of this measurement at 1,000 documents after the fixes there gave lowest
-10-s windows of 83%, 90% and 81.5%, and a busiest second of 20 each.
+was left"), runs of this measurement at 1,000 documents after the fixes there gave lowest 10-s
+windows of 72-90% (this test: 72% and 76%, steady shares 88%), and a busiest second of 20 each.
 """
 
 from collections.abc import Iterator

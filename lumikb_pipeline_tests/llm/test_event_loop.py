@@ -6,6 +6,7 @@ import os
 import threading
 
 from lumikb_pipeline.llm.event_loop import LOOP_NICENESS, run_in_loop_thread
+from lumikb_pipeline_tests.llm.priority import allowed_in_a_new_thread
 
 
 async def _thread_and_niceness() -> tuple[int, int]:
@@ -24,20 +25,11 @@ def test_the_loop_thread_runs_nicer_by_minus_ten_where_allowed_and_only_that_thr
     the machine busy: `nice` -10 where the process may (root here, `nice: 30` in docker-compose),
     unchanged without an error elsewhere; the calling thread keeps its own niceness."""
     own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    allowed: list[bool] = []
-
-    def try_lower() -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), own + LOOP_NICENESS)
-            allowed.append(True)
-        except OSError:
-            allowed.append(False)
-
-    probe = threading.Thread(target=try_lower)
-    probe.start()
-    probe.join()
+    allowed = allowed_in_a_new_thread(
+        lambda: os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), own + LOOP_NICENESS)
+    )
 
     _, loop_niceness = run_in_loop_thread(_thread_and_niceness())
 
-    assert loop_niceness == (max(-20, own + LOOP_NICENESS) if allowed[0] else own)
+    assert loop_niceness == (max(-20, own + LOOP_NICENESS) if allowed else own)
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own

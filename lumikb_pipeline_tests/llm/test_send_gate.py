@@ -15,6 +15,7 @@ from lumikb_pipeline.domain.schema import DomainSchema
 from lumikb_pipeline.llm.prompt import build_messages
 from lumikb_pipeline.llm.send_gate import STOPPED, GatedTransport, SendGate, SlotMissed, current_gate
 from lumikb_pipeline_tests.fake_llm import FakeServer
+from lumikb_pipeline_tests.llm.priority import allowed_in_a_new_thread
 
 
 async def post_through_gate(server: FakeServer, gate: SendGate, body: dict[str, object]) -> httpx2.Response:
@@ -107,25 +108,14 @@ def test_a_request_that_waits_for_a_connection_past_its_slot_is_not_sent(
 def test_the_sender_thread_runs_at_real_time_priority_where_allowed() -> None:
     """The sender must run when its slot comes, however busy the machine: `SCHED_FIFO` 1 where the
     process may (root here, `rtprio: 1` in docker-compose), normal priority without an error elsewhere."""
-    allowed: list[bool] = []
-
-    def try_real_time() -> None:
-        try:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-            allowed.append(True)
-        except OSError:
-            allowed.append(False)
-
-    probe = threading.Thread(target=try_real_time)
-    probe.start()
-    probe.join()
+    allowed = allowed_in_a_new_thread(lambda: os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1)))
     GatedTransport(1, 1)  # starts the process's sender thread
     [sender] = [thread for thread in threading.enumerate() if thread.name == "lumikb-llm-sender"]
     deadline = time.monotonic() + 5
-    while os.sched_getscheduler(sender.native_id) & ~os.SCHED_RESET_ON_FORK != os.SCHED_FIFO and allowed[0]:
+    while os.sched_getscheduler(sender.native_id) & ~os.SCHED_RESET_ON_FORK != os.SCHED_FIFO and allowed:
         assert time.monotonic() < deadline, "the sender thread never took real-time priority"
         time.sleep(0.01)
     policy = os.sched_getscheduler(sender.native_id) & ~os.SCHED_RESET_ON_FORK
-    assert policy == (os.SCHED_FIFO if allowed[0] else os.SCHED_OTHER)
-    if allowed[0]:
+    assert policy == (os.SCHED_FIFO if allowed else os.SCHED_OTHER)
+    if allowed:
         assert os.sched_getscheduler(sender.native_id) & os.SCHED_RESET_ON_FORK  # not passed on

@@ -2,7 +2,7 @@
 write cost the same at the first document and at the last?
 
     python -m benchmarks.hub_writes                       # 100,000 documents on Neo4j and the embedded store
-    python -m benchmarks.hub_writes --quick               # 2,000 documents
+    python -m benchmarks.hub_writes --quick               # 1,000 documents
     python -m benchmarks.hub_writes --documents 20000 --stores neo4j
 
 Every document is short (one chunk) and, as in real corpora, names the same three entities (the
@@ -300,11 +300,11 @@ def print_table(result: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.hub_writes", description=__doc__.split("\n")[0])
     parser.add_argument("--documents", type=int, default=100_000, help="documents (default 100000)")
-    parser.add_argument("--quick", action="store_true", help="2,000 documents")
+    parser.add_argument("--quick", action="store_true", help="1,000 documents")
     parser.add_argument("--stores", nargs="+", choices=STORES, default=list(STORES), help="stores to run")
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"JSON result file (default {RESULTS})")
     args = parser.parse_args(argv)
-    documents = 2000 if args.quick else args.documents
+    documents = 1000 if args.quick else args.documents
     if documents < 100:
         parser.error("--documents must be at least 100 (the figure compares the first and last 10%)")
     print_table(run(documents, args.stores, args.output))

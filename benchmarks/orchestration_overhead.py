@@ -4,7 +4,7 @@ stack, and through the processing functions called in this process, side by side
 
     eval "$(scripts/services env)"
     python -m benchmarks.orchestration_overhead            # 400 documents × 3 chunks, 2 rounds
-    python -m benchmarks.orchestration_overhead --quick    # 80 documents, 1 round
+    python -m benchmarks.orchestration_overhead --quick    # 40 documents, 1 round
 
 One stack of real processes (`lumikb_pipeline_tests/dagster/stack.py`: Dagster code server,
 webserver and daemon, Celery workers with two `reprocessing` processes, PostgreSQL, Redis, Neo4j)
@@ -149,7 +149,7 @@ def measure(documents: int, chunks: int, rounds: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.orchestration_overhead",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="80 documents, 1 round")
+    parser.add_argument("--quick", action="store_true", help="40 documents, 1 round")
     parser.add_argument("--documents", type=int, default=None)
     parser.add_argument("--chunks", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=None)
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if unset := services_unset():
         print(unset, file=sys.stderr)
         return 2
-    documents = args.documents or (80 if args.quick else 400)
+    documents = args.documents or (40 if args.quick else 400)
     rounds = args.rounds or (1 if args.quick else 2)
     result = measure(documents, args.chunks, rounds)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@ provider's limit a job uses from the schema change to its end, with and without 
 
     eval "$(scripts/services env)"
     python -m benchmarks.reextraction_saturation            # 300 documents × 3 chunks, limit 10/s, both
-    python -m benchmarks.reextraction_saturation --quick    # 120 documents, extraction ahead only
+    python -m benchmarks.reextraction_saturation --quick    # 60 documents, extraction ahead only
 
 Each configuration starts its own stack of real processes (the Dagster code server, webserver and
 daemon, one Celery worker group per queue with two `reprocessing` processes, PostgreSQL, Redis,
@@ -102,7 +102,7 @@ def measure_plain(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.reextraction_saturation",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="120 documents, extraction ahead only")
+    parser.add_argument("--quick", action="store_true", help="60 documents, extraction ahead only")
     parser.add_argument("--documents", type=int, default=None)
     parser.add_argument("--chunks", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=10, help="LUMIKB_REEXTRACT_BATCH_SIZE")
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if unset := services_unset():
         print(unset, file=sys.stderr)
         return 2
-    documents = args.documents or (120 if args.quick else 300)
+    documents = args.documents or (60 if args.quick else 300)
     without = (not args.quick) if args.without_ahead is None else args.without_ahead
     latency = (args.latency_mean, args.latency_jitter)
     base = {"LUMIKB_REEXTRACT_BATCH_SIZE": str(args.batch_size), "LUMIKB_LLM_RATE_LIMIT": args.limit}

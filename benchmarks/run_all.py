@@ -144,7 +144,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         # the default 25); the design without extraction ahead runs on its own (docs/benchmarks.md).
         full=("--documents", "1000", "--chunks", "5", "--limit", "20/s", "--batch-size", "25",
               "--no-without-ahead", "--plain-seconds", "120"),
-        quick=("--quick", "--plain-seconds", "30"),  # the plain design is latency-bound: 30 s show it
+        quick=("--quick", "--plain-seconds", "20"),  # the plain design is latency-bound: 20 s show it
         figures=(
             Figure("re-extraction through the stack: share of the limit (steady part)",
                    lambda r: r["steady_share_of_limit"], 0.9),

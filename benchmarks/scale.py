@@ -3,7 +3,7 @@
     eval "$(scripts/services env)"
     python -m benchmarks.scale                       # 1,000, 10,000 and 100,000 documents
     python -m benchmarks.scale --sizes 1000,10000    # the sizes given
-    python -m benchmarks.scale --quick               # 1,000 only
+    python -m benchmarks.scale --quick               # 500 documents only
 
 No LLM is called: what is measured is orchestration, on a fresh PostgreSQL app database and a fresh
 PostgreSQL Dagster database per size, each holding one KB whose documents are all extracted (the
@@ -405,13 +405,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default=",".join(str(s) for s in DEFAULT_SIZES),
                         help="document counts, comma-separated (default 1000,10000,100000)")
-    parser.add_argument("--quick", action="store_true", help="1,000 documents only")
+    parser.add_argument("--quick", action="store_true", help="500 documents only")
     parser.add_argument("--queue-timeout", type=float, default=600.0,
                         help="seconds to wait for every re-extraction run to be queued (default 600)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     try:
-        sizes = [1000] if args.quick else [int(s) for s in args.sizes.split(",") if s.strip()]
+        sizes = [500] if args.quick else [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
         parser.error(f"--sizes must be whole numbers separated by commas, not {args.sizes!r}")
     if not sizes or min(sizes) < 1:

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.benchmark
+@pytest.mark.timeout(1260)  # the run's own limit below, not the suite's 600 s per test
 def test_benchmarks_run_reports_every_figure_with_its_target(tmp_path: Path) -> None:
     required_env("LUMIKB_NEO4J_URI")
     required_env("LUMIKB_REDIS_URL")

@@ -10,7 +10,8 @@ through run requests, which the daemon would check). So after reading the KBs, a
 it reads its own status, and once stopped it starts nothing and keeps its cursor. Reading the KBs
 first makes this exact for an admin who stops the sensor and then changes a schema: a tick that
 sees the new version reads the status after the stop was stored. When the sensor is started again,
-its first tick starts the jobs of the versions it has not handled.
+its first tick starts the jobs of the versions it has not handled. Dagster's daemon itself can undo a
+stop that lands during a tick (it writes back the state it read at the tick's start): docs/dagster.md.
 """
 
 

@@ -8,8 +8,8 @@ This module is both the Celery app its workers run and the driver that measures 
     celery -A benchmarks.plain_design worker -Q lumikb_plain_design -c 1 -n plain-1@%h
 
 `measure_plain_design` starts the workers, sends one task per batch, waits for the last document
-(or for `max_seconds`) and counts the calls at the fake LLM server, the same way as the stack's
-measurement (`lumikb_pipeline_tests/dagster/saturation.py`). `benchmarks.reextraction_saturation`
+(or for `max_seconds` from the first call) and counts the calls at the fake LLM server, the same way
+as the stack's measurement (`lumikb_pipeline_tests/dagster/saturation.py`). `benchmarks.reextraction_saturation`
 (`--plain-seconds`) runs it beside the stack on the same stack's services, documents and worker count.
 """
 
@@ -24,15 +24,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 QUEUE = "lumikb_plain_design"
 DONE_KEY = "lumikb:plain_design:done"
 REPO = Path(__file__).resolve().parents[1]
+FIRST_CALL_TIMEOUT_S = 120
 
 app = Celery("plain_design", broker=os.environ.get("LUMIKB_REDIS_URL", "redis://127.0.0.1:6379/0"))
 app.conf.update(task_default_queue=QUEUE, worker_prefetch_multiplier=1, task_acks_late=True,
                 worker_hijack_root_logger=False)
+
+
+@signals.worker_init.connect
+def _import_before_ready(**_: Any) -> None:
+    """Import what a task uses before the worker says it is ready (the pool's processes fork after
+    this), so the measured seconds are the design's, not LiteLLM's import on a first task."""
+    import litellm  # noqa: F401
+
+    import lumikb_pipeline.graph  # noqa: F401
+    import lumikb_pipeline.pipeline.work  # noqa: F401
 
 
 @app.task(name="plain_design.extract_batch", rate_limit=os.environ.get("PLAIN_DESIGN_TASK_RATE", "10/s"))
@@ -119,10 +130,15 @@ def measure_plain_design(
         for first in range(0, len(doc_ids), batch_size):
             extract_batch.apply_async((list(doc_ids[first:first + batch_size]), schema_version), queue=QUEUE)
         finished = False
-        while time.time() - started < max_seconds:
+        first_call = None  # `max_seconds` counts from the first call at the server, not from the tasks sent
+        while first_call is None or time.time() - first_call < max_seconds:
             if int(broker.get(DONE_KEY) or 0) >= len(doc_ids):
                 finished = True
                 break
+            if first_call is None and (arrived := [call["arrived"] for call in calls()]):
+                first_call = min(arrived)
+            if first_call is None and time.time() - started > FIRST_CALL_TIMEOUT_S:
+                raise RuntimeError(f"the plain design made no LLM call within {FIRST_CALL_TIMEOUT_S} s; see {logs}")
             time.sleep(0.5)
         seconds = time.time() - started
         arrivals = sorted(call["arrived"] - started for call in calls())

@@ -86,11 +86,24 @@ def test_wait_for_port_refuses_a_listener_that_is_not_our_process() -> None:
             process.wait()
 
 
+def _sleeper() -> subprocess.Popen[str]:
+    """A process that sleeps with SIGTERM's default action, once it has said so: whatever this
+    process's own dispositions (a child inherits an ignored signal) and however slowly it starts.
+    The test below once waited out `down`'s 30-s grace period (2026-12-01, a fresh clone's fast
+    step; the cause was not found)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_DFL); "
+         "print('ready', flush=True); time.sleep(120)"],
+        start_new_session=True, stdout=subprocess.PIPE, text=True,
+    )
+    assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+    return process
+
+
 def test_down_never_signals_a_process_that_merely_reuses_a_recorded_pid(tmp_path: Path) -> None:
     settings = _settings(tmp_path / "home")
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    bystander = _sleeper()
     try:
-        time.sleep(0.1)
         run = tmp_path / "home" / "run"
         run.mkdir(parents=True)
         # A stale pid file: the pid, with the start time of the process that had it before.

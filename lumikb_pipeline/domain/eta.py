@@ -46,15 +46,18 @@ def active_finishes(finished_at: Sequence[float], now: float) -> list[float]:
     return times[start:]
 
 
-def _paced(times: Sequence[float], now: float) -> tuple[float, int] | None:
+def _paced(times: Sequence[float], now: float, normal_wait: float = 0.0) -> tuple[float, int, float] | None:
     """(documents per second, finishes counted) of sorted finish times, or None without two groups.
 
     Finishes come in groups (a run writes its batch one document after the other, then the next run
     extracts): a finish more than half the mean interval after the previous one starts a group. The
     rate is the finishes of the complete groups over the time from the first group's start to the
     last group's start, so it is the same just after a group, in the middle of one and just before
-    the next; a wait since the last group's start longer than the usual time between groups counts
-    too, so a slowdown shows before the next finish.
+    the next. A wait since the last group's start longer than the longest gap between groups so far
+    (or `normal_wait`, the job's longest when `times` is its recent part) counts too, beyond that
+    gap, so a slowdown shows before the next finish, while a wait the job has already shown to be
+    normal (one slow batch on a busy machine) does not swing the rate. Returns (rate, finishes
+    counted, longest gap).
     """
     if len(times) < 2 or times[-1] <= times[0]:
         return None
@@ -64,9 +67,9 @@ def _paced(times: Sequence[float], now: float) -> tuple[float, int] | None:
         return None
     counted = starts[-1]  # the finishes before the last (maybe unfinished) group
     span = times[starts[-1]] - times[0]
-    usual_gap = span / (len(starts) - 1)
-    span += max(0.0, (now - times[starts[-1]]) - usual_gap)
-    return counted / span, counted
+    longest_gap = max(normal_wait, *(times[b] - times[a] for a, b in zip(starts, starts[1:], strict=False)))
+    span += max(0.0, (now - times[starts[-1]]) - longest_gap)
+    return counted / span, counted, longest_gap
 
 
 def rate_per_second(finished_at: Sequence[float], now: float) -> float | None:
@@ -89,7 +92,7 @@ def rate_per_second(finished_at: Sequence[float], now: float) -> float | None:
     window = max(RECENT_MIN_S, RECENT_FRACTION * span)
     if window >= span:
         return overall[0]
-    recent = _paced([t for t in times if t > now - window], now)
+    recent = _paced([t for t in times if t > now - window], now, normal_wait=overall[2])
     if recent is None or recent[1] < RECENT_MIN_FINISHES:
         return overall[0]
     return RECENT_WEIGHT * recent[0] + (1 - RECENT_WEIGHT) * overall[0]

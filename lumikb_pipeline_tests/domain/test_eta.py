@@ -42,6 +42,19 @@ def test_a_batch_written_at_once_does_not_swing_the_rate() -> None:
     assert 1.4 < just_before <= just_after < 2.6, (just_before, just_after)
 
 
+def test_a_wait_the_job_has_already_shown_does_not_swing_the_rate() -> None:
+    # Batches of 6 every 3 s, one of them 5 s late; sampled 4.5 s after the latest batch began (CI
+    # once saw the ETA jump by a third here). A wait past the longest gap seen lowers the rate.
+    starts = [0.0, 3.0, 6.0, 9.0, 14.0, 17.0, 20.0]
+    finishes = [s + 0.05 * i for s in starts for i in range(6)]
+    settled = rate_per_second(finishes, now=20.5)
+    waiting = rate_per_second(finishes, now=24.5)
+    stalled = rate_per_second(finishes, now=35.0)
+    assert settled is not None and waiting is not None and stalled is not None
+    assert waiting == pytest.approx(settled)
+    assert stalled < settled * 0.8, (stalled, settled)
+
+
 def test_a_paused_job_has_rate_zero_and_unknown_eta() -> None:
     finishes = [float(t) for t in range(0, 30)]
     rate = rate_per_second(finishes, now=500.0)

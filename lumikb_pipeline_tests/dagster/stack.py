@@ -1,7 +1,7 @@
 """A whole local deployment for the integration tests, as real processes: the processes of
 `lumikb up` (Dagster code server, webserver, daemon, one Celery worker per queue) on a fresh
-PostgreSQL app database and a fresh PostgreSQL Dagster database, Redis, Neo4j, and the fake LLM
-server (with a fault injector). Sensor intervals are shortened; everything else is production's.
+PostgreSQL app database and a fresh PostgreSQL Dagster database (reached through the services'
+PgBouncer, as production's), Redis, Neo4j, and the fake LLM server (with a fault injector). Sensor intervals are shortened; everything else is production's.
 """
 
 import os
@@ -209,7 +209,13 @@ def stack_env(root: Path, app_db_url: str, dagster_db_url: str, llm_url: str, we
 
 
 def _dagster_url(sqlalchemy_url: str) -> str:
-    return make_url(sqlalchemy_url).set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    """The stack's Dagster database as Dagster reaches it: through the services' PgBouncer when
+    `LUMIKB_DAGSTER_PG_URL` names one (`scripts/services env` does), as production should."""
+    url = make_url(sqlalchemy_url).set(drivername="postgresql+psycopg2")
+    if via := os.environ.get("LUMIKB_DAGSTER_PG_URL"):
+        pooler = make_url(via)
+        url = url.set(host=pooler.host, port=pooler.port)
+    return url.render_as_string(hide_password=False)
 
 
 def _start_llm(env: Mapping[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -260,7 +266,7 @@ def start_stack(
     """Create the databases, write the instance, start every process and wait until all answer.
     `overrides` replace some of `stack_env`'s variables (a test module's own rates and sizes);
     `app_database_via` (host, port) is where the stack reaches its app database instead of the
-    machine's PostgreSQL (the chaos suite's proxy; the Dagster storage stays direct), and
+    machine's PostgreSQL (the chaos suite's proxy; the Dagster storage is not behind it), and
     `redis_via` where its processes reach Redis (broker, results, limiter) instead of the machine's
     (`Stack.redis_dbs` stay the direct URLs)."""
     from lumikb_pipeline.db import migrate

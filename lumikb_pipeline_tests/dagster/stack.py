@@ -1,7 +1,8 @@
 """A whole local deployment for the integration tests, as real processes: the processes of
 `lumikb up` (Dagster code server, webserver, daemon, one Celery worker per queue) on a fresh
 PostgreSQL app database and a fresh PostgreSQL Dagster database (reached through the services'
-PgBouncer, as production's), Redis, Neo4j, and the fake LLM server (with a fault injector). Sensor intervals are shortened; everything else is production's.
+PgBouncer, as production's), Redis, Neo4j, and the fake LLM server (with a fault injector).
+Sensor intervals are shortened; everything else is production's.
 """
 
 import os

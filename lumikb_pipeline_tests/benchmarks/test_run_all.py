@@ -1,6 +1,8 @@
 """`benchmarks/run --quick` runs every benchmark and reports every figure with its target.
 
-The values are the benchmarks' business (docs/benchmarks.md); this checks that each figure is there.
+The values are the benchmarks' business (docs/benchmarks.md); this checks that each figure is there,
+and that the LLM-throughput benchmark's own JSON holds both designs (its quick run is the small run
+that benchmark had a test of its own for).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.run_all import BENCHMARKS
+from benchmarks.run_all import BENCHMARKS, RESULTS
 from lumikb_pipeline_tests.conftest import required_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,3 +44,13 @@ def test_benchmarks_run_reports_every_figure_with_its_target(tmp_path: Path) -> 
         assert isinstance(row["value"], int | float), name
         assert row["met"] in (True, False, None) and row["comparator"] in (">=", "<=", ">"), name
         assert row["met"] is None or row["target"] is not None, name
+
+    llm = json.loads((RESULTS / "llm_throughput.quick.json").read_text())
+    assert {"chunks", "workers", "rate_limit_per_s", "ours", "plain", "ours_share_of_limit", "speedup_vs_plain",
+            "target_met"} <= set(llm)
+    for design in ("ours", "plain"):
+        assert {"chunks_succeeded", "llm_calls", "elapsed_s", "calls_per_s", "chunks_per_s",
+                "busiest_1s_window"} <= set(llm[design])
+    assert llm["ours"]["chunks_succeeded"] == 60 and llm["ours"]["chunks_failed"] == 0
+    assert llm["ours"]["busiest_1s_window"] <= llm["rate_limit_per_s"]
+    assert llm["speedup_vs_plain"] > 2

@@ -46,7 +46,7 @@ from lumikb_pipeline_tests.dagster.stack import Stack, wait_until
 # production retry budget of an LLM call (attempts, and the outage window the other end-to-end
 # tests turn off).
 CHAOS_ENV = {
-    "LUMIKB_LLM_RATE_LIMIT": "6/s",
+    "LUMIKB_LLM_RATE_LIMIT": "10/s",
     "LUMIKB_LLM_MAX_ATTEMPTS": "6",
     "LUMIKB_LLM_RETRY_WINDOW_S": "600",
     "LUMIKB_REEXTRACT_BATCH_SIZE": "20",

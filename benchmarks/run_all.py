@@ -187,9 +187,14 @@ def _limit_target(benchmark: Benchmark, figure: Figure, result: dict[str, Any]) 
     return figure.target
 
 
+def result_path(name: str, quick: bool) -> Path:
+    """Where a benchmark's own JSON goes when `benchmarks/run` runs it."""
+    return RESULTS / f"{name}{'.quick' if quick else ''}.json"
+
+
 def run_benchmark(benchmark: Benchmark, quick: bool, timeout_s: float) -> list[dict[str, Any]]:
     """Run one benchmark; one row per figure (value None and the error when it did not run)."""
-    output = RESULTS / f"{benchmark.name}{'.quick' if quick else ''}.json"
+    output = result_path(benchmark.name, quick)
     output.unlink(missing_ok=True)
     argv = [sys.executable, "-m", f"benchmarks.{benchmark.name}", *(benchmark.quick if quick else benchmark.full),
             "--output", str(output)]

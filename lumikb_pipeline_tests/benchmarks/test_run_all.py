@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.run_all import BENCHMARKS, RESULTS
+from benchmarks.run_all import BENCHMARKS, result_path
 from lumikb_pipeline_tests.conftest import required_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,7 +45,7 @@ def test_benchmarks_run_reports_every_figure_with_its_target(tmp_path: Path) -> 
         assert row["met"] in (True, False, None) and row["comparator"] in (">=", "<=", ">"), name
         assert row["met"] is None or row["target"] is not None, name
 
-    llm = json.loads((RESULTS / "llm_throughput.quick.json").read_text())
+    llm = json.loads(result_path("llm_throughput", quick=True).read_text())
     assert {"chunks", "workers", "rate_limit_per_s", "ours", "plain", "ours_share_of_limit", "speedup_vs_plain",
             "target_met"} <= set(llm)
     for design in ("ours", "plain"):

@@ -18,7 +18,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from lumikb_pipeline.db.models import Document, ExtractionRecord, ExtractionStatus, KnowledgeBase
-from lumikb_pipeline.db.paging import pages
+from lumikb_pipeline.db.paging import one_of, pages
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -110,7 +110,7 @@ def needing_processing(session: Session, doc_ids: Sequence[str]) -> list[str]:
                 select(ExtractionRecord.document_id)
                 .join(Document, Document.id == ExtractionRecord.document_id)
                 .where(
-                    ExtractionRecord.document_id.in_(page),
+                    one_of(session, ExtractionRecord.document_id, page),
                     ExtractionRecord.document_revision >= Document.revision,
                     ExtractionRecord.status.in_([ExtractionStatus.SUCCEEDED, ExtractionStatus.RUNNING]),
                 )
@@ -161,7 +161,7 @@ def stale_partitions(session: Session, partition_keys: Iterable[str]) -> dict[st
         rows += session.execute(
             select(Document.id, Document.partition_key, KnowledgeBase.slug, Document.deleted_at)
             .join(KnowledgeBase, KnowledgeBase.id == Document.kb_id)
-            .where(or_(Document.partition_key.in_(page), Document.id.in_(page)))
+            .where(or_(one_of(session, Document.partition_key, page), one_of(session, Document.id, page)))
         ).tuples().all()
     by_key = {key: (doc_id, slug, deleted_at) for doc_id, key, slug, deleted_at in rows}
     by_id = {doc_id: (doc_id, slug, deleted_at) for doc_id, _key, slug, deleted_at in rows}

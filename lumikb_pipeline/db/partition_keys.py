@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from lumikb_pipeline.db.models import Document
-from lumikb_pipeline.db.paging import pages
+from lumikb_pipeline.db.paging import one_of, pages
 
 
 def partition_keys_of(session: Session, doc_ids: Iterable[str]) -> dict[str, str]:
@@ -20,7 +20,9 @@ def partition_keys_of(session: Session, doc_ids: Iterable[str]) -> dict[str, str
     keys: dict[str, str] = {}
     for page in pages(ids):
         keys.update(
-            session.execute(select(Document.id, Document.partition_key).where(Document.id.in_(page))).tuples().all()
+            session.execute(
+                select(Document.id, Document.partition_key).where(one_of(session, Document.id, page))
+            ).tuples().all()
         )
     return keys
 
@@ -32,7 +34,7 @@ def documents_of_partitions(session: Session, partition_keys: Iterable[str]) -> 
     for page in pages(keys):
         documents.update(
             session.execute(
-                select(Document.partition_key, Document.id).where(Document.partition_key.in_(page))
+                select(Document.partition_key, Document.id).where(one_of(session, Document.partition_key, page))
             ).tuples().all()
         )
     return documents

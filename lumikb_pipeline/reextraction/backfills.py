@@ -13,7 +13,7 @@ from sqlalchemy import select
 from lumikb_pipeline.core.config import Settings
 from lumikb_pipeline.core.names import DOCUMENT_ENTITIES_ASSET, REEXTRACTION_JOB, TAG_JOB_ID, TAG_MODE
 from lumikb_pipeline.db.models import Document, Job, JobTrigger, KnowledgeBase
-from lumikb_pipeline.db.paging import pages
+from lumikb_pipeline.db.paging import one_of, pages
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.modes import WriteMode
 from lumikb_pipeline.reextraction.service import Selection, start_reextraction
@@ -46,7 +46,8 @@ def ui_backfill_jobs(
         kb_of: dict[str, int] = {}
         for page in pages(doc_ids):
             kb_of.update(session.execute(
-                select(Document.id, Document.kb_id).where(Document.id.in_(page), Document.deleted_at.is_(None))
+                select(Document.id, Document.kb_id)
+                .where(one_of(session, Document.id, page), Document.deleted_at.is_(None))
             ).tuples().all())
     if not set(kb_of.values()) <= jobs.keys():
         jobs = record_backfill_jobs(settings, instance, backfill_id)
@@ -69,7 +70,7 @@ def record_backfill_jobs(settings: Settings, instance: DagsterInstance, backfill
             rows = session.execute(
                 select(Document.id, KnowledgeBase.id, KnowledgeBase.slug)
                 .join(KnowledgeBase, KnowledgeBase.id == Document.kb_id)
-                .where(Document.partition_key.in_(page), Document.deleted_at.is_(None))
+                .where(one_of(session, Document.partition_key, page), Document.deleted_at.is_(None))
             ).tuples()
             for doc_id, kb_id, slug in rows:
                 by_kb.setdefault((kb_id, slug), []).append(doc_id)

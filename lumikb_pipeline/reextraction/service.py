@@ -34,7 +34,7 @@ from lumikb_pipeline.core.names import (
 from lumikb_pipeline.db import ledger
 from lumikb_pipeline.db.catalog import get_kb
 from lumikb_pipeline.db.models import Document, Job, JobStatus, JobTrigger, KnowledgeBase, utcnow
-from lumikb_pipeline.db.paging import pages
+from lumikb_pipeline.db.paging import one_of, pages
 from lumikb_pipeline.db.partition_keys import partition_keys_of
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.domain.budget import check_max_cost
@@ -100,7 +100,7 @@ def select_documents(session: Session, kb: KnowledgeBase, selection: Selection) 
         found_rows += session.execute(
             select(Document.id, Document.partition_key).where(
                 Document.kb_id == kb.id, Document.deleted_at.is_(None),
-                or_(Document.id.in_(page), Document.partition_key.in_(page)),
+                or_(one_of(session, Document.id, page), one_of(session, Document.partition_key, page)),
             )
         ).tuples().all()
     found = {doc_id for doc_id, _key in found_rows}
@@ -231,17 +231,26 @@ def launch_job(
     instance: DagsterInstance | None = None,
     asset_graph: BaseAssetGraph | None = None,
 ) -> str:
-    """Add the partitions and the backfill of a recorded job (idempotent); returns the backfill id."""
+    """Add the partitions and the backfill of a recorded job (idempotent); returns the backfill id.
+
+    Two processes may launch the same job: the one that recorded it, and the job-status sensor, which
+    finishes a launch a crash interrupted. The job's row stays locked while it launches, and a second
+    launcher that finds it locked returns at once, so only one adds the backfill (Dagster refuses a
+    second one with its id). A launcher that dies releases the lock with its connection.
+    """
     instance = instance or open_instance(settings)
     backfill_id = backfill_id_for(job.id)
-    if instance.get_backfill(backfill_id) is None:
-        if asset_graph is None:
-            raise ValueError("launching a re-extraction job needs the code location's asset graph")
-        keys = _partition_keys(settings, doc_ids)
-        add_missing_partitions(instance, keys)
-        instance.add_backfill(_new_backfill(job, keys, kb_slug, instance, asset_graph))
     with session_scope(settings.effective_database_url) as session:
-        row = session.get_one(Job, job.id)
+        row = session.scalar(select(Job).where(Job.id == job.id).with_for_update(skip_locked=True))
+        if row is None:  # another process is launching it right now
+            job.dagster_backfill_id = backfill_id
+            return backfill_id
+        if instance.get_backfill(backfill_id) is None:
+            if asset_graph is None:
+                raise ValueError("launching a re-extraction job needs the code location's asset graph")
+            keys = _partition_keys(settings, doc_ids)
+            add_missing_partitions(instance, keys)
+            instance.add_backfill(_new_backfill(job, keys, kb_slug, instance, asset_graph))
         row.dagster_backfill_id = backfill_id
         if row.status == JobStatus.PENDING:
             row.status = JobStatus.RUNNING

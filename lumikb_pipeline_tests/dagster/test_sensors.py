@@ -16,6 +16,8 @@ from lumikb_pipeline.db.models import Document, Job
 from lumikb_pipeline.db.session import session_scope
 from lumikb_pipeline.definitions import defs
 from lumikb_pipeline.domain.schema import parse_schema_file
+from lumikb_pipeline.reextraction.service import Selection, start_reextraction
+from lumikb_pipeline.reextraction.status import refresh_job_status
 from lumikb_pipeline.resources import DatabaseResource, GraphStoreResource, ReextractionResource
 from lumikb_pipeline_tests.dagster.helpers import (
     SCHEMA_V1,
@@ -375,8 +377,6 @@ def test_a_job_the_workers_close_during_a_status_refresh_stays_closed(
     pg_url: str, tmp_path: Path, instance: DagsterInstance
 ) -> None:
     from lumikb_pipeline.db.models import JobStatus, utcnow
-    from lumikb_pipeline.reextraction.service import Selection, start_reextraction
-    from lumikb_pipeline.reextraction.status import refresh_job_status
 
     settings = _settings(pg_url)
     slug, _, _ = _kb_with_documents(pg_url, tmp_path / "docs", 2)
@@ -400,3 +400,65 @@ def test_a_job_the_workers_close_during_a_status_refresh_stays_closed(
     with session_scope(pg_url) as session:
         assert session.get_one(Job, job.id).status == JobStatus.SUCCEEDED
     assert refreshed.status == JobStatus.SUCCEEDED
+
+
+def _launchable_kb(pg_url: str, tmp_path: Path) -> tuple[Settings, str, list[str], Any]:
+    """Settings on the app database at `pg_url`, a KB of 3 documents (slug, document ids) and the code
+    location's asset graph: what a launch of a re-extraction job needs."""
+    slug, _, ids = _kb_with_documents(pg_url, tmp_path / "docs", 3)
+    return _settings(pg_url), slug, ids, defs.resolve_asset_graph()
+
+
+def test_a_status_refresh_while_the_cli_launches_a_job_leaves_the_launch_to_it(
+    pg_url: str, tmp_path: Path, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lumikb_pipeline.db.models import JobStatus
+
+    settings, slug, _ids, asset_graph = _launchable_kb(pg_url, tmp_path)
+    ticked: list[str] = []
+    refreshed: list[Job] = []
+    add_backfill = instance.add_backfill
+
+    def sensor_ticks_first(backfill: Any) -> None:
+        """The job-status sensor refreshes the job (pending, with no backfill yet) just before the CLI
+        adds the job's backfill."""
+        if not ticked:
+            ticked.append(backfill.backfill_id)
+            refreshed.append(refresh_job_status(settings, backfill.tags["lumikb/job_id"], instance, asset_graph))
+        add_backfill(backfill)
+
+    monkeypatch.setattr(instance, "add_backfill", sensor_ticks_first)
+    job = start_reextraction(settings, slug, Selection.all(), instance=instance, asset_graph=asset_graph)
+    [during] = refreshed
+    assert during.status == JobStatus.PENDING
+    [backfill] = instance.get_backfills()
+    assert backfill.backfill_id == job.dagster_backfill_id and job.status == JobStatus.RUNNING
+    after = refresh_job_status(settings, job.id, instance, asset_graph)
+    assert after.status == JobStatus.RUNNING and len(instance.get_backfills()) == 1
+
+
+def test_a_launch_interrupted_before_its_backfill_is_finished_by_the_next_status_refresh(
+    pg_url: str, tmp_path: Path, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lumikb_pipeline.db.models import JobStatus, KnowledgeBase
+
+    settings, slug, ids, asset_graph = _launchable_kb(pg_url, tmp_path)
+
+    def dies(_backfill: Any) -> None:
+        raise ConnectionError("the Dagster database went away mid-launch")
+
+    monkeypatch.setattr(instance, "add_backfill", dies)
+    with pytest.raises(ConnectionError):
+        start_reextraction(settings, slug, Selection.all(), instance=instance, asset_graph=asset_graph)
+    monkeypatch.undo()
+    with session_scope(pg_url) as session:
+        kb_id = session.scalars(select(KnowledgeBase.id).where(KnowledgeBase.slug == slug)).one()
+        [job] = session.scalars(select(Job).where(Job.kb_id == kb_id)).all()
+        assert job.status == JobStatus.PENDING and job.dagster_backfill_id is None
+    assert not instance.get_backfills()
+
+    refreshed = refresh_job_status(settings, job.id, instance, asset_graph)
+    [backfill] = instance.get_backfills()
+    assert refreshed.status == JobStatus.RUNNING and refreshed.dagster_backfill_id == backfill.backfill_id
+    target = backfill.asset_backfill_data.target_subset  # type: ignore[union-attr]
+    assert {key.partition_key for key in target.iterate_asset_partitions()} == set(partition_keys(ids, pg_url))

@@ -31,6 +31,7 @@ from lumikb_pipeline.infra.redis_client import broker_url
 from lumikb_pipeline.orchestration.respawn import respawn_argv
 
 STOP_TIMEOUT_S = 30.0
+ORPHAN_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -344,11 +345,20 @@ def _group_of(pid: int) -> int | None:
 
 def stop_services(settings: Settings, names: Sequence[str]) -> list[str]:
     """Stop the recorded processes (their whole process groups): SIGTERM, then SIGKILL after a
-    grace period. Returns the names that were running."""
+    grace period. Returns the names that were running.
+
+    A stop ends when every process of a group has exited, not only its leader: a worker's children
+    and the code server's gRPC server may outlive their leader. That gRPC server, which `dagster
+    code-server start` runs on a Unix socket in TMPDIR (a path from Dagster's
+    `safe_tempfile_path_unmanaged`), leaves the socket file behind unless its proxy's shutdown
+    request reaches it, so the stop removes the socket files its processes were started with.
+    """
     stopped = []
     pids = {name: read_pid(settings, name) for name in names}  # None for a stale pid file
+    sockets: list[Path] = []
     for name, pid in pids.items():
         if pid is not None and _alive(pid):
+            sockets += _socket_arguments(_group_members(pid))
             _signal_group(pid, signal.SIGTERM)
             stopped.append(name)
     deadline = time.monotonic() + STOP_TIMEOUT_S
@@ -357,11 +367,44 @@ def stop_services(settings: Settings, names: Sequence[str]) -> list[str]:
         assert pid is not None
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if _alive(pid):
+        # What outlives its leader gets a moment to exit: the code server's gRPC server, whose proxy
+        # asks it to shut down, otherwise waits for its heartbeat to time out (30 s) and more.
+        orphans_deadline = time.monotonic() + ORPHAN_GRACE_S
+        while not _alive(pid) and _group_members(pid) and time.monotonic() < orphans_deadline:
+            time.sleep(0.2)
+        if _alive(pid) or _group_members(pid):
             _signal_group(pid, signal.SIGKILL)
+    for path in sockets:
+        if path.is_socket():
+            path.unlink(missing_ok=True)
     for name in names:
         _pidfile(settings, name).unlink(missing_ok=True)
     return stopped
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group `pgid` (Linux /proc; none known without it)."""
+    members = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            state, _ppid, group = (entry / "stat").read_text().rsplit(") ", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue
+        if int(group) == pgid and state != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def _socket_arguments(pids: Sequence[int]) -> list[Path]:
+    """The paths these processes were given as `--socket PATH` (Dagster's gRPC servers)."""
+    paths = []
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        paths += [Path(argv[i + 1]) for i, arg in enumerate(argv[:-1]) if arg == "--socket"]
+    return paths
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from typer.testing import CliRunner
 
@@ -202,3 +203,54 @@ def test_dagster_processes_run_nicer_than_the_workers_and_their_children_inherit
     finally:
         os.killpg(started.pid, signal.SIGKILL)
         started.wait(10)
+
+
+def _group(pgid: int) -> list[int]:
+    """The live processes of process group `pgid`."""
+    members = []
+    for process in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(process.pid)
+        except ProcessLookupError:
+            continue
+    return members
+
+
+def _start_code_server(settings: Settings, tmp_path: Path, tmp: Path) -> tuple[int, Path]:
+    """`lumikb up`'s code server with its temp files in `tmp`: its pid and its gRPC server's socket."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    [code_server] = [spec for spec in processes.service_specs(settings, tmp_path / "workspace.yaml",
+                                                              code_server_port=port, webserver=False)
+                     if spec.name == "code-server"]
+    settings.effective_dagster_home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "DAGSTER_HOME": str(settings.effective_dagster_home), "TMPDIR": str(tmp)}
+    processes.start_services(settings, [code_server], env)
+    pid = processes.read_pid(settings, "code-server")
+    assert pid is not None
+    deadline = time.monotonic() + 60
+    while not any(path.is_socket() for path in tmp.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    [grpc_socket] = list(tmp.iterdir())  # the gRPC server `code-server start` runs, on a Unix socket
+    return pid, grpc_socket
+
+
+@pytest.mark.slow  # 35 s: the proxy waits for its stopped gRPC server until the stop's SIGKILL
+def test_stopping_a_code_server_whose_grpc_server_hangs_ends_it_and_leaves_no_socket_file(
+    lumikb_env: Path, tmp_path: Path
+) -> None:
+    settings = load_settings()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    pid, grpc_socket = _start_code_server(settings, tmp_path, tmp)
+    try:
+        [child] = [member for member in _group(pid) if member != pid]
+        os.kill(child, signal.SIGSTOP)  # it can neither answer the proxy's shutdown request nor exit
+        assert processes.stop_services(settings, ["code-server"]) == ["code-server"]
+        assert _group(pid) == []
+        assert list(tmp.iterdir()) == [], f"left in TMPDIR: {grpc_socket.name}"
+    finally:
+        if _group(pid):
+            os.killpg(pid, signal.SIGKILL)

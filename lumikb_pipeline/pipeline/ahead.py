@@ -10,17 +10,24 @@ run's, in the ledger and on its partition.
 
 This module is the coordination, in Redis, per job:
 - `OwnExtraction` registers a step while it extracts its own batch (renewed, so a crashed step
-  stops counting after `REGISTRATION_TTL_S`), from its first LLM call: while it loads its
-  documents and looks up their checkpoints, the step extracting ahead goes on;
+  stops counting after `REGISTRATION_TTL_S`), from its first LLM call (while it loads its
+  documents and looks up their checkpoints, the step extracting ahead goes on) until its last few
+  seconds of calls (`finish`: the next extraction ahead starts while its last answers are out);
 - the ahead lock (`lumikb:job:<id>:ahead`): one step extracts ahead at a time, so the others end
   and free their worker processes for the next runs' steps; a step gives it up as soon as it is
   handed over, while its last calls are still out, so the next one can follow without a pause; a
   step that finds it no longer holds the lock (Redis restarted without its data) stops extracting
   ahead, as when handed over;
-- `pick_ahead`: which documents to extract ahead: pending ones of the job from its *end*, leaving
-  the first `margin` pending documents (those the next runs claim) alone, each taken once
-  (`SADD`), so neither two steps nor a step and a run extract the same document at once.
-  Documents a step took but did not reach before it handed over are given back (`SREM`).
+- `pick_ahead`: which documents to extract ahead: pending ones of the job from its *end*, each
+  taken once (`SADD`), so two steps never extract the same document. A document taken is also
+  marked *in progress* (`ahead_active_key`, scored by expiry) until its chunks are all settled;
+  documents a step took but did not reach before it handed over are given back (`SREM`);
+- a run and a step extracting ahead never call for the same document at once, whatever the order
+  (the Dekker pattern across PostgreSQL and Redis): `pick_ahead` marks a document in progress and
+  *then* reads its ledger row, dropping it if a run has claimed it; a run claims its documents and
+  *then* reads the marks (`in_progress_ahead`), and waits for those marked before it extracts them
+  (`wait_for_ahead`), finding their chunks checkpointed. So extraction ahead may take any pending
+  document, up to the job's last batches, and the job's calls run on to its last chunk.
 
 What it costs: the calls made ahead are counted in the job's live spend (its budget) as they are
 made, but a document served from those checkpoints shows 0 calls and $0 in its ledger row and
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import cast
 
@@ -40,10 +48,12 @@ from sqlalchemy import select
 
 from lumikb_pipeline.core.config import Settings
 from lumikb_pipeline.core.names import JOB_KEY_TTL_S
+from lumikb_pipeline.db import ledger
 from lumikb_pipeline.db.models import Document, ExtractionRecord, ExtractionStatus
 from lumikb_pipeline.db.session import session_scope
 
 REGISTRATION_TTL_S = 30.0
+ACTIVE_TTL_S = 30.0
 LOCK_TTL_MS = 30_000
 POLL_S = 0.2
 
@@ -60,6 +70,50 @@ def ahead_lock_key(job_id: str) -> str:
 def ahead_documents_key(job_id: str) -> str:
     """The documents some step has taken to extract ahead (each once)."""
     return f"lumikb:job:{job_id}:ahead_documents"
+
+
+def ahead_active_key(job_id: str) -> str:
+    """The documents being extracted ahead now: a sorted set scored by expiry (epoch s), renewed by
+    the step while it extracts them, so the marks of a step that crashed expire."""
+    return f"lumikb:job:{job_id}:ahead_active"
+
+
+def mark_in_progress(client: redis.Redis, job_id: str, doc_ids: Sequence[str]) -> None:
+    """Mark (or renew) `doc_ids` as being extracted ahead for the next `ACTIVE_TTL_S`."""
+    if not doc_ids:
+        return
+    pipe = client.pipeline()
+    pipe.zadd(ahead_active_key(job_id), dict.fromkeys(doc_ids, time.time() + ACTIVE_TTL_S))
+    pipe.expire(ahead_active_key(job_id), JOB_KEY_TTL_S)
+    pipe.execute()
+
+
+def unmark_in_progress(client: redis.Redis, job_id: str, doc_ids: Sequence[str]) -> None:
+    if doc_ids:
+        client.zrem(ahead_active_key(job_id), *doc_ids)
+
+
+def in_progress_ahead(client: redis.Redis, job_id: str, doc_ids: Sequence[str]) -> set[str]:
+    """Those of `doc_ids` a step is extracting ahead now."""
+    if not doc_ids:
+        return set()
+    now = time.time()
+    scores = cast(list[float | None], client.zmscore(ahead_active_key(job_id), list(doc_ids)))
+    return {doc_id for doc_id, score in zip(doc_ids, scores, strict=True) if score is not None and score > now}
+
+
+def wait_for_ahead(client: redis.Redis, job_id: str, doc_ids: Sequence[str], stop: Callable[[], bool]) -> None:
+    """Wait until no step extracts any of `doc_ids` ahead (their marks go as their chunks settle, or
+    expire when the step died), or until `stop`. A Redis error ends the wait: the documents are
+    then extracted as if nobody had taken them."""
+    waiting = list(doc_ids)
+    while waiting and not stop():
+        try:
+            waiting = sorted(in_progress_ahead(client, job_id, waiting))
+        except redis.RedisError:
+            return
+        if waiting:
+            time.sleep(POLL_S)
 
 
 class OwnExtraction:
@@ -89,16 +143,22 @@ class OwnExtraction:
                 pass  # a Redis hiccup must not fail the step: the renewal registers it next round
             self._thread.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def finish(self) -> None:
+        """The step's own calls are nearly all made: it stops counting as extracting its own batch
+        (from here on, or from `__exit__` at the latest), so that the job's next extraction ahead
+        can start while its last answers are out."""
         with self._lock:
             self._closed.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
         try:
             self._client.zrem(self._key, self._claimant)
         except redis.RedisError:
             pass  # the registration expires on its own
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.finish()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
     def _register(self) -> None:
         pipe = self._client.pipeline()
@@ -148,11 +208,11 @@ def release_ahead_lock(client: redis.Redis, job_id: str, claimant: str) -> None:
 
 
 def pick_ahead(
-    settings: Settings, client: redis.Redis, job_id: str, schema_version: int, margin: int, max_chunks: int
+    settings: Settings, client: redis.Redis, job_id: str, schema_version: int, max_chunks: int
 ) -> list[str]:
     """Take up to `max_chunks` chunks' worth of the job's pending documents to extract ahead, from the
-    job's end, never among its first `margin` pending documents (in partition order: the next runs
-    claim those). Each document is taken once, by one step."""
+    job's end (in partition order). Each document is taken once, by one step, and is marked in
+    progress until `unmark_in_progress`."""
     from sqlalchemy import func
 
     from lumikb_pipeline.db.models import Chunk
@@ -167,7 +227,7 @@ def pick_ahead(
             .group_by(Document.id, Document.created_at)
             .order_by(Document.created_at, Document.id)
         ).tuples().all()
-    candidates = list(reversed(rows[margin:]))
+    candidates = list(reversed(rows))
     taken: list[str] = []
     chunks = 0
     key = ahead_documents_key(job_id)
@@ -186,13 +246,31 @@ def pick_ahead(
             pipe.sadd(key, doc_id)
         pipe.expire(key, JOB_KEY_TTL_S)
         added = pipe.execute()[:-1]
-        for (doc_id, count), new in zip(group, added, strict=True):
-            if new:
+        new = [(doc_id, count) for (doc_id, count), fresh in zip(group, added, strict=True) if fresh]
+        # Marked in progress first, then the ledger read again: a run that claimed one of them
+        # meanwhile extracts it itself (and one claiming it from now on waits for this step).
+        mark_in_progress(client, job_id, [doc_id for doc_id, _ in new])
+        claimed = _no_longer_pending(settings, [doc_id for doc_id, _ in new], job_id, schema_version)
+        if claimed:
+            unmark_in_progress(client, job_id, sorted(claimed))
+            client.srem(key, *claimed)
+        for doc_id, count in new:
+            if doc_id not in claimed:
                 taken.append(doc_id)
                 chunks += count
     return taken
 
+
+def _no_longer_pending(settings: Settings, doc_ids: Sequence[str], job_id: str, schema_version: int) -> set[str]:
+    if not doc_ids:
+        return set()
+    with session_scope(settings.effective_database_url) as session:
+        rows = ledger.records_for(session, doc_ids, schema_version)
+        return {doc_id for doc_id in doc_ids if (row := rows.get(doc_id)) is None or row.job_id != job_id
+                or row.status != ExtractionStatus.PENDING}
+
 __all__ = [
-    "OwnExtraction", "ahead_documents_key", "ahead_lock_key", "extracting_key", "others_extracting", "pick_ahead",
-    "release_ahead_lock", "renew_ahead_lock", "take_ahead_lock",
+    "OwnExtraction", "ahead_active_key", "ahead_documents_key", "ahead_lock_key", "extracting_key",
+    "in_progress_ahead", "mark_in_progress", "others_extracting", "pick_ahead", "release_ahead_lock",
+    "renew_ahead_lock", "take_ahead_lock", "unmark_in_progress", "wait_for_ahead",
 ]

@@ -26,13 +26,18 @@ from lumikb_pipeline.llm.checkpoints import CheckpointKey
 from lumikb_pipeline.llm.extractor import ChunkExtractor, DeltaTask
 from lumikb_pipeline.llm.prompt import derived_prompt_version
 from lumikb_pipeline.pipeline.ahead import (
+    ACTIVE_TTL_S,
     OwnExtraction,
     ahead_documents_key,
+    in_progress_ahead,
+    mark_in_progress,
     others_extracting,
     pick_ahead,
     release_ahead_lock,
     renew_ahead_lock,
     take_ahead_lock,
+    unmark_in_progress,
+    wait_for_ahead,
 )
 from lumikb_pipeline.pipeline.migration import SchemaHistory, StrategyOption, chunk_work, plan_documents
 from lumikb_pipeline.pipeline.work import (
@@ -53,8 +58,9 @@ from lumikb_pipeline.pipeline.work import (
 log = logging.getLogger(__name__)
 
 # Extraction ahead (`pipeline.ahead`) starts when this step's own batch has about this many seconds
-# of calls left at the rate limit, so the ahead calls follow the own ones without a pause.
-AHEAD_LEAD_S = 2.0
+# of calls left at the rate limit (answers not back yet, so about one LLM latency of it is in flight),
+# so that the ahead calls follow the own ones without a pause: it first loads and plans its documents.
+AHEAD_LEAD_S = 4.0
 # Documents are taken ahead in groups of about this many seconds of calls at the limit.
 AHEAD_GROUP_S = 30.0
 # After its own batch, a step waits this long for the ahead lock: the step handing it over first lets
@@ -128,19 +134,34 @@ def extract_documents(
                 total = sum(len(item.chunks) for item in claimed)
                 lead = math.ceil(extractor.rate_limit.per_second * AHEAD_LEAD_S)
 
+                # Registered from its first LLM call, not while it loads its documents and looks up
+                # their checkpoints: the step extracting ahead goes on until then, so its reserved
+                # calls and this step's first ones follow without a pause. Deregistered with about
+                # `AHEAD_LEAD_S` of calls left: the next extraction ahead (this step's, or another's
+                # that waits for it) then starts while its last calls are out, not after them.
+                own = OwnExtraction(ahead.client, job_id, claimant, lazy=True)  # type: ignore[arg-type]
+
                 def on_result(outcome: ChunkExtraction | ChunkFailure) -> None:
                     stop.on_result(outcome)
                     ahead.settled += 1
                     if total - ahead.settled <= lead:
+                        own.finish()
                         ahead.start()
 
+                # Documents another step is extracting ahead right now: this step's other documents
+                # first, then those once their chunks are settled (checkpointed: no call paid twice).
                 try:
-                    # Registered from its first LLM call, not while it loads its documents and looks
-                    # up their checkpoints: the step extracting ahead goes on until then, so its
-                    # reserved calls and this step's first ones follow without a pause.
-                    with OwnExtraction(ahead.client, job_id, claimant, lazy=True) as own:  # type: ignore[arg-type]
-                        _extract_items(settings, extractor, claimed, strategy, stop, on_result, results, ahead,
-                                       on_calls_start=own.start)
+                    busy = in_progress_ahead(ahead.client, ahead.job_id, [item.doc_id for item in claimed])
+                except Exception:  # noqa: BLE001 - Redis away: nothing is known to be in progress
+                    busy = set()
+                try:
+                    with own:
+                        _extract_items(settings, extractor, [item for item in claimed if item.doc_id not in busy],
+                                       strategy, stop, on_result, results, ahead, on_calls_start=own.start)
+                        if busy:
+                            wait_for_ahead(ahead.client, ahead.job_id, sorted(busy), stop)
+                            _extract_items(settings, extractor, [item for item in claimed if item.doc_id in busy],
+                                           strategy, stop, on_result, results, ahead, on_calls_start=own.start)
                 except BaseException:
                     ahead.abort()
                     raise
@@ -235,6 +256,8 @@ class _Ahead:
         self.calls = 0
         self._own_ended: float | None = None
         self._started = False
+        self._lock = threading.Lock()
+        self._in_progress: set[str] = set()  # documents of groups in progress, not yet settled
         self._handed_over = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"extract-ahead-{claimant[:24]}", daemon=True)
 
@@ -278,16 +301,36 @@ class _Ahead:
     def _extract_ahead(self) -> None:
         started = time.monotonic()
         done = threading.Event()
+        # Held while this step picks groups. It goes when no further group will be picked, while the
+        # groups' calls are still out: the watcher then stops renewing it (under this guard, so a
+        # renewal never races the release and reads as a lost lock).
+        holding = threading.Lock()
+        picking = True
+
+        def handed_over() -> bool:
+            if time.monotonic() - started > self.max_s or others_extracting(self.client, self.job_id, self.claimant):
+                return True
+            with holding:
+                if picking:
+                    return not renew_ahead_lock(self.client, self.job_id, self.claimant)
+            # Redis restarted without its data forgot the documents taken (the set), and another
+            # step could take those of the groups still running.
+            return not self.client.exists(ahead_documents_key(self.job_id))
 
         def watch() -> None:
-            # The hand-over: another step extracts its own batch (or the time is up, or the lock is
-            # gone: Redis lost it, and with it the marks of the documents taken). Read here,
-            # so that the extractor's check before every call only reads a flag.
+            # The hand-over: another step extracts its own batch (or the time is up, or Redis lost
+            # the lock and with it the marks of the documents taken). Watched until the last group
+            # ends, not only while groups are picked: a group may hold many seconds of calls, and
+            # handed over it starts no further chunk. Read here, so that the extractor's check
+            # before every call only reads a flag. The documents' in-progress marks are renewed
+            # here too.
+            renewed = time.monotonic()
             while not done.wait(AHEAD_POLL_S):
                 try:
-                    if time.monotonic() - started > self.max_s or others_extracting(
-                        self.client, self.job_id, self.claimant
-                    ) or not renew_ahead_lock(self.client, self.job_id, self.claimant):
+                    if time.monotonic() - renewed > ACTIVE_TTL_S / 3:
+                        renewed = time.monotonic()
+                        self._renew_marks()
+                    if handed_over():
                         self._handed_over.set()
                         return
                 except Exception:  # noqa: BLE001 - a Redis hiccup: look again
@@ -303,9 +346,6 @@ class _Ahead:
         # slots may be reserved, and a slot given up would be a pause in the next step's calls.
         # A stop of the job (cancel, budget, its run ending) stops every call at once.
 
-        # The first pending documents are left to the runs: one launching while this extracts ahead
-        # claims the next batch (and stops this), so `max_reprocessing_runs` batches are a margin.
-        margin = self.settings.max_reprocessing_runs * self.settings.reextract_batch_size
         group_chunks = max(1, math.ceil(self.extractor.rate_limit.per_second * AHEAD_GROUP_S))
         lead = math.ceil(self.extractor.rate_limit.per_second * AHEAD_LEAD_S)
         groups: list[threading.Thread] = []
@@ -317,7 +357,7 @@ class _Ahead:
                 if not renew_ahead_lock(self.client, self.job_id, self.claimant):
                     return
                 doc_ids = pick_ahead(
-                    self.settings, self.client, self.job_id, self.schema_version, margin, group_chunks
+                    self.settings, self.client, self.job_id, self.schema_version, group_chunks
                 )
                 if not doc_ids:
                     return
@@ -331,22 +371,29 @@ class _Ahead:
                 while not nearly_done.wait(AHEAD_POLL_S) and not should_stop():
                     pass
         finally:
-            done.set()
-            watcher.join(timeout=5)
-            # It starts no further chunk: the lock goes now, while its last calls are still out, so
-            # that the next step can start extracting ahead at once (its calls take the slots after
-            # these at the limiter). Held until the last answer, it was a pause of about one LLM
-            # latency in the job's calls at every hand-over.
-            release_ahead_lock(self.client, self.job_id, self.claimant)
+            # It picks no further group: the lock goes now, while the groups' last calls are still
+            # out, so that the next step can start extracting ahead at once (its calls take the
+            # slots after these at the limiter). Held until the last answer, it was a pause of
+            # about one LLM latency in the job's calls at every hand-over.
+            with holding:
+                picking = False
+                release_ahead_lock(self.client, self.job_id, self.claimant)
             for group in groups:
                 group.join()
+            done.set()
+            watcher.join(timeout=5)
 
     def _extract_group(self, doc_ids: list[str], lead: int, nearly_done: threading.Event) -> None:
+        with self._lock:
+            self._in_progress.update(doc_ids)
         try:
             work = load_work(self.settings, doc_ids, self.schema_version)
-            items = [work[doc_id] for doc_id in doc_ids if doc_id in work]
+            # In partition order: a run waiting for one of these finds the earlier ones done first.
+            items = [work[doc_id] for doc_id in reversed(doc_ids) if doc_id in work]
             total = sum(len(item.chunks) for item in items)
             settled = 0
+            document_of = {chunk.id: item.doc_id for item in items for chunk in item.chunks}
+            left = {item.doc_id: len(item.chunks) for item in items}
 
             def on_result(outcome: ChunkExtraction | ChunkFailure) -> None:
                 nonlocal settled
@@ -354,6 +401,11 @@ class _Ahead:
                 settled += 1
                 if total - settled <= lead:
                     nearly_done.set()
+                doc_id = document_of.get(outcome.chunk_id)
+                if doc_id is not None:
+                    left[doc_id] -= 1
+                    if not left[doc_id]:
+                        self._settled(doc_id)
 
             results: dict[str, ChunkExtraction | ChunkFailure] = {}
             _extract_items(self.settings, self.extractor, items, self.strategy, self.stop, on_result, results,
@@ -368,7 +420,26 @@ class _Ahead:
             log.warning("extraction ahead of job %s stopped: %s", self.job_id, scrub(f"{type(exc).__name__}: {exc}"))
             self._handed_over.set()
         finally:
+            for doc_id in doc_ids:
+                self._settled(doc_id)
             nearly_done.set()
+
+    def _settled(self, doc_id: str) -> None:
+        """Every chunk of `doc_id` is settled (or its group ended): a run may extract it now."""
+        with self._lock:
+            if doc_id not in self._in_progress:
+                return
+            self._in_progress.discard(doc_id)
+        try:
+            unmark_in_progress(self.client, self.job_id, [doc_id])
+        except Exception:  # noqa: BLE001 - Redis away: the mark expires on its own
+            pass
+
+    def _renew_marks(self) -> None:
+        """Keep the in-progress marks of the documents being extracted from expiring."""
+        with self._lock:
+            doc_ids = sorted(self._in_progress)
+        mark_in_progress(self.client, self.job_id, doc_ids)
 
 
 def _migrate(

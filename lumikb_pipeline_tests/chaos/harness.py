@@ -160,11 +160,18 @@ class Measured:
         ][:limit]
 
     def resumed_after_s(self) -> float | None:
-        """Seconds from the fault's end to the next call the LLM answered (None: none came after it)."""
+        """Seconds from the fault's end to the next call the LLM answered; 0 when the calls did not
+        stop for the fault (Neo4j away, say): every chunk answered by its end, some during it.
+        None: the calls stopped and never came back."""
         if self.window is None:
             return None
-        after = [c["arrived"] for c in self.calls if c["arrived"] >= self.window.ended and c["status"] == 200]
-        return min(after) - self.window.ended if after else None
+        answered = [c for c in self.calls if c["status"] == 200]
+        after = [c["arrived"] for c in answered if c["arrived"] >= self.window.ended]
+        if after:
+            return min(after) - self.window.ended
+        during = any(self.window.started <= c["arrived"] < self.window.ended for c in answered)
+        every_chunk = len({c["chunk"] for c in answered}) >= len(self.doc_ids) * CHUNKS_PER_DOCUMENT
+        return 0.0 if during and every_chunk else None
 
 
 def _job(slug: str) -> Any:

@@ -1,6 +1,7 @@
 """Extraction ahead (`pipeline.ahead`): a re-extraction step that has finished its own batch goes on
 extracting its job's later documents, checkpoints only, until another step of the job extracts its
-own batch; the documents' own runs then find their chunks checkpointed, and nothing is paid twice."""
+own batch; the documents' own runs then find their chunks checkpointed (waiting for those being
+extracted ahead as they claim them), and nothing is paid twice."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from lumikb_pipeline.pipeline.ahead import (
     OwnExtraction,
     ahead_documents_key,
     ahead_lock_key,
+    in_progress_ahead,
     others_extracting,
     take_ahead_lock,
 )
@@ -36,7 +38,6 @@ from lumikb_pipeline_tests.fake_llm import FakeServer
 
 DEMO = Path(__file__).resolve().parents[2] / "lumikb_pipeline" / "demo"
 DOCUMENTS, CHUNKS, BATCH = 24, 2, 2
-MARGIN = 2 * BATCH  # LUMIKB_MAX_REPROCESSING_RUNS batches: the next runs' documents
 
 
 @dataclass
@@ -119,9 +120,9 @@ def test_a_step_extracts_its_jobs_later_documents_ahead_until_another_step_extra
         assert not thread.is_alive()
     assert [o.status for o in outcomes] == ["extracted"] * BATCH
     ahead = _ahead_documents(job)
-    # From the job's end, never among the next runs' documents (the first MARGIN of those still pending).
-    assert ahead and ahead <= set(job.doc_ids[BATCH + MARGIN:])
-    assert len(ahead) < DOCUMENTS - MARGIN  # it stopped when handed over
+    # Later documents, taken from the job's end.
+    assert ahead and ahead <= set(job.doc_ids[BATCH:])
+    assert len(ahead) < DOCUMENTS - BATCH  # it stopped when handed over
     with session_scope(job.settings.effective_database_url) as session:
         rows = ledger.records_for(session, job.doc_ids, 1)
         assert all(rows[doc_id].status == ExtractionStatus.PENDING for doc_id in ahead)  # not claimed: no outcome yet
@@ -141,6 +142,32 @@ def test_a_step_extracts_its_jobs_later_documents_ahead_until_another_step_extra
     assert len(called) == len(set(called)) == DOCUMENTS * CHUNKS
     cached = {o.doc_id for o in rest if o.cached_chunks}
     assert cached and cached <= ahead  # served from the checkpoints made ahead
+
+
+@pytest.mark.slow  # waits out the step's grace for the ahead lock: out of the fast step
+def test_a_run_claiming_a_document_being_extracted_ahead_waits_for_it_and_pays_nothing_twice(
+    job: AheadJob, fake_llm: FakeServer
+) -> None:
+    """No margin is left to the next runs: a run that claims a document while another step extracts
+    it ahead waits until its chunks are settled and finds them checkpointed."""
+    fake_llm.configure(latency_mean_s=1.0, latency_jitter_s=0.0)
+    thread, outcomes = _extract_in_thread(job, job.doc_ids[:BATCH], "run-1")
+    client = redis_client.connect(job.settings)
+    # The job's last batch: in the group extracted ahead (all the later documents, in partition
+    # order), its calls come last, about 2 s after the first. Its run claims it before that.
+    last_run = job.doc_ids[-BATCH:]
+    _wait(lambda: in_progress_ahead(client, job.job_id, last_run) == set(last_run), 30,
+          "the last batch in progress ahead")
+    extracted = extract_documents(job.settings, ChunkExtractor(job.settings), last_run, claimant="run-2",
+                                  job_id=job.job_id, ahead_s=60)
+    assert [(o.status, o.cached_chunks, o.llm_calls) for o in extracted] == [("extracted", CHUNKS, 0)] * BATCH
+    assert not in_progress_ahead(client, job.job_id, last_run)
+    with OwnExtraction(client, job.job_id, "run-3"):
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    assert [o.status for o in outcomes] == ["extracted"] * BATCH
+    called = _chunks_called(fake_llm)
+    assert len(called) == len(set(called))
 
 
 @pytest.mark.slow  # waits out the step's grace for the ahead lock: out of the fast step

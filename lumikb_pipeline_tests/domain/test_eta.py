@@ -44,14 +44,21 @@ def test_a_batch_written_at_once_does_not_swing_the_rate() -> None:
 
 def test_a_wait_the_job_has_already_shown_does_not_swing_the_rate() -> None:
     # Batches of 6 every 3 s, one of them 5 s late; sampled 4.5 s after the latest batch began (CI
-    # once saw the ETA jump by a third here). A wait past the longest gap seen lowers the rate.
+    # once saw the ETA jump by a third here), and 7 s after it: a new longest gap, but not half again
+    # the longest seen (CI once saw the ETA off by 36% there, while the job then ran faster than
+    # before). A wait well past the longest gap seen lowers the rate.
     starts = [0.0, 3.0, 6.0, 9.0, 14.0, 17.0, 20.0]
     finishes = [s + 0.05 * i for s in starts for i in range(6)]
     settled = rate_per_second(finishes, now=20.5)
     waiting = rate_per_second(finishes, now=24.5)
+    late = rate_per_second(finishes, now=27.0)
     stalled = rate_per_second(finishes, now=35.0)
-    assert settled is not None and waiting is not None and stalled is not None
+    assert settled is not None and waiting is not None and late is not None and stalled is not None
     assert waiting == pytest.approx(settled)
+    assert late == pytest.approx(settled)
+    # 8 s after it the recent window (10 s) holds that batch alone: one batch is not a pace.
+    alone = rate_per_second(finishes, now=28.0)
+    assert alone is not None and 0.8 * settled <= alone <= settled, (alone, settled)
     assert stalled < settled * 0.8, (stalled, settled)
 
 

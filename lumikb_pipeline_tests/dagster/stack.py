@@ -297,36 +297,36 @@ def start_stack(
     stack = Stack(root, env, app_db, dagster_db, llm_url, f"http://127.0.0.1:{env['LUMIKB_WEBSERVER_PORT']}",
                   redis_dbs, llm_process=llm_process)
 
-    # Settings and instance as `lumikb up` makes them, with the test intervals.
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)
+    # A start that fails half-way leaves no process and no database behind.
     try:
-        from lumikb_pipeline.core.config import load_settings
-
-        settings = load_settings()
-        home = settings.effective_dagster_home
-        home.mkdir(parents=True, exist_ok=True)
-        config = instance_config(settings, postgres=True, dequeue_interval_s=1, monitoring_poll_interval_s=5)
-        (home / "dagster.yaml").write_text(render_instance_yaml(config))
-        with stack.instance() as instance:
-            apply_pool_limits(instance, settings)
-        code_port = free_port()
-        workspace = processes.write_workspace(settings, port=code_port)
-        specs = processes.service_specs(settings, workspace, code_server_port=code_port)
-        stack.specs = {spec.name: spec for spec in specs}
-        stack.process_env = processes.service_env(settings, env)
-        stack.processes = processes.start_services(settings, specs, stack.process_env)
-    finally:
+        # Settings and instance as `lumikb up` makes them, with the test intervals.
+        saved = dict(os.environ)
         os.environ.clear()
-        os.environ.update(saved)
-    try:
+        os.environ.update(env)
+        try:
+            from lumikb_pipeline.core.config import load_settings
+
+            settings = load_settings()
+            home = settings.effective_dagster_home
+            home.mkdir(parents=True, exist_ok=True)
+            config = instance_config(settings, postgres=True, dequeue_interval_s=1, monitoring_poll_interval_s=5)
+            (home / "dagster.yaml").write_text(render_instance_yaml(config))
+            with stack.instance() as instance:
+                apply_pool_limits(instance, settings)
+            code_port = free_port()
+            workspace = processes.write_workspace(settings, port=code_port)
+            specs = processes.service_specs(settings, workspace, code_server_port=code_port)
+            stack.specs = {spec.name: spec for spec in specs}
+            stack.process_env = processes.service_env(settings, env)
+            stack.processes = processes.start_services(settings, specs, stack.process_env)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
         processes.wait_for_port("127.0.0.1", int(env["LUMIKB_WEBSERVER_PORT"]), timeout_s=180,
                                 process=stack.processes["webserver"])
         for queue in ("document_processing", "reprocessing"):
             wait_until(lambda q=queue: _worker_ready(stack, q), 180, what=f"the {queue} worker")  # type: ignore[misc]
-        wait_until(lambda: "SensorDaemon" in stack.log("daemon"), 180,
-                   what="the daemon")
+        wait_until(lambda: "SensorDaemon" in stack.log("daemon"), 180, what="the daemon")
     except BaseException:
         stop_stack(stack)
         raise

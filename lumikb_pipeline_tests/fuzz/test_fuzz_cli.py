@@ -14,7 +14,7 @@ from typer.testing import CliRunner, Result
 from lumikb_pipeline.cli import app
 from lumikb_pipeline_tests.fuzz.strategies import CYPHER_LIKE
 
-pytestmark = pytest.mark.fuzz
+pytestmark = [pytest.mark.fuzz, pytest.mark.slow]  # the slow step: the fast one stays under 5 minutes
 
 runner = CliRunner()
 SCHEMA = Path(__file__).resolve().parents[2] / "lumikb_pipeline" / "demo" / "schema_v1.yaml"

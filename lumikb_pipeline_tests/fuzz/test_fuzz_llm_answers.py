@@ -20,7 +20,7 @@ from lumikb_pipeline.graph.store import check_invariants
 from lumikb_pipeline.llm.parse import MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS, UnusableAnswer, parse_answer
 from lumikb_pipeline_tests.fuzz.strategies import hostile_text, json_values
 
-pytestmark = pytest.mark.fuzz
+pytestmark = [pytest.mark.fuzz, pytest.mark.slow]  # the slow step: the fast one stays under 5 minutes
 
 SCHEMA = parse_schema_text("""
 entity_types: [{name: Person}, {name: Organization}, {name: Place}]

@@ -28,7 +28,7 @@ from lumikb_pipeline.domain.schema import (
 )
 from lumikb_pipeline_tests.fuzz.strategies import hostile_text, json_values
 
-pytestmark = pytest.mark.fuzz
+pytestmark = [pytest.mark.fuzz, pytest.mark.slow]  # the slow step: the fast one stays under 5 minutes
 
 names = st.one_of(st.sampled_from(["Person", "Org", "KNOWS", "MENTIONS", "HAS_CHUNK", "person", "A" * 70]),
                   hostile_text, json_values)

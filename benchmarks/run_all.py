@@ -212,13 +212,17 @@ def run_benchmark(benchmark: Benchmark, quick: bool, timeout_s: float) -> list[d
     for figure in benchmark.figures:
         value = None
         target = figure.target
+        row_error = error
         if error is None:
-            value = figure.read(result)
+            try:
+                value = figure.read(result)
+            except (KeyError, IndexError, TypeError) as exc:  # reported as missing; the other figures stand
+                row_error = f"not in {output.name}: {type(exc).__name__}: {exc}"
             target = _limit_target(benchmark, figure, result)
         met = None if value is None or target is None else bool(_COMPARATORS[figure.comparator](value, target))
         rows.append({
             "benchmark": benchmark.name, "figure": figure.name, "value": value, "unit": figure.unit,
-            "target": target, "comparator": figure.comparator, "met": met, "error": error,
+            "target": target, "comparator": figure.comparator, "met": met, "error": row_error,
             "seconds": round(time.monotonic() - started, 1), "result_file": str(output.relative_to(REPO)),
         })
     return rows

@@ -15,7 +15,8 @@ is a recycle point (`--max-tasks-per-child`, set low here so that recycling show
 
 Figures: the growth of the busy worker group's RSS from the end of warm-up (the first 20% of
 documents) to the end (medians of the 10% of samples at each place; target < 10%), the largest
-child, and the spread of each connection count during the run. The PNG (`--png`) draws each group's
+child, and the spread of each connection count during the run (Redis's also per client name: our
+`lumikb` and `lumikb-llm` clients, Celery's `celery`). The PNG (`--png`) draws each group's
 total and each child's RSS over time, with the recycle points and warm-up marked.
 """
 
@@ -149,14 +150,16 @@ def connection_spread(samples: list[dict[str, Any]], warm_up_end_s: float) -> di
     second half less that of the first half (flat: <= 0). Medians, because a recycled child closes
     its connections and its successor opens its own: the count dips and comes back, it does not climb."""
     spread = {}
-    for server in ("postgres", "redis", "neo4j"):
-        after = [s for s in samples if s["t"] >= warm_up_end_s and server in s]
-        if len(after) < 2:
+    servers = sorted({key for s in samples for key in s} - {"t", "documents"})
+    for server in servers:  # postgres, redis, neo4j, and redis:<client name>
+        after = [s for s in samples if s["t"] >= warm_up_end_s]
+        if len([s for s in after if server in s]) < 2:
             continue
-        values = [s[server] for s in after]
+        # A sample without a Redis client name counted none of that name.
+        values = [s.get(server, 0) for s in after]
         middle = after[0]["t"] + (after[-1]["t"] - after[0]["t"]) / 2
-        first = [s[server] for s in after if s["t"] <= middle]
-        second = [s[server] for s in after if s["t"] > middle]
+        first = [s.get(server, 0) for s in after if s["t"] <= middle]
+        second = [s.get(server, 0) for s in after if s["t"] > middle]
         spread[server] = {"min": min(values), "max": max(values), "last": values[-1],
                           "growth": statistics.median(second) - statistics.median(first)}
     return spread
@@ -228,10 +231,13 @@ def run(args: argparse.Namespace, left_behind: list[str]) -> dict[str, Any]:
         def probe() -> dict[str, int]:
             pids = [p.pid for pid in workers.values() for p in resource_probe.worker_group(pid or 0)]
             ports = resource_probe.local_ports(pids)
+            redis_by_name = resource_probe.redis_connections_by_name(stack.redis_dbs[0], ports)
             return {
                 "postgres": resource_probe.postgres_connections(stack.app_db_url, app_db, ports),
-                "redis": resource_probe.redis_connections(stack.redis_dbs[0], ports),
+                "redis": sum(redis_by_name.values()),
                 "neo4j": resource_probe.neo4j_connections(ports),
+                # Which of Redis's: the pipeline's clients, the LLM loops' pools, Celery's (unnamed).
+                **{f"redis:{name or 'celery'}": count for name, count in redis_by_name.items()},
             }
 
         slug = f"mem-{os.getpid()}"

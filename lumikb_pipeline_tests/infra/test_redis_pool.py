@@ -58,3 +58,22 @@ def test_the_asyncio_client_is_one_per_event_loop() -> None:
 
 async def _client_of(url: str) -> object:
     return redis_client.shared_async_client(url, 8)
+
+
+def test_our_connections_carry_their_names_and_celerys_do_not() -> None:
+    """`CLIENT LIST` tells the pipeline's connections (`lumikb`), the LLM loop's pool (`lumikb-llm`)
+    and everything else (Celery's: no name) apart: what an operator and the memory benchmark read."""
+    url = required_env("LUMIKB_REDIS_URL")
+    redis_client.connect(Settings(redis_url=url)).ping()
+
+    async def call() -> None:
+        await redis_client.shared_async_client(url, 8).ping()
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(call())
+        named = resource_probe.redis_connections_by_name(url, resource_probe.local_ports([os.getpid()]))
+    finally:
+        loop.close()
+    assert named.get(redis_client.CLIENT_NAME, 0) >= 1 and named.get(redis_client.LLM_CLIENT_NAME, 0) >= 1, named
+    assert set(named) <= {redis_client.CLIENT_NAME, redis_client.LLM_CLIENT_NAME, ""}, named

@@ -117,6 +117,12 @@ def postgres_connections(database_url: str, database: str, ports: set[int]) -> i
 
 def redis_connections(redis_url: str, ports: set[int]) -> int:
     """Clients listed by Redis's `CLIENT LIST` whose address's port is in `ports`."""
+    return sum(redis_connections_by_name(redis_url, ports).values())
+
+
+def redis_connections_by_name(redis_url: str, ports: set[int]) -> dict[str, int]:
+    """Those clients counted by the name they gave themselves (`infra.redis_client.CLIENT_NAME`
+    and `LLM_CLIENT_NAME`; Celery's connections have none: `""`)."""
     import redis
 
     client = redis.Redis.from_url(redis_url)
@@ -124,7 +130,12 @@ def redis_connections(redis_url: str, ports: set[int]) -> int:
         clients: list[dict[str, Any]] = list(client.client_list())  # type: ignore[arg-type]
     finally:
         client.close()
-    return sum(1 for entry in clients if int(str(entry.get("addr", ":0")).rsplit(":", 1)[1]) in ports)
+    counts: dict[str, int] = {}
+    for entry in clients:
+        if int(str(entry.get("addr", ":0")).rsplit(":", 1)[1]) in ports:
+            name = str(entry.get("name", ""))
+            counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def neo4j_connections(ports: set[int]) -> int:
@@ -139,5 +150,5 @@ def neo4j_connections(ports: set[int]) -> int:
 
 __all__ = [
     "GroupSample", "group_cpu_seconds", "local_ports", "neo4j_connections", "postgres_connections",
-    "celery_parent", "redis_connections", "sample_group", "worker_group",
+    "celery_parent", "redis_connections", "redis_connections_by_name", "sample_group", "worker_group",
 ]

@@ -32,6 +32,7 @@ from lumikb_pipeline.orchestration.respawn import respawn_argv
 
 STOP_TIMEOUT_S = 30.0
 ORPHAN_GRACE_S = 5.0
+KILL_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -374,6 +375,11 @@ def stop_services(settings: Settings, names: Sequence[str]) -> list[str]:
             time.sleep(0.2)
         if _alive(pid) or _group_members(pid):
             _signal_group(pid, signal.SIGKILL)
+            # SIGKILL is delivered, not waited for: a process ends when it is next scheduled, which
+            # on a busy machine is not at once (a stop that returned then found the group alive).
+            killed_deadline = time.monotonic() + KILL_WAIT_S
+            while (_alive(pid) or _group_members(pid)) and time.monotonic() < killed_deadline:
+                time.sleep(0.05)
     for path in sockets:
         if path.is_socket():
             path.unlink(missing_ok=True)

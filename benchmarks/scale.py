@@ -6,7 +6,8 @@
     python -m benchmarks.scale --quick               # 500 documents only
 
 No LLM is called: what is measured is orchestration, on a fresh PostgreSQL app database and a fresh
-PostgreSQL Dagster database per size, each holding one KB whose documents are all extracted (the
+PostgreSQL Dagster database per size (reached through the services' PgBouncer when
+`LUMIKB_DAGSTER_PG_URL` names one, as the test stacks and production reach it), each holding one KB whose documents are all extracted (the
 ledger says so), one chunk each. For each size:
 
 - **registering partitions**: the partitions sensor's ticks (the real sensor, evaluated in this
@@ -268,12 +269,14 @@ def run_size(documents: int, queue_timeout_s: float) -> dict[str, Any]:
     try:
         from lumikb_pipeline.core.config import get_settings, load_settings
         from lumikb_pipeline.db import migrate
-        from lumikb_pipeline.infra.dagster_instance import dagster_storage_url, instance_config, render_instance_yaml
+        from lumikb_pipeline.infra.dagster_instance import instance_config, render_instance_yaml
+        from lumikb_pipeline_tests.dagster.stack import dagster_url as through_pooler
 
         env = {key: value for key, value in os.environ.items() if not key.startswith(("LUMIKB_", "DAGSTER_"))}
         env.update({
             "LUMIKB_HOME": str(home / "lumikb"), "DAGSTER_HOME": str(home / "dagster"),
-            "LUMIKB_DATABASE_URL": app_url, "LUMIKB_DAGSTER_PG_URL": dagster_storage_url(dagster_url),
+            # Dagster's storage through the services' PgBouncer, as production's.
+            "LUMIKB_DATABASE_URL": app_url, "LUMIKB_DAGSTER_PG_URL": through_pooler(dagster_url),
             # A database number of its own for the jobs' progress keys.
             "LUMIKB_REDIS_URL": saved.get("LUMIKB_REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0] + "/14",
             "LUMIKB_LLM_MODEL": "lumikb/offline",

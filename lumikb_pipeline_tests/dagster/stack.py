@@ -209,7 +209,7 @@ def stack_env(root: Path, app_db_url: str, dagster_db_url: str, llm_url: str, we
     return env
 
 
-def _dagster_url(sqlalchemy_url: str) -> str:
+def dagster_url(sqlalchemy_url: str) -> str:
     """The stack's Dagster database as Dagster reaches it: through the services' PgBouncer when
     `LUMIKB_DAGSTER_PG_URL` names one (`scripts/services env` does), as production should."""
     url = make_url(sqlalchemy_url).set(drivername="postgresql+psycopg2")
@@ -279,7 +279,7 @@ def start_stack(
     for url in redis_dbs:
         redis.Redis.from_url(url).flushdb()
     app_db = create_postgres_database("stack_app")
-    dagster_db = _dagster_url(create_postgres_database("stack_dagster"))
+    dagster_db = dagster_url(create_postgres_database("stack_dagster"))
     migrate.upgrade(app_db)
     if app_database_via is not None:
         host, port = app_database_via
@@ -361,6 +361,6 @@ def unique_slug(prefix: str) -> str:
 
 
 __all__ = [
-    "POOL_LIMITS", "Iterator", "Stack", "sensor_ticks", "services_unset", "stack_environment", "start_stack",
-    "stop_stack", "unique_slug", "wait_until",
+    "POOL_LIMITS", "Iterator", "Stack", "dagster_url", "sensor_ticks", "services_unset", "stack_environment",
+    "start_stack", "stop_stack", "unique_slug", "wait_until",
 ]

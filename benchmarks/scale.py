@@ -7,8 +7,8 @@
 
 No LLM is called: what is measured is orchestration, on a fresh PostgreSQL app database and a fresh
 PostgreSQL Dagster database per size (reached through the services' PgBouncer when
-`LUMIKB_DAGSTER_PG_URL` names one, as the test stacks and production reach it), each holding one KB whose documents are all extracted (the
-ledger says so), one chunk each. For each size:
+`LUMIKB_DAGSTER_PG_URL` names one, as the test stacks and production reach it), each holding one
+KB whose documents are all extracted (the ledger says so), one chunk each. For each size:
 
 - **registering partitions**: the partitions sensor's ticks (the real sensor, evaluated in this
   process) from an empty cursor until every document has its `documents` partition: the sum of

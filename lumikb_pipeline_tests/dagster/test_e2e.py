@@ -8,10 +8,13 @@ more than most tests). `LUMIKB_TEST_REUSE_STACK=<json>` runs them against a stac
 import json
 import math
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+import psutil
 import pytest
 from dagster import AssetKey, DagsterRunStatus, RunsFilter
 from dagster._core.storage.tags import SCHEDULE_NAME_TAG, SCHEDULED_EXECUTION_TIME_TAG
@@ -20,6 +23,7 @@ from sqlalchemy import select
 from lumikb_pipeline.db import ledger
 from lumikb_pipeline.db.models import Job, JobStatus, JobTrigger
 from lumikb_pipeline.db.session import session_scope
+from lumikb_pipeline_tests.conftest import required_env
 from lumikb_pipeline_tests.dagster.helpers import (
     EXTRACT_STEP,
     SCHEMA_V1,
@@ -84,6 +88,24 @@ def _leave_the_stack_as_found(stack: Stack) -> Any:
     assert started["startSensor"]["__typename"] == "Sensor", started
     reset = stack.lumikb("schedule", "set-cron", "0 2 * * *")
     assert reset.returncode == 0, reset.stderr
+
+
+def _neo4j_pid() -> int:
+    """The Neo4j server of the test services: the process listening on the Bolt port."""
+    port = urlparse(required_env("LUMIKB_NEO4J_URI")).port
+    [pid] = {c.pid for c in psutil.net_connections("tcp")
+             if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid is not None}
+    return pid
+
+
+def _within(seconds: float, condition: Callable[[], bool]) -> bool:
+    """Whether `condition` holds within `seconds` (polled every half second)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 def _say(message: str) -> None:
@@ -513,6 +535,26 @@ def test_pool_limits_held_in_every_run(stack: Stack, tmp_path: Path) -> None:
         _say(f"held LLM: {in_progress} extract steps in progress, {stack.hold_llm()['waiting']} requests held, "
              f"{info.pending_step_count} step(s) waiting for a lumikb_llm slot")
         assert in_progress == 3 and info.pending_step_count >= 1
+        # The graph-write pool the same way: Neo4j is stopped (SIGSTOP) before the 3 extract steps are
+        # let go, so their write steps hold their slots, blocked on it, while the 4th run's step
+        # extracts; its write step then asks for a slot too. Unblocked, writes of 1-2 s overlapped
+        # only two at a time on a quick machine.
+        graph = psutil.Process(_neo4j_pid())
+        graph.suspend()
+        try:
+            stack.hold_llm(False)
+
+            def writing() -> int:
+                runs = [run.run_id for run in instance.get_runs(RunsFilter(job_name="document_processing_job"))
+                        if run.tags.get("dagster/asset_partition_range_start") in keys]
+                return steps_in_progress(instance, runs, WRITE_STEP)
+
+            wait_until(lambda: writing() >= 3, 20, 0.5, "3 write steps in progress, blocked on Neo4j")
+            waiting_for_slot = _within(10, lambda: instance.event_log_storage.get_concurrency_info(
+                "lumikb_graph_write").pending_step_count >= 1)
+            _say(f"Neo4j stopped: {writing()} write steps in progress; a 4th waiting for a slot: {waiting_for_slot}")
+        finally:
+            graph.resume()
     finally:
         stack.hold_llm(False)
     wait_until(lambda: ledger_counts(slug)[(1, "succeeded")] == 160, 300, 2, "160 documents extracted")

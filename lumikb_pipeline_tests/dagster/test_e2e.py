@@ -23,6 +23,7 @@ from sqlalchemy import select
 from lumikb_pipeline.db import ledger
 from lumikb_pipeline.db.models import Job, JobStatus, JobTrigger
 from lumikb_pipeline.db.session import session_scope
+from lumikb_pipeline.orchestration import processes
 from lumikb_pipeline_tests.conftest import required_env
 from lumikb_pipeline_tests.dagster.helpers import (
     EXTRACT_STEP,
@@ -93,8 +94,8 @@ def _leave_the_stack_as_found(stack: Stack) -> Any:
 def _neo4j_pid() -> int:
     """The Neo4j server of the test services: the process listening on the Bolt port."""
     port = urlparse(required_env("LUMIKB_NEO4J_URI")).port
-    [pid] = {c.pid for c in psutil.net_connections("tcp")
-             if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid is not None}
+    assert port is not None
+    [pid] = processes.listening_pids(port) or set()
     return pid
 
 

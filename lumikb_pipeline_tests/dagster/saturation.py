@@ -100,6 +100,7 @@ class Saturation:
     busiest_1s: int
     busiest_1s_first_second: int
     runs: list[RunTimeline]
+    origin: float  # the job's start on the server's clock (`windows` counts on that clock)
 
     def summary(self) -> dict[str, Any]:
         """The figures, and where the time between runs went (medians over the runs)."""
@@ -123,6 +124,10 @@ class Saturation:
             "busiest_1s_window_first_second": self.busiest_1s_first_second,
             # Under 1 s: some second held more calls than the limit; above it, the margin left.
             "tightest_span_of_limit_plus_one_s": tightest_second(self.arrivals, self.limit_per_s),
+            # Where calls paused: the longest gaps between two calls (at, seconds), from the job's start.
+            "longest_gaps_s": [(round(at, 1), round(gap, 2)) for gap, at in sorted(
+                ((b - a, a) for a, b in zip(self.arrivals, self.arrivals[1:], strict=False)), reverse=True)[:5]],
+            "steady_part_s": (round(self.windows.start - self.origin, 1), round(self.windows.end - self.origin, 1)),
             "runs": len(self.runs),
             "median_s": {
                 "queued_to_started": median([r.started - r.created for r in self.runs if r.started is not None]),
@@ -205,7 +210,7 @@ def measure_reextraction(
     return Saturation(
         documents=documents, chunks_per_document=chunks, limit_per_s=limit, seconds=seconds, calls=len(arrivals),
         arrivals=[t - started for t in arrivals], windows=steady_windows(arrivals, limit),
-        busiest_1s=busiest_window(arrivals), busiest_1s_first_second=len(first), runs=runs,
+        busiest_1s=busiest_window(arrivals), busiest_1s_first_second=len(first), runs=runs, origin=started,
     )
 
 

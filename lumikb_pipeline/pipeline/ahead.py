@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from types import TracebackType
 from typing import cast
 
@@ -100,6 +100,12 @@ def in_progress_ahead(client: redis.Redis, job_id: str, doc_ids: Sequence[str]) 
     now = time.time()
     scores = cast(list[float | None], client.zmscore(ahead_active_key(job_id), list(doc_ids)))
     return {doc_id for doc_id, score in zip(doc_ids, scores, strict=True) if score is not None and score > now}
+
+
+def any_in_progress_ahead(client: redis.Redis, job_id: str, besides: Collection[str] = ()) -> bool:
+    """Whether a step is extracting any of the job's documents ahead now, `besides` not counted."""
+    members = cast(list[str], client.zrangebyscore(ahead_active_key(job_id), time.time(), "+inf"))
+    return any(member not in besides for member in members)
 
 
 def wait_for_ahead(client: redis.Redis, job_id: str, doc_ids: Sequence[str], stop: Callable[[], bool]) -> None:

@@ -29,6 +29,8 @@ from lumikb_pipeline.pipeline.ahead import (
     ACTIVE_TTL_S,
     OwnExtraction,
     ahead_documents_key,
+    ahead_lock_key,
+    any_in_progress_ahead,
     in_progress_ahead,
     mark_in_progress,
     others_extracting,
@@ -67,6 +69,9 @@ AHEAD_GROUP_S = 30.0
 # its calls with reserved rate slots go out (up to `LUMIKB_LLM_MAX_IN_FLIGHT / R` s, 5 s by default).
 AHEAD_GRACE_S = 6.0
 AHEAD_POLL_S = 0.2
+# How long a step extracting ahead that finds nothing left to take waits for another step's groups to
+# give back the documents they had not started (they do when their calls in flight are answered).
+AHEAD_RELEASE_WAIT_S = 10.0
 
 
 def extract_documents(
@@ -288,14 +293,20 @@ class _Ahead:
             self._thread.join()
 
     def _run(self) -> None:
+        asked = time.monotonic()
         try:
             while not self.stop() and not self._handed_over.is_set():
-                if not others_extracting(self.client, self.job_id, self.claimant) and take_ahead_lock(
-                    self.client, self.job_id, self.claimant
-                ):
+                others = others_extracting(self.client, self.job_id, self.claimant)
+                if not others and take_ahead_lock(self.client, self.job_id, self.claimant):
+                    log.info("extracting ahead of job %s: the ahead lock after %.1f s", self.job_id,
+                             time.monotonic() - asked)
                     self._extract_ahead()
                     return
                 if self._own_ended is not None and time.monotonic() - self._own_ended > AHEAD_GRACE_S:
+                    holder = self.client.get(ahead_lock_key(self.job_id))
+                    log.info("not extracting ahead of job %s: waited %.1f s (another step extracting its own "
+                             "batch: %s; the ahead lock held by %s)", self.job_id, time.monotonic() - asked,
+                             others, holder)
                     return
                 time.sleep(AHEAD_POLL_S)
         except Exception as exc:  # noqa: BLE001 - ahead is an optimisation: the runs extract what is missing
@@ -365,6 +376,12 @@ class _Ahead:
                     self.settings, self.client, self.job_id, self.schema_version, group_chunks
                 )
                 if not doc_ids:
+                    # A step handed over gives the documents its groups had not started back only
+                    # when their last calls are answered (seconds): until then they look taken, and
+                    # ending here was a pause in the job's calls until the next run's step came
+                    # (5-6 s at 10/s on a loaded machine). Wait for those groups, then pick again.
+                    if self._wait_for_other_groups(should_stop):
+                        continue
                     return
                 # Each group in a thread of its own, the next one picked when this one has about
                 # `AHEAD_LEAD_S` of calls left: a group's last calls are then not a pause.
@@ -387,6 +404,25 @@ class _Ahead:
                 group.join()
             done.set()
             watcher.join(timeout=5)
+
+    def _wait_for_other_groups(self, should_stop: Callable[[], bool]) -> bool:
+        """Wait (up to `AHEAD_RELEASE_WAIT_S`) until no other step's group extracts documents of the
+        job ahead; False at once when none does (nothing can come back to pick)."""
+        with self._lock:
+            mine = set(self._in_progress)
+        if not any_in_progress_ahead(self.client, self.job_id, mine):
+            return False
+        deadline = time.monotonic() + AHEAD_RELEASE_WAIT_S
+        while time.monotonic() < deadline and not should_stop():
+            time.sleep(AHEAD_POLL_S)
+            with self._lock:
+                mine = set(self._in_progress)
+            if not any_in_progress_ahead(self.client, self.job_id, mine):
+                log.info("extracting ahead of job %s: waited %.1f s for another step's groups to give back the "
+                         "documents they had not started", self.job_id,
+                         AHEAD_RELEASE_WAIT_S - (deadline - time.monotonic()))
+                return True
+        return False
 
     def _extract_group(self, doc_ids: list[str], lead: int, nearly_done: threading.Event) -> None:
         with self._lock:

@@ -237,3 +237,37 @@ def test_a_step_stops_extracting_ahead_when_redis_loses_the_jobs_ahead_lock(
     calls = len(_chunks_called(fake_llm))
     time.sleep(1)
     assert len(_chunks_called(fake_llm)) == calls < DOCUMENTS * CHUNKS
+
+
+@pytest.mark.slow  # seconds of real waiting: out of the fast step
+def test_a_step_extracting_ahead_waits_for_the_documents_a_step_handed_over_gives_back(
+    job: AheadJob, fake_llm: FakeServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A step handed over gives the documents its group had not started back only when its calls in
+    flight are answered. The step that extracts ahead next finds every document taken until then: it
+    waits for them and takes them, instead of ending with the job's calls paused until a later run."""
+    monkeypatch.setenv("LUMIKB_LLM_MAX_IN_FLIGHT", "8")  # the group's calls go out a few at a time
+    settings = load_settings()
+    fake_llm.configure(latency_mean_s=5.0, latency_jitter_s=0.0)  # answers out for seconds
+
+    def extract(doc_ids: list[str], claimant: str) -> list[DocumentOutcome]:
+        return extract_documents(settings, ChunkExtractor(settings), doc_ids, claimant=claimant, job_id=job.job_id,
+                                 ahead_s=60)
+
+    first: list[DocumentOutcome] = []
+    thread = threading.Thread(target=lambda: first.extend(extract(job.doc_ids[:BATCH], "run-1")))
+    thread.start()
+    # Its own batch, then the documents ahead in partition order: the next batch's among the first.
+    _wait(lambda: len(_chunks_called(fake_llm)) >= 2 * BATCH * CHUNKS + 4, 60, "calls for documents ahead")
+    client = redis_client.connect(settings)
+    with OwnExtraction(client, job.job_id, "run-2"):
+        _wait(lambda: client.get(ahead_lock_key(job.job_id)) is None, 5, "the ahead lock given up")
+    assert thread.is_alive()  # its group's last calls are still out, its other documents still taken
+    with caplog.at_level("INFO", logger="lumikb_pipeline.pipeline.extract"):
+        second = extract(job.doc_ids[BATCH:2 * BATCH], "run-3")
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert [o.status for o in first + second] == ["extracted"] * 2 * BATCH
+    called = _chunks_called(fake_llm)
+    assert len(called) == len(set(called)) == DOCUMENTS * CHUNKS  # every document, each chunk once
+    assert "for another step's groups to give back" in caplog.text  # and not by run-1 alone

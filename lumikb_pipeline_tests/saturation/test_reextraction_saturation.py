@@ -1,75 +1,85 @@
 """A re-extraction through the whole stack keeps the provider's limit saturated (issue 13, point 1).
 
-Schema change -> the schema-version sensor -> backfill -> runs on `reprocessing` via dagster-celery, against
-the fake LLM server, in the issue's configuration: limit 20/s, latency 0.5-1.5 s, batches of 25 (the
-default), documents of 5 chunks, the in-flight cap's default (5·R = 100). At the server, every 10-s window
-from the first to the last 10% of the job's calls holds at least 90% of the limit, and no 1-s window
-holds more than the limit, the job's first second included.
+Schema change -> the schema-version sensor -> backfill -> runs on `reprocessing` via dagster-celery,
+against the fake LLM server, with batches of 25 (the default) and the in-flight cap's default (5·R).
+At the server, every 10-s window from the first to the last 10% of the job's calls holds at least 90%
+of the limit, and no 1-s window holds more than the limit, the job's first second included.
 
-Its own stack (its own limit and in-flight cap): it must not share the machine with another stack. The
-fake server runs at real-time priority (`raise_priority`), so its arrival times are when requests came.
+Two configurations, each on a stack of its own (its own limit and in-flight cap), which must not
+share the machine with another stack. The fake server runs at real-time priority (`raise_priority`),
+so its arrival times are when requests came.
 
-Marked unreliable, so no step of `scripts/test` runs it: it passes some runs and misses by little
-in others, and it takes about 10 minutes, which the whole suite's 60 cannot hold. Run it with
-`pytest -m slow lumikb_pipeline_tests/saturation` on a quiet machine. On 2026-12-01 and 12-02
-(docs/benchmarks.md, "What was left"), runs of this measurement held lowest 10-s windows of 72-90%
-before extraction ahead started while a step's last answers were out, and of 88% and 12% (this test:
-the pause before the runs that then extracted the job's last batches themselves) after; with no
-margin left to the runs, 89% and 89.5% (this test; 1-2 calls under 90%: slots the sender gave up on
-the busy 2 CPUs), and 90.5% through `benchmarks/run`.
+- **At 10/s** (in CI, its own step of `scripts/test`, about 5 minutes): the configuration in which the
+  issue saw re-extraction use 48.5-60.8% of the limit (latency 1 s ± 0.3 s, documents of 3 chunks,
+  two `reprocessing` worker processes), with 400 documents, so the steady part holds 10 windows.
+- **At 20/s**, the issue's point 3 (1,000 documents × 5 chunks, latency 0.5-1.5 s): marked
+  unreliable, so no step of `scripts/test` runs it. It takes about 10 minutes, and on this 2-core
+  machine its lowest window missed 90% by 1-2 calls in two runs of three: the workers' sender
+  threads, sharing the 2 CPUs with the run processes, the workers and Neo4j, woke too late for 1-9
+  slots per batch (docs/benchmarks.md, "What was left"). `benchmarks/run` measures this
+  configuration. Run it with `pytest -m slow lumikb_pipeline_tests/saturation` on a quiet machine.
 """
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from lumikb_pipeline_tests.dagster.saturation import measure_reextraction, overrides
-from lumikb_pipeline_tests.dagster.stack import Stack, start_stack, stop_stack, unique_slug
+from lumikb_pipeline_tests.dagster.saturation import Saturation, measure_reextraction, overrides
+from lumikb_pipeline_tests.dagster.stack import Stack, stack_environment, start_stack, stop_stack, unique_slug
 
-pytestmark = [pytest.mark.slow, pytest.mark.unreliable]
-
-LIMIT_PER_S = 20
+pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def saturation_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    import os
-
-    from lumikb_pipeline.core.config import get_settings
+@contextmanager
+def saturation_stack(folder: Path, limit_per_s: int) -> Iterator[Stack]:
+    """A stack of its own at `limit_per_s`, with batches of the default size; this process's
+    environment points at it meanwhile."""
     from lumikb_pipeline.db.session import dispose_engines
 
-    running = start_stack(tmp_path_factory.mktemp("saturation"), overrides({
-        "LUMIKB_LLM_RATE_LIMIT": f"{LIMIT_PER_S}/s", "LUMIKB_REEXTRACT_BATCH_SIZE": "25",
+    running = start_stack(folder, overrides({
+        "LUMIKB_LLM_RATE_LIMIT": f"{limit_per_s}/s", "LUMIKB_REEXTRACT_BATCH_SIZE": "25",
     }))
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(running.env)
-    get_settings.cache_clear()
     try:
-        yield running
+        with stack_environment(running):
+            yield running
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        get_settings.cache_clear()
         dispose_engines()
         stop_stack(running)
 
 
-@pytest.mark.timeout(1500)
-def test_reextraction_through_the_stack_holds_the_limit_in_every_window(
-    saturation_stack: Stack, tmp_path: Path
-) -> None:
-    documents, chunks = 1000, 5
-    result = measure_reextraction(saturation_stack, unique_slug("sat"), tmp_path / "docs", documents=documents,
-                                  chunks=chunks, latency_mean_s=1.0, latency_jitter_s=0.5)
+def assert_saturated(result: Saturation, documents: int, chunks: int, limit_per_s: int, windows: int) -> None:
     summary = result.summary()
     print(f"\n[saturation] {summary}")
     for run in result.runs:
         print(f"[saturation] run {run.run_id[:8]} created {run.created:.1f} started {run.started} ended {run.ended} "
               f"steps { {k.rsplit('.', 1)[-1]: (round(a, 1), round(b, 1)) for k, (a, b) in run.steps.items()} }")
     assert result.calls >= documents * chunks
-    assert len(result.windows.counts) >= 8, summary
+    assert len(result.windows.counts) >= windows, summary
     assert result.windows.lowest_share >= 0.9, summary
-    assert result.busiest_1s <= LIMIT_PER_S, summary
-    assert result.busiest_1s_first_second <= LIMIT_PER_S, summary
+    assert result.busiest_1s <= limit_per_s, summary
+    assert result.busiest_1s_first_second <= limit_per_s, summary
+
+
+@pytest.mark.timeout(900)
+def test_reextraction_at_10_per_s_holds_the_limit_in_every_window(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    documents, chunks, limit = 400, 3, 10
+    with saturation_stack(tmp_path_factory.mktemp("saturation-10"), limit) as stack:
+        result = measure_reextraction(stack, unique_slug("sat"), tmp_path / "docs", documents=documents,
+                                      chunks=chunks, latency_mean_s=1.0, latency_jitter_s=0.3)
+    assert_saturated(result, documents, chunks, limit, windows=9)
+
+
+@pytest.mark.unreliable
+@pytest.mark.timeout(1500)
+def test_reextraction_at_20_per_s_holds_the_limit_in_every_window(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    documents, chunks, limit = 1000, 5, 20
+    with saturation_stack(tmp_path_factory.mktemp("saturation-20"), limit) as stack:
+        result = measure_reextraction(stack, unique_slug("sat"), tmp_path / "docs", documents=documents,
+                                      chunks=chunks, latency_mean_s=1.0, latency_jitter_s=0.5)
+    assert_saturated(result, documents, chunks, limit, windows=8)

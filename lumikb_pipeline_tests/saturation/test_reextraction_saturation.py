@@ -9,7 +9,7 @@ Two configurations, each on a stack of its own (its own limit and in-flight cap)
 share the machine with another stack. The fake server runs at real-time priority (`raise_priority`),
 so its arrival times are when requests came.
 
-- **At 10/s** (in CI, its own step of `scripts/test`, about 5 minutes): the configuration in which the
+- **At 10/s** (in CI, its own step of `scripts/test`, about 3.5 minutes): the configuration in which the
   issue saw re-extraction use 48.5-60.8% of the limit (latency 1 s ± 0.3 s, documents of 3 chunks,
   two `reprocessing` worker processes), with 400 documents, so the steady part holds 10 windows.
 - **At 20/s**, the issue's point 3 (1,000 documents × 5 chunks, latency 0.5-1.5 s): marked

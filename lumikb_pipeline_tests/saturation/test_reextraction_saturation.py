@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from lumikb_pipeline_tests.dagster.saturation import Saturation, measure_reextraction, overrides
+from lumikb_pipeline_tests.dagster.saturation import measure_reextraction, overrides
 from lumikb_pipeline_tests.dagster.stack import Stack, stack_environment, start_stack, stop_stack, unique_slug
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,17 @@ def saturation_stack(folder: Path, limit_per_s: int) -> Iterator[Stack]:
         stop_stack(running)
 
 
-def assert_saturated(result: Saturation, documents: int, chunks: int, limit_per_s: int, windows: int) -> None:
+@pytest.mark.parametrize(("limit_per_s", "documents", "chunks", "latency_jitter_s", "windows"), [
+    pytest.param(10, 400, 3, 0.3, 9, id="10-per-s", marks=pytest.mark.timeout(900)),
+    pytest.param(20, 1000, 5, 0.5, 8, id="20-per-s", marks=[pytest.mark.unreliable, pytest.mark.timeout(1500)]),
+])
+def test_reextraction_holds_the_limit_in_every_window(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, limit_per_s: int, documents: int, chunks: int,
+    latency_jitter_s: float, windows: int,
+) -> None:
+    with saturation_stack(tmp_path_factory.mktemp(f"saturation-{limit_per_s}"), limit_per_s) as stack:
+        result = measure_reextraction(stack, unique_slug("sat"), tmp_path / "docs", documents=documents,
+                                      chunks=chunks, latency_mean_s=1.0, latency_jitter_s=latency_jitter_s)
     summary = result.summary()
     print(f"\n[saturation] {summary}")
     for run in result.runs:
@@ -61,26 +71,3 @@ def assert_saturated(result: Saturation, documents: int, chunks: int, limit_per_
     assert result.windows.lowest_share >= 0.9, summary
     assert result.busiest_1s <= limit_per_s, summary
     assert result.busiest_1s_first_second <= limit_per_s, summary
-
-
-@pytest.mark.timeout(900)
-def test_reextraction_at_10_per_s_holds_the_limit_in_every_window(
-    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
-) -> None:
-    documents, chunks, limit = 400, 3, 10
-    with saturation_stack(tmp_path_factory.mktemp("saturation-10"), limit) as stack:
-        result = measure_reextraction(stack, unique_slug("sat"), tmp_path / "docs", documents=documents,
-                                      chunks=chunks, latency_mean_s=1.0, latency_jitter_s=0.3)
-    assert_saturated(result, documents, chunks, limit, windows=9)
-
-
-@pytest.mark.unreliable
-@pytest.mark.timeout(1500)
-def test_reextraction_at_20_per_s_holds_the_limit_in_every_window(
-    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
-) -> None:
-    documents, chunks, limit = 1000, 5, 20
-    with saturation_stack(tmp_path_factory.mktemp("saturation-20"), limit) as stack:
-        result = measure_reextraction(stack, unique_slug("sat"), tmp_path / "docs", documents=documents,
-                                      chunks=chunks, latency_mean_s=1.0, latency_jitter_s=0.5)
-    assert_saturated(result, documents, chunks, limit, windows=8)

@@ -407,22 +407,24 @@ class _Ahead:
 
     def _wait_for_other_groups(self, should_stop: Callable[[], bool]) -> bool:
         """Wait (up to `AHEAD_RELEASE_WAIT_S`) until no other step's group extracts documents of the
-        job ahead; False at once when none does (nothing can come back to pick)."""
-        with self._lock:
-            mine = set(self._in_progress)
-        if not any_in_progress_ahead(self.client, self.job_id, mine):
-            return False
-        deadline = time.monotonic() + AHEAD_RELEASE_WAIT_S
-        while time.monotonic() < deadline and not should_stop():
-            time.sleep(AHEAD_POLL_S)
+        job ahead; True when some did and then ended (what they gave back can be picked), False at
+        once when none does, or when the wait runs out."""
+        started = time.monotonic()
+        waited = False
+        while True:
             with self._lock:
                 mine = set(self._in_progress)
             if not any_in_progress_ahead(self.client, self.job_id, mine):
-                log.info("extracting ahead of job %s: waited %.1f s for another step's groups to give back the "
-                         "documents they had not started", self.job_id,
-                         AHEAD_RELEASE_WAIT_S - (deadline - time.monotonic()))
-                return True
-        return False
+                break
+            if time.monotonic() - started > AHEAD_RELEASE_WAIT_S or should_stop():
+                return False
+            time.sleep(AHEAD_POLL_S)
+            waited = True
+        if not waited:
+            return False
+        log.info("extracting ahead of job %s: waited %.1f s for another step's groups to give back the "
+                 "documents they had not started", self.job_id, time.monotonic() - started)
+        return True
 
     def _extract_group(self, doc_ids: list[str], lead: int, nearly_done: threading.Event) -> None:
         with self._lock:

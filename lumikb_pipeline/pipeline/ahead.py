@@ -21,7 +21,9 @@ This module is the coordination, in Redis, per job:
 - `pick_ahead`: which documents to extract ahead: pending ones of the job from its *end*, each
   taken once (`SADD`), so two steps never extract the same document. A document taken is also
   marked *in progress* (`ahead_active_key`, scored by expiry) until its chunks are all settled;
-  documents a step took but did not reach before it handed over are given back (`SREM`);
+  documents a step took but did not reach before it handed over are given back (`SREM`); a step
+  that starts again after its process died frees what its previous incarnation held at once
+  (`free_previous_incarnation`: same claimant), rather than after the marks and the lock expire;
 - a run and a step extracting ahead never call for the same document at once, whatever the order
   (the Dekker pattern across PostgreSQL and Redis): `pick_ahead` marks a document in progress and
   *then* reads its ledger row, dropping it if a run has claimed it; a run claims its documents and
@@ -78,19 +80,50 @@ def ahead_active_key(job_id: str) -> str:
     return f"lumikb:job:{job_id}:ahead_active"
 
 
-def mark_in_progress(client: redis.Redis, job_id: str, doc_ids: Sequence[str]) -> None:
-    """Mark (or renew) `doc_ids` as being extracted ahead for the next `ACTIVE_TTL_S`."""
+def ahead_owners_key(job_id: str) -> str:
+    """Which step (claimant) marked each document being extracted ahead: a hash, so that a step
+    started again can free what its previous incarnation left marked (`free_previous_incarnation`)."""
+    return f"lumikb:job:{job_id}:ahead_owners"
+
+
+def mark_in_progress(client: redis.Redis, job_id: str, claimant: str, doc_ids: Sequence[str]) -> None:
+    """Mark (or renew) `doc_ids` as being extracted ahead by `claimant` for the next `ACTIVE_TTL_S`."""
     if not doc_ids:
         return
     pipe = client.pipeline()
     pipe.zadd(ahead_active_key(job_id), dict.fromkeys(doc_ids, time.time() + ACTIVE_TTL_S))
-    pipe.expire(ahead_active_key(job_id), JOB_KEY_TTL_S)
+    pipe.hset(ahead_owners_key(job_id), mapping=dict.fromkeys(doc_ids, claimant))
+    for key in (ahead_active_key(job_id), ahead_owners_key(job_id)):
+        pipe.expire(key, JOB_KEY_TTL_S)
     pipe.execute()
 
 
 def unmark_in_progress(client: redis.Redis, job_id: str, doc_ids: Sequence[str]) -> None:
     if doc_ids:
-        client.zrem(ahead_active_key(job_id), *doc_ids)
+        pipe = client.pipeline()
+        pipe.zrem(ahead_active_key(job_id), *doc_ids)
+        pipe.hdel(ahead_owners_key(job_id), *doc_ids)
+        pipe.execute()
+
+
+def free_previous_incarnation(client: redis.Redis, job_id: str, claimant: str) -> list[str]:
+    """A step that starts again (Celery redelivered it after its process was killed, or its run's
+    retry: the same claimant) frees at once what its previous incarnation held ahead, instead of
+    leaving it until it expires (`ACTIVE_TTL_S`, `LOCK_TTL_MS`): the documents it was extracting
+    ahead (their marks, for which the runs that claimed them wait, and their place in the job's
+    taken set, so they can be taken again; their chunks already answered stay checkpointed), its
+    registration as extracting its own batch, and the job's ahead lock. Returns the documents freed."""
+    owners = cast(dict[str, str], client.hgetall(ahead_owners_key(job_id)))
+    mine = sorted(doc_id for doc_id, owner in owners.items() if owner == claimant)
+    pipe = client.pipeline()
+    if mine:
+        pipe.zrem(ahead_active_key(job_id), *mine)
+        pipe.srem(ahead_documents_key(job_id), *mine)
+        pipe.hdel(ahead_owners_key(job_id), *mine)
+    pipe.zrem(extracting_key(job_id), claimant)
+    pipe.execute()
+    release_ahead_lock(client, job_id, claimant)
+    return mine
 
 
 def in_progress_ahead(client: redis.Redis, job_id: str, doc_ids: Sequence[str]) -> set[str]:
@@ -214,11 +247,11 @@ def release_ahead_lock(client: redis.Redis, job_id: str, claimant: str) -> None:
 
 
 def pick_ahead(
-    settings: Settings, client: redis.Redis, job_id: str, schema_version: int, max_chunks: int
+    settings: Settings, client: redis.Redis, job_id: str, claimant: str, schema_version: int, max_chunks: int
 ) -> list[str]:
     """Take up to `max_chunks` chunks' worth of the job's pending documents to extract ahead, from the
     job's end (in partition order). Each document is taken once, by one step, and is marked in
-    progress until `unmark_in_progress`."""
+    progress by `claimant` until `unmark_in_progress`."""
     from sqlalchemy import func
 
     from lumikb_pipeline.db.models import Chunk
@@ -255,7 +288,7 @@ def pick_ahead(
         new = [(doc_id, count) for (doc_id, count), fresh in zip(group, added, strict=True) if fresh]
         # Marked in progress first, then the ledger read again: a run that claimed one of them
         # meanwhile extracts it itself (and one claiming it from now on waits for this step).
-        mark_in_progress(client, job_id, [doc_id for doc_id, _ in new])
+        mark_in_progress(client, job_id, claimant, [doc_id for doc_id, _ in new])
         claimed = _no_longer_pending(settings, [doc_id for doc_id, _ in new], job_id, schema_version)
         if claimed:
             unmark_in_progress(client, job_id, sorted(claimed))
@@ -276,7 +309,8 @@ def _no_longer_pending(settings: Settings, doc_ids: Sequence[str], job_id: str, 
                 or row.status != ExtractionStatus.PENDING}
 
 __all__ = [
-    "OwnExtraction", "ahead_active_key", "ahead_documents_key", "ahead_lock_key", "extracting_key",
-    "in_progress_ahead", "mark_in_progress", "others_extracting", "pick_ahead", "release_ahead_lock",
+    "OwnExtraction", "ahead_active_key", "ahead_documents_key", "ahead_lock_key", "ahead_owners_key",
+    "extracting_key", "free_previous_incarnation", "in_progress_ahead", "mark_in_progress", "others_extracting",
+    "pick_ahead", "release_ahead_lock",
     "renew_ahead_lock", "take_ahead_lock", "unmark_in_progress", "wait_for_ahead",
 ]

@@ -31,6 +31,7 @@ from lumikb_pipeline.pipeline.ahead import (
     ahead_documents_key,
     ahead_lock_key,
     any_in_progress_ahead,
+    free_previous_incarnation,
     in_progress_ahead,
     mark_in_progress,
     others_extracting,
@@ -132,6 +133,7 @@ def extract_documents(
         ahead = None
         if job_id is not None and ahead_s > 0 and claimed:
             ahead = _Ahead(settings, extractor, job_id, claimant, claimed[0].schema_version, strategy, stop, ahead_s)
+            ahead.free_previous_incarnation()
         with LeaseKeeper(settings, claimed, claimant, lease) as leases:
             if ahead is None:
                 _extract_items(settings, extractor, claimed, strategy, stop, stop.on_result, results)
@@ -271,6 +273,20 @@ class _Ahead:
         self._handed_over = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"extract-ahead-{claimant[:24]}", daemon=True)
 
+    def free_previous_incarnation(self) -> None:
+        """This step may be starting again (`ahead.free_previous_incarnation`): what it held ahead in
+        its previous process is freed now, not after 30 s, for the runs waiting for those documents
+        (a `SIGKILL` of a child extracting ahead paused the job's calls for 29.5 s)."""
+        try:
+            freed = free_previous_incarnation(self.client, self.job_id, self.claimant)
+        except Exception as exc:  # noqa: BLE001 - Redis away: the marks and the lock expire on their own
+            log.warning("could not free what this step held ahead of job %s before: %s", self.job_id,
+                        scrub(f"{type(exc).__name__}: {exc}"))
+            return
+        if freed:
+            log.info("freed %d document(s) of job %s this step was extracting ahead when it stopped",
+                     len(freed), self.job_id)
+
     def start(self) -> None:
         if not self._started:
             self._started = True
@@ -373,7 +389,7 @@ class _Ahead:
                 if not renew_ahead_lock(self.client, self.job_id, self.claimant):
                     return
                 doc_ids = pick_ahead(
-                    self.settings, self.client, self.job_id, self.schema_version, group_chunks
+                    self.settings, self.client, self.job_id, self.claimant, self.schema_version, group_chunks
                 )
                 if not doc_ids:
                     # A step handed over gives the documents its groups had not started back only
@@ -482,7 +498,7 @@ class _Ahead:
         """Keep the in-progress marks of the documents being extracted from expiring."""
         with self._lock:
             doc_ids = sorted(self._in_progress)
-        mark_in_progress(self.client, self.job_id, doc_ids)
+        mark_in_progress(self.client, self.job_id, self.claimant, doc_ids)
 
 
 def _migrate(

@@ -25,8 +25,10 @@ from lumikb_pipeline.pipeline.ahead import (
     OwnExtraction,
     ahead_documents_key,
     ahead_lock_key,
+    extracting_key,
     in_progress_ahead,
     others_extracting,
+    pick_ahead,
     take_ahead_lock,
 )
 from lumikb_pipeline.pipeline.extract import extract_documents
@@ -271,3 +273,43 @@ def test_a_step_extracting_ahead_waits_for_the_documents_a_step_handed_over_give
     called = _chunks_called(fake_llm)
     assert len(called) == len(set(called)) == DOCUMENTS * CHUNKS  # every document, each chunk once
     assert "for another step's groups to give back" in caplog.text  # and not by run-1 alone
+
+
+@pytest.mark.slow  # seconds of real waiting: out of the fast step
+def test_a_step_started_again_frees_at_once_what_it_held_ahead_when_its_process_died(
+    job: AheadJob, fake_llm: FakeServer
+) -> None:
+    """A step's process killed while it extracts ahead leaves in Redis what a `SIGKILL` leaves: the
+    job's ahead lock and the in-progress marks of the documents it took, which the runs that claim
+    those documents wait for (up to `ACTIVE_TTL_S`, 30 s). The same step started again (Celery
+    redelivers it, or its run's retry: the same claimant) frees them at once."""
+    client = redis_client.connect(job.settings)
+    # What run-1's killed process left: the lock, its registration, and the job's last documents
+    # taken and marked, none of their chunks called.
+    assert take_ahead_lock(client, job.job_id, "run-1")
+    taken = pick_ahead(job.settings, client, job.job_id, "run-1", 1, 2 * BATCH * CHUNKS)
+    assert sorted(taken) == sorted(job.doc_ids[-2 * BATCH:])
+    client.zadd(extracting_key(job.job_id), {"run-1": time.time() + 30})
+    last_run = job.doc_ids[-BATCH:]
+    waiting, waited = _extract_in_thread(job, last_run, "run-9")  # the run of the job's last batch
+    time.sleep(2)
+    assert waiting.is_alive() and not _chunks_called(fake_llm)  # it waits for the marks
+
+    # Another run's step extracts its own batch meanwhile, so neither step goes on ahead: each ends
+    # with its own batch (after the grace for the ahead lock).
+    with OwnExtraction(client, job.job_id, "run-2"):
+        restarted = time.monotonic()
+        thread, outcomes = _extract_in_thread(job, job.doc_ids[:BATCH], "run-1")
+        _wait(lambda: len(_chunks_called(fake_llm)) >= 2 * BATCH * CHUNKS, 10,
+              "the run of the last batch to call for its documents")
+        assert time.monotonic() - restarted < 10  # not after the marks' 30 s
+        assert not in_progress_ahead(client, job.job_id, taken)
+        assert client.get(ahead_lock_key(job.job_id)) is None
+        waiting.join(timeout=30)
+        thread.join(timeout=30)
+        assert not waiting.is_alive() and not thread.is_alive()
+    assert [(o.status, o.llm_calls) for o in waited] == [("extracted", CHUNKS)] * BATCH  # it called them itself
+    assert [o.status for o in outcomes] == ["extracted"] * BATCH
+    assert not _ahead_documents(job) & set(taken)  # given back: a later step may take them ahead again
+    called = _chunks_called(fake_llm)
+    assert len(called) == len(set(called)) == 2 * BATCH * CHUNKS  # nothing paid twice

@@ -141,8 +141,8 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         "reextraction_saturation",
         # The configuration (1,000 documents × 5 chunks at 20/s, latency 0.5-1.5 s, batches of
-        # the default 25); the design without extraction ahead runs on its own (docs/benchmarks.md).
-        full=("--documents", "1000", "--chunks", "5", "--limit", "20/s", "--batch-size", "25",
+        # the default 100); the design without extraction ahead runs on its own (docs/benchmarks.md).
+        full=("--documents", "1000", "--chunks", "5", "--limit", "20/s", "--batch-size", "100",
               "--no-without-ahead", "--plain-seconds", "120"),
         quick=("--quick", "--plain-seconds", "20"),  # the plain design is latency-bound: 20 s show it
         figures=(

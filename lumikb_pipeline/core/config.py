@@ -89,8 +89,9 @@ class Settings(BaseSettings):
     llm_retry_window_s: float = Field(default=600.0, ge=0, le=86_400)
     chunk_tokens: int = Field(default=400, ge=32, le=8192)
     # Documents per Dagster run (re-extraction backfills and normal processing). Each run costs a
-    # process of its own (seconds of CPU), so 100 documents spread it below 50 ms a document
-    # (docs/benchmarks.md, "Orchestration overhead"); calls do not depend on it (`pipeline.ahead`).
+    # process of its own (seconds of CPU) that its documents share: with the offline model, runs of
+    # 100 cost about 50 ms a document of orchestration, runs of 40 about 80 (docs/benchmarks.md,
+    # "Orchestration overhead"). A re-extraction's calls do not depend on it (`pipeline.ahead`).
     reextract_batch_size: int = Field(default=100, ge=1, le=10_000)
     # Seconds a re-extraction step may extract its job's later documents ahead while the next run
     # starts (`pipeline.ahead`); 0 turns extraction ahead off.

@@ -311,6 +311,6 @@ def _no_longer_pending(settings: Settings, doc_ids: Sequence[str], job_id: str, 
 __all__ = [
     "OwnExtraction", "ahead_active_key", "ahead_documents_key", "ahead_lock_key", "ahead_owners_key",
     "extracting_key", "free_previous_incarnation", "in_progress_ahead", "mark_in_progress", "others_extracting",
-    "pick_ahead", "release_ahead_lock",
-    "renew_ahead_lock", "take_ahead_lock", "unmark_in_progress", "wait_for_ahead",
+    "pick_ahead", "release_ahead_lock", "renew_ahead_lock", "take_ahead_lock", "unmark_in_progress",
+    "wait_for_ahead",
 ]

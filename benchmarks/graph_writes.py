@@ -55,6 +55,7 @@ from lumikb_pipeline.graph.build import build_document_graph
 from lumikb_pipeline.graph.merging import provenance_text
 from lumikb_pipeline.graph.neo4j_store import Neo4jGraphStore
 from lumikb_pipeline.graph.plan import entity_state, relationship_state
+from lumikb_pipeline_tests.graph.conftest import delete_kbs
 
 RESULTS = Path(__file__).resolve().parent / "results" / "graph_writes.json"
 CHUNKS_PER_DOCUMENT = 5
@@ -205,22 +206,6 @@ def make_documents(kb_id: str, documents: int) -> list[DocumentGraph]:
 # --- running -----------------------------------------------------------------------------------
 
 
-_KB_NODES = {  # each label's nodes of one KB, found through its uniqueness constraint's index
-    "Entity": "(n:Entity {kb_id: $kb_id} WHERE n.type IS NOT NULL AND n.key IS NOT NULL)",
-    "Chunk": "(n:Chunk {kb_id: $kb_id} WHERE n.id IS NOT NULL)",
-    "Document": "(n:Document {kb_id: $kb_id} WHERE n.id IS NOT NULL)",
-}
-
-
-def _delete_kb(store: Neo4jGraphStore, kb_id: str) -> None:
-    with store._driver.session(database=store.database) as session:
-        for pattern in _KB_NODES.values():
-            # Batched deletes: one transaction per 2,000 nodes keeps memory bounded.
-            session.run(
-                f"MATCH {pattern} CALL (n) {{ DETACH DELETE n }} IN TRANSACTIONS OF 2000 ROWS", kb_id=kb_id
-            ).consume()
-
-
 def _write_all(graphs: Sequence[DocumentGraph], write: Callable[[DocumentGraph], object], workers: int) -> float:
     """Seconds to write `graphs` with `workers` threads."""
     started = time.perf_counter()
@@ -319,7 +304,7 @@ def run(
         results = {writer: _rates(store, docs[writer], per_round[writer]) for writer in WRITERS}
     finally:
         for kb_id in (*kbs.values(), *(f"{warmup_kb}-{w}" for w in WRITERS)):
-            _delete_kb(store, kb_id)
+            delete_kbs(store, [kb_id])
 
     def doc_seconds(writer: str) -> float:
         return statistics.median(r["seconds"] / r["documents"] for r in per_round[writer])

@@ -58,6 +58,7 @@ from lumikb_pipeline.graph.embedded_store import EmbeddedGraphStore
 from lumikb_pipeline.graph.merging import merge_descriptions
 from lumikb_pipeline.graph.neo4j_store import Neo4jGraphStore
 from lumikb_pipeline.graph.store import GraphStore
+from lumikb_pipeline_tests.graph.conftest import delete_kbs
 
 RESULTS = Path(__file__).resolve().parent / "results" / "hub_writes.json"
 STORES = ("neo4j", "embedded")
@@ -207,7 +208,7 @@ def run_store(name: str, store: GraphStore, documents: int) -> dict[str, Any]:
         check = _check(store, kb_id, remaining)
     finally:
         if isinstance(store, Neo4jGraphStore):
-            _delete_neo4j_kbs(store, [kb_id, warm_up_kb])
+            delete_kbs(store, [kb_id, warm_up_kb])
     return {
         "store": name,
         "documents": documents,
@@ -221,22 +222,6 @@ def run_store(name: str, store: GraphStore, documents: int) -> dict[str, Any]:
         "remove_at_full_degree_ms": _ms(removed_seconds) if removed_seconds else None,
         **check,
     }
-
-
-def _delete_neo4j_kbs(store: Neo4jGraphStore, kb_ids: list[str]) -> None:
-    with store._driver.session(database=store.database) as session:
-        for kb_id in kb_ids:
-            # The relationships first, in batches: a hub entity's DETACH DELETE in one transaction
-            # would hold every one of its relationships (100,000 documents: Neo4j's memory pool limit).
-            for pattern in ("(:Entity {kb_id: $kb_id})-[r]->()", "()-[r]->(:Entity {kb_id: $kb_id})"):
-                session.run(f"MATCH {pattern} CALL (r) {{ DELETE r }} IN TRANSACTIONS OF 5000 ROWS",
-                            kb_id=kb_id).consume()
-            for label in ("Entity", "Chunk", "Document"):
-                # Batched deletes keep the transaction memory bounded; the label is one of three literals.
-                session.run(
-                    f"MATCH (n:{label} {{kb_id: $kb_id}}) CALL (n) {{ DETACH DELETE n }} IN TRANSACTIONS OF 2000 ROWS",
-                    kb_id=kb_id,
-                ).consume()
 
 
 def run(documents: int, stores: Sequence[str], output: Path) -> dict[str, Any]:

@@ -88,10 +88,11 @@ def _stack_round(stack: Any, root: Path, documents: int, chunks: int) -> float:
 @contextmanager
 def _own_app_database() -> Iterator[None]:
     """Inside the block, this process's app database is a new one that the stack's sensors do not
-    read (its documents start no job there); dropped afterwards."""
+    read (its documents start no job there); dropped afterwards, its KBs' graphs too."""
     from lumikb_pipeline.core.config import get_settings
     from lumikb_pipeline.db import migrate
     from lumikb_pipeline_tests.conftest import create_postgres_database, drop_postgres_database
+    from lumikb_pipeline_tests.graph.conftest import delete_graphs_of
 
     url = create_postgres_database("overhead_inproc")
     saved = os.environ["LUMIKB_DATABASE_URL"]
@@ -103,6 +104,7 @@ def _own_app_database() -> Iterator[None]:
     finally:
         os.environ["LUMIKB_DATABASE_URL"] = saved
         get_settings.cache_clear()
+        delete_graphs_of(url)
         drop_postgres_database(url)  # disposes of this process's pooled connections first
 
 

@@ -550,7 +550,10 @@ def test_pool_limits_held_in_every_run(stack: Stack, tmp_path: Path) -> None:
                         if run.tags.get("dagster/asset_partition_range_start") in keys]
                 return steps_in_progress(instance, runs, WRITE_STEP)
 
-            wait_until(lambda: writing() >= 3, 20, 0.5, "3 write steps in progress, blocked on Neo4j")
+            # The 3 extract steps first make their held and remaining LLM calls (3 x 40 at 25/s), then
+            # their runs launch the write steps: on a loaded 2-vCPU machine that took over 20 s once.
+            wait_until(lambda: writing() >= 3, 90, 0.5, "3 write steps in progress, blocked on Neo4j",
+                       explain=lambda: f"extract steps in progress: {extracting()}, write steps: {writing()}")
             waiting_for_slot = _within(10, lambda: instance.event_log_storage.get_concurrency_info(
                 "lumikb_graph_write").pending_step_count >= 1)
             _say(f"Neo4j stopped: {writing()} write steps in progress; a 4th waiting for a slot: {waiting_for_slot}")

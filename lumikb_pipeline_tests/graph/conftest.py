@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,8 +17,6 @@ from lumikb_pipeline.graph.embedded_store import EmbeddedGraphStore
 from lumikb_pipeline.graph.neo4j_store import Neo4jGraphStore
 from lumikb_pipeline.graph.store import GraphStore
 from lumikb_pipeline_tests.conftest import SERVICES_HINT, required_env
-
-KB_LABELS = ("Document", "Chunk", "Entity")
 
 
 def neo4j_store() -> Neo4jGraphStore:
@@ -38,14 +36,52 @@ def neo4j_store() -> Neo4jGraphStore:
     return store
 
 
-def delete_kbs(store: Neo4jGraphStore, kb_ids: list[str]) -> None:
-    """Remove every node (and so every edge) of these KBs from the shared Neo4j database."""
-    for label in KB_LABELS:
-        store._driver.execute_query(  # the test owns these KBs; the label is one of three literals
-            f"MATCH (n:{label}) WHERE n.kb_id IN $kb_ids DETACH DELETE n",
-            kb_ids=kb_ids,
-            database_=store.database,
-        )
+# Each label's nodes of one KB, found through its uniqueness constraint's composite index (an
+# equality on `kb_id` is a seek only with the other key properties named too).
+KB_NODES = {
+    "Entity": "(n:Entity {kb_id: $kb_id} WHERE n.type IS NOT NULL AND n.key IS NOT NULL)",
+    "Chunk": "(n:Chunk {kb_id: $kb_id} WHERE n.id IS NOT NULL)",
+    "Document": "(n:Document {kb_id: $kb_id} WHERE n.id IS NOT NULL)",
+}
+
+
+def delete_kbs(store: Neo4jGraphStore, kb_ids: Iterable[str]) -> None:
+    """Remove every node and edge of these KBs from the shared Neo4j database.
+
+    Batched, so that a KB of any size goes in bounded memory: the entities' relationships first (a hub
+    entity's `DETACH DELETE` in one transaction would hold every edge of it, beyond Neo4j's
+    transaction memory pool at 100,000 documents), then the nodes. `CALL … IN TRANSACTIONS` needs an
+    auto-commit transaction, so `session.run`. The patterns are the literals above.
+    """
+    with store._driver.session(database=store.database) as session:
+        for kb_id in kb_ids:
+            entity = KB_NODES["Entity"]
+            for pattern in (f"{entity}-[r]->()", f"{entity}<-[r]-()"):
+                session.run(f"MATCH {pattern} CALL (r) {{ DELETE r }} IN TRANSACTIONS OF 5000 ROWS",
+                            kb_id=kb_id).consume()
+            for nodes in KB_NODES.values():
+                session.run(f"MATCH {nodes} CALL (n) {{ DETACH DELETE n }} IN TRANSACTIONS OF 2000 ROWS",
+                            kb_id=kb_id).consume()
+
+
+def delete_graphs_of(app_database_url: str) -> None:
+    """Remove from Neo4j the graph of every KB of an app database that is about to be dropped (a stack's,
+    a benchmark's), so that the shared Neo4j does not keep what nothing refers to any more."""
+    from sqlalchemy import create_engine, inspect, select
+
+    from lumikb_pipeline.db.models import KnowledgeBase
+
+    if not os.environ.get("LUMIKB_NEO4J_URI"):
+        return
+    engine = create_engine(app_database_url)
+    try:
+        with engine.connect() as connection:
+            migrated = inspect(connection).has_table(KnowledgeBase.__tablename__)
+            slugs = list(connection.scalars(select(KnowledgeBase.slug))) if migrated else []
+    finally:
+        engine.dispose()
+    if slugs:
+        delete_kbs(neo4j_store(), slugs)
 
 
 @pytest.fixture(params=["neo4j", "embedded"])

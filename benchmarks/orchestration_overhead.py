@@ -92,7 +92,6 @@ def _own_app_database() -> Iterator[None]:
     from lumikb_pipeline.core.config import get_settings
     from lumikb_pipeline.db import migrate
     from lumikb_pipeline_tests.conftest import create_postgres_database, drop_postgres_database
-    from lumikb_pipeline_tests.graph.conftest import delete_graphs_of
 
     url = create_postgres_database("overhead_inproc")
     saved = os.environ["LUMIKB_DATABASE_URL"]
@@ -104,8 +103,7 @@ def _own_app_database() -> Iterator[None]:
     finally:
         os.environ["LUMIKB_DATABASE_URL"] = saved
         get_settings.cache_clear()
-        delete_graphs_of(url)
-        drop_postgres_database(url)  # disposes of this process's pooled connections first
+        drop_postgres_database(url)  # its KBs' graphs, then this process's pooled connections, first
 
 
 def _in_process_round(stack: Any, root: Path, documents: int, chunks: int, batch_size: int) -> float:

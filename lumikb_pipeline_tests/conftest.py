@@ -44,8 +44,13 @@ def create_postgres_database(prefix: str = "t") -> str:
 
 
 def drop_postgres_database(url: str) -> None:
+    """Drop a database that `create_postgres_database` made. When it is an app database, the graphs of
+    its KBs are removed from the shared Neo4j first: nothing would refer to them afterwards."""
     import psycopg
 
+    from lumikb_pipeline_tests.graph.conftest import delete_graphs_of
+
+    delete_graphs_of(url)
     dispose_engines()
     parsed = make_url(url)
     admin = parsed.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)

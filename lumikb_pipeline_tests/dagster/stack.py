@@ -25,7 +25,6 @@ from sqlalchemy.engine import make_url
 
 from lumikb_pipeline.testing.fake_llm_server import raise_priority
 from lumikb_pipeline_tests.conftest import create_postgres_database, drop_postgres_database, required_env
-from lumikb_pipeline_tests.graph.conftest import delete_graphs_of
 
 T = TypeVar("T")
 
@@ -335,7 +334,8 @@ def start_stack(
 
 
 def stop_stack(stack: Stack) -> None:
-    """Stop every process of the stack, remove its KBs' graphs from Neo4j and drop its databases."""
+    """Stop every process of the stack and drop its databases (the app database's KBs' graphs in Neo4j
+    with it)."""
     from lumikb_pipeline.orchestration import processes
 
     saved = dict(os.environ)
@@ -352,7 +352,6 @@ def stop_stack(stack: Stack) -> None:
         stack.llm_process.wait(timeout=10)
     for url in stack.redis_dbs:
         redis.Redis.from_url(url).flushdb()
-    delete_graphs_of(stack.app_db_url)
     drop_postgres_database(stack.app_db_url)
     drop_postgres_database(make_url(stack.dagster_db_url).set(drivername="postgresql+psycopg").render_as_string(
         hide_password=False))

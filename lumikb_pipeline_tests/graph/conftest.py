@@ -65,19 +65,26 @@ def delete_kbs(store: Neo4jGraphStore, kb_ids: Iterable[str]) -> None:
 
 
 def delete_graphs_of(app_database_url: str) -> None:
-    """Remove from Neo4j the graph of every KB of an app database that is about to be dropped (a stack's,
-    a benchmark's), so that the shared Neo4j does not keep what nothing refers to any more."""
+    """Remove from Neo4j the graph of every KB of an app database that is about to be dropped (a test's,
+    a stack's, a benchmark's: `conftest.drop_postgres_database` calls this), so that the shared Neo4j
+    does not keep what nothing refers to any more. Nothing to do for a database without the app's
+    tables, or one that is gone."""
     from sqlalchemy import create_engine, inspect, select
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
 
     from lumikb_pipeline.db.models import KnowledgeBase
 
     if not os.environ.get("LUMIKB_NEO4J_URI"):
         return
-    engine = create_engine(app_database_url)
+    url = make_url(app_database_url)
+    engine = create_engine(url.set(drivername="postgresql+psycopg") if url.drivername == "postgresql" else url)
     try:
         with engine.connect() as connection:
             migrated = inspect(connection).has_table(KnowledgeBase.__tablename__)
             slugs = list(connection.scalars(select(KnowledgeBase.slug))) if migrated else []
+    except OperationalError:  # the database does not exist (dropped already)
+        slugs = []
     finally:
         engine.dispose()
     if slugs:

@@ -303,8 +303,7 @@ def run(
         load_after = os.getloadavg()[0]
         results = {writer: _rates(store, docs[writer], per_round[writer]) for writer in WRITERS}
     finally:
-        for kb_id in (*kbs.values(), *(f"{warmup_kb}-{w}" for w in WRITERS)):
-            delete_kbs(store, [kb_id])
+        delete_kbs(store, [*kbs.values(), *(f"{warmup_kb}-{w}" for w in WRITERS)])
 
     def doc_seconds(writer: str) -> float:
         return statistics.median(r["seconds"] / r["documents"] for r in per_round[writer])

@@ -53,9 +53,9 @@ def delete_kbs(store: Neo4jGraphStore, kb_ids: Iterable[str]) -> None:
     transaction memory pool at 100,000 documents), then the nodes. `CALL … IN TRANSACTIONS` needs an
     auto-commit transaction, so `session.run`. The patterns are the literals above.
     """
+    entity = KB_NODES["Entity"]
     with store._driver.session(database=store.database) as session:
         for kb_id in kb_ids:
-            entity = KB_NODES["Entity"]
             for pattern in (f"{entity}-[r]->()", f"{entity}<-[r]-()"):
                 session.run(f"MATCH {pattern} CALL (r) {{ DELETE r }} IN TRANSACTIONS OF 5000 ROWS",
                             kb_id=kb_id).consume()
@@ -68,25 +68,21 @@ def delete_graphs_of(app_database_url: str) -> None:
     """Remove from Neo4j the graph of every KB of an app database that is about to be dropped (a test's,
     a stack's, a benchmark's: `conftest.drop_postgres_database` calls this), so that the shared Neo4j
     does not keep what nothing refers to any more. Nothing to do for a database without the app's
-    tables, or one that is gone."""
-    from sqlalchemy import create_engine, inspect, select
-    from sqlalchemy.engine import make_url
+    tables, or one that is gone. Its pooled connections stay for the caller's `dispose_engines`."""
+    from sqlalchemy import inspect, select
     from sqlalchemy.exc import OperationalError
 
     from lumikb_pipeline.db.models import KnowledgeBase
+    from lumikb_pipeline.db.session import get_engine
 
     if not os.environ.get("LUMIKB_NEO4J_URI"):
         return
-    url = make_url(app_database_url)
-    engine = create_engine(url.set(drivername="postgresql+psycopg") if url.drivername == "postgresql" else url)
     try:
-        with engine.connect() as connection:
+        with get_engine(app_database_url).connect() as connection:
             migrated = inspect(connection).has_table(KnowledgeBase.__tablename__)
             slugs = list(connection.scalars(select(KnowledgeBase.slug))) if migrated else []
     except OperationalError:  # the database does not exist (dropped already)
         slugs = []
-    finally:
-        engine.dispose()
     if slugs:
         delete_kbs(neo4j_store(), slugs)
 

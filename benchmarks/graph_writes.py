@@ -1,4 +1,4 @@
-"""Graph-write benchmark: the Neo4j store against a create-only lower bound and a naive writer.
+"""Graph-write benchmark: the Neo4j store against two bounds and a naive writer.
 
     python -m benchmarks.graph_writes            # 2,000 documents in 5 rounds (naive: 200), ~100,000 entities
     python -m benchmarks.graph_writes --quick    # 40 documents in 2 rounds, for a smoke run
@@ -14,13 +14,19 @@ chunk, between entities of the chunk).
   provenance records (`Asserts` edges) and properties (aggregates included) with no `MERGE`, no reads
   and no provenance merging: what the data volume alone costs; not a valid writer (neither idempotent
   nor merging);
+- idempotent bound: the same query with `MERGE` in place of every `CREATE`: what writing the same
+  data idempotently costs when nothing is read first; writing a document again changes nothing, but
+  it neither merges provenance across documents nor removes what a new version dropped, so it is not
+  a valid writer either;
 - naive: what STYLE.md's counter-example does, one auto-commit query (so one transaction) per
   document, chunk, entity and relationship, on the same number of threads, on a sample of the
   documents (`--naive-documents`: it is 20 times slower).
 
 The run is split into `--rounds`; in each, the writers take turns on blocks of 20 documents (same
-data, same conditions). Each round gives each writer a rate; the result is the median over the
-rounds with its spread (min and max), and the ratios are of medians.
+data, same conditions). Each round gives each writer a rate and its CPU time per document: this
+process's (the client's, every thread) and, when Neo4j runs on this machine, the server's (read
+from its process). The result is the median over the rounds with its spread (min and max), and the
+ratios are of medians.
 
 It prints a table and writes `benchmarks/results/graph_writes.json`.
 """
@@ -40,6 +46,9 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+import psutil
 
 from lumikb_pipeline.core.config import load_settings
 from lumikb_pipeline.domain.modes import WriteMode
@@ -146,10 +155,47 @@ CALL (chunks, nodes) {
 """
 
 
-def write_lower_bound(store: Neo4jGraphStore, graph: DocumentGraph) -> None:
-    """The same nodes, relationships, provenance records and properties as the store writes for a new
-    document (its aggregates included, computed by the same functions), created in one query with no
-    reads."""
+# The same, idempotent: MERGE in place of every CREATE (still one query, no reads before it).
+IDEMPOTENT_BOUND_DOCUMENT = """
+MERGE (d:Document {kb_id: $kb_id, id: $doc_id})
+SET d.schema_version = $schema_version
+WITH d
+CALL (d) {
+  UNWIND $chunks AS c
+  MERGE (chunk:Chunk {kb_id: $kb_id, id: c[0]})
+  SET chunk.doc_id = $doc_id, chunk.ordinal = c[1]
+  MERGE (d)-[:HAS_CHUNK]->(chunk)
+  RETURN collect(chunk) AS chunks
+}
+CALL () {
+  UNWIND $entities AS e
+  MERGE (n:Entity {kb_id: $kb_id, type: e[0], key: e[1]})
+  SET n.name = e[2], n.description = e[3], n.aggregate = e[4]
+  RETURN collect(n) AS nodes
+}
+CALL (chunks, nodes) {
+  UNWIND $mentions AS m
+  WITH chunks[m[0]] AS chunk, nodes[m[1]] AS n, m
+  MERGE (chunk)-[mention:MENTIONS]->(n)
+  SET mention.names = m[2], mention.descriptions = m[3]
+}
+CALL (chunks, nodes) {
+  UNWIND $relationships AS r
+  WITH nodes[r[0]] AS a, nodes[r[1]] AS b, r
+  MERGE (a)-[rel:EMPLOYS]->(b)
+  SET rel.type = 'EMPLOYS', rel.kb_id = $kb_id, rel.description = r[2], rel.aggregate = r[3]
+  WITH a, b, r
+  UNWIND r[4] AS source
+  WITH a, b, chunks[source] AS chunk, r
+  MERGE (chunk)-[:Asserts {type: 'EMPLOYS', target_type: b.type, target_key: b.key, description: r[2]}]->(a)
+}
+"""
+
+
+def _bound_parameters(graph: DocumentGraph) -> dict[str, Any]:
+    """The parameters of both bounds' query: the same nodes, relationships, provenance records and
+    properties as the store writes for a new document (its aggregates included, computed by the same
+    functions)."""
     chunk_index = {chunk.id: i for i, chunk in enumerate(graph.chunks)}
     entity_index = {(e.type, e.key): i for i, e in enumerate(graph.entities)}
     entities, mentions = [], []
@@ -165,12 +211,17 @@ def write_lower_bound(store: Neo4jGraphStore, graph: DocumentGraph) -> None:
         assert rel is not None
         relationships.append([entity_index[(r.source.type, r.source.key)], entity_index[(r.target.type, r.target.key)],
                               rel.description, rel.aggregate_json(), [chunk_index[c] for c in r.chunk_ids]])
+    return {
+        "kb_id": graph.kb_id, "doc_id": graph.doc_id, "schema_version": graph.schema_version,
+        "chunks": [[chunk.id, chunk.ordinal] for chunk in graph.chunks], "entities": entities, "mentions": mentions,
+        "relationships": relationships,
+    }
+
+
+def write_bound(store: Neo4jGraphStore, graph: DocumentGraph, query: str) -> None:
+    """One auto-commit query per document (`LOWER_BOUND_DOCUMENT` or `IDEMPOTENT_BOUND_DOCUMENT`)."""
     with store._driver.session(database=store.database) as session:
-        session.run(
-            LOWER_BOUND_DOCUMENT, kb_id=graph.kb_id, doc_id=graph.doc_id, schema_version=graph.schema_version,
-            chunks=[[chunk.id, chunk.ordinal] for chunk in graph.chunks], entities=entities, mentions=mentions,
-            relationships=relationships,
-        ).consume()
+        session.run(query, _bound_parameters(graph)).consume()
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -206,19 +257,55 @@ def make_documents(kb_id: str, documents: int) -> list[DocumentGraph]:
 # --- running -----------------------------------------------------------------------------------
 
 
-def _write_all(graphs: Sequence[DocumentGraph], write: Callable[[DocumentGraph], object], workers: int) -> float:
-    """Seconds to write `graphs` with `workers` threads."""
+def _neo4j_server_process(uri: str) -> psutil.Process | None:
+    """The process of the Neo4j server at `uri` when it listens on this machine (its CPU time is
+    read from it), else None."""
+    address = urlsplit(uri)
+    if address.hostname not in {"localhost", "127.0.0.1", "::1"}:
+        return None
+    port = address.port or 7687
+    try:
+        for connection in psutil.net_connections(kind="tcp"):
+            if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port and connection.pid:
+                return psutil.Process(connection.pid)
+    except psutil.Error:  # not allowed to list other users' sockets
+        return None
+    return None
+
+
+def _cpu_seconds(process: psutil.Process | None) -> float | None:
+    if process is None:
+        return None
+    try:
+        times = process.cpu_times()
+    except psutil.Error:
+        return None
+    return times.user + times.system
+
+
+def _write_all(
+    graphs: Sequence[DocumentGraph], write: Callable[[DocumentGraph], object], workers: int,
+    server: psutil.Process | None,
+) -> tuple[float, float, float | None]:
+    """Wall seconds, this process's CPU seconds (every thread) and the Neo4j server's (None when it is
+    not on this machine) to write `graphs` with `workers` threads."""
+    server_before = _cpu_seconds(server)
+    client_before = time.process_time()
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for _ in pool.map(write, graphs):
             pass
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    client = time.process_time() - client_before
+    server_after = _cpu_seconds(server)
+    return seconds, client, None if server_before is None or server_after is None else server_after - server_before
 
 
-def _rates(store: Neo4jGraphStore, graphs: Sequence[DocumentGraph], rounds: Sequence[dict[str, float]]) -> dict[
+def _rates(store: Neo4jGraphStore, graphs: Sequence[DocumentGraph], rounds: Sequence[dict[str, Any]]) -> dict[
     str, Any
 ]:
-    """One writer's rates per round (median, min, max), after checking that it wrote exactly the expected graph."""
+    """One writer's rates and CPU time per document per round (median, min, max), after checking that
+    it wrote exactly the expected graph."""
     kb_id = graphs[0].kb_id
     counts = store.counts(kb_id)
     entities_per_document = sum(len(g.entities) for g in graphs) / len(graphs)
@@ -228,17 +315,23 @@ def _rates(store: Neo4jGraphStore, graphs: Sequence[DocumentGraph], rounds: Sequ
                          f"{relationships} relationships")
     documents_per_s = [r["documents"] / r["seconds"] for r in rounds if r["seconds"] > 0]
     seconds = sum(r["seconds"] for r in rounds)
+    server = [r["server_cpu_s"] for r in rounds]
     return {
         "seconds": round(seconds, 3),
         "documents": len(graphs),
         "documents_per_s": _median_and_spread(documents_per_s),
         "entities_per_s": _median_and_spread([d * entities_per_document for d in documents_per_s]),
+        "cpu_ms_per_document": {
+            "client": round(statistics.median(1000 * r["client_cpu_s"] / r["documents"] for r in rounds), 2),
+            "neo4j": None if None in server else round(
+                statistics.median(1000 * r["server_cpu_s"] / r["documents"] for r in rounds), 2),
+        },
         "rounds": list(rounds),
         "graph": counts.model_dump(),
     }
 
 
-WRITERS = ("store", "lower_bound", "naive")
+WRITERS = ("store", "idempotent_bound", "lower_bound", "naive")
 
 
 def _median_and_spread(values: Sequence[float]) -> dict[str, float]:
@@ -265,10 +358,12 @@ def run(
     docs["naive"] = docs["naive"][:naive_documents]
     write: dict[str, Callable[[DocumentGraph], object]] = {
         "store": lambda g: store.write_document(g, SCHEMA, WriteMode.REPLACE),
-        "lower_bound": lambda g: write_lower_bound(store, g),
+        "idempotent_bound": lambda g: write_bound(store, g, IDEMPOTENT_BOUND_DOCUMENT),
+        "lower_bound": lambda g: write_bound(store, g, LOWER_BOUND_DOCUMENT),
         "naive": lambda g: write_naively(store, g),
     }
-    per_round: dict[str, list[dict[str, float]]] = {writer: [] for writer in WRITERS}
+    per_round: dict[str, list[dict[str, Any]]] = {writer: [] for writer in WRITERS}
+    neo4j_process = _neo4j_server_process(settings.neo4j_uri)
     try:
         # Warm-up: Neo4j plans each query once and the JVM compiles hot paths (a few hundred
         # transactions of each kind before the code is compiled); no writer should pay for that
@@ -278,7 +373,6 @@ def run(
                 write[writer](graph)
         load_before = os.getloadavg()[0]
         for r in range(rounds):
-            seconds = dict.fromkeys(WRITERS, 0.0)
             count = dict.fromkeys(WRITERS, 0)
             for writer in WRITERS:
                 share = len(docs[writer]) // rounds
@@ -286,7 +380,8 @@ def run(
                 stop = len(docs[writer]) if r == rounds - 1 else start + share
                 docs_of_round = docs[writer][start:stop]
                 count[writer] = len(docs_of_round)
-                per_round[writer].append({"documents": len(docs_of_round), "seconds": 0.0})
+                per_round[writer].append(
+                    {"documents": len(docs_of_round), "seconds": 0.0, "client_cpu_s": 0.0, "server_cpu_s": 0.0})
             # The writers take turns on blocks of documents, so that all see the same machine conditions.
             position = dict.fromkeys(WRITERS, 0)
             while any(position[w] < count[w] for w in WRITERS):
@@ -296,10 +391,17 @@ def run(
                     share = len(docs[writer]) // rounds
                     start = r * share + position[writer]
                     take = min(block if writer != "naive" else max(1, block // 10), count[writer] - position[writer])
-                    seconds[writer] += _write_all(docs[writer][start:start + take], write[writer], workers)
+                    spent = _write_all(docs[writer][start:start + take], write[writer], workers, neo4j_process)
                     position[writer] += take
+                    totals = per_round[writer][-1]
+                    totals["seconds"] += spent[0]
+                    totals["client_cpu_s"] += spent[1]
+                    totals["server_cpu_s"] = None if spent[2] is None else totals["server_cpu_s"] + spent[2]
             for writer in WRITERS:
-                per_round[writer][-1]["seconds"] = round(seconds[writer], 3)
+                totals = per_round[writer][-1]
+                for key in ("seconds", "client_cpu_s", "server_cpu_s"):
+                    if totals[key] is not None:
+                        totals[key] = round(totals[key], 3)
         load_after = os.getloadavg()[0]
         results = {writer: _rates(store, docs[writer], per_round[writer]) for writer in WRITERS}
     finally:
@@ -334,6 +436,8 @@ def run(
         # Ratios of medians of the per-document time.
         "ratio": round(doc_seconds("naive") / doc_seconds("store"), 2),
         "share_of_lower_bound": round(doc_seconds("lower_bound") / doc_seconds("store"), 3),
+        "share_of_idempotent_bound": round(doc_seconds("idempotent_bound") / doc_seconds("store"), 3),
+        "idempotent_bound_share_of_lower_bound": round(doc_seconds("lower_bound") / doc_seconds("idempotent_bound"), 3),
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -357,21 +461,24 @@ def print_table(result: dict[str, Any]) -> None:
     table = Table(
         title=f"Graph writes: {config['documents']} documents ({config['entities']:,} entities, "
         f"{config['relationships']:,} relationships) in {config['rounds']} round(s), naive on "
-        f"{config['naive_documents']}, {config['workers']} worker thread(s) — {result['neo4j']}"
+        f"{config['naive_documents']}, {config['workers']} worker thread(s) — {result['neo4j']}; CPU in ms per document"
     )
-    for column in ("writer", "documents", "seconds", "entities/s median", "min", "max"):
+    for column in ("writer", "documents", "seconds", "entities/s median", "min", "max", "client CPU", "Neo4j CPU"):
         table.add_column(column, justify="right" if column != "writer" else "left")
-    labels = {"store": "store (1 transaction/document)", "lower_bound": "lower bound (create-only)",
-              "naive": "naive (1 query/item)"}
+    labels = {"store": "store", "idempotent_bound": "idempotent bound", "lower_bound": "lower bound",
+              "naive": "naive"}
     for name in WRITERS:
         row = result[name]
-        rate = row["entities_per_s"]
+        rate, cpu = row["entities_per_s"], row["cpu_ms_per_document"]
         table.add_row(labels[name], str(row["documents"]), f"{row['seconds']:.2f}", f"{rate['median']:,.0f}",
-                      f"{rate['min']:,.0f}", f"{rate['max']:,.0f}")
+                      f"{rate['min']:,.0f}", f"{rate['max']:,.0f}", f"{cpu['client']:.2f}",
+                      "–" if cpu["neo4j"] is None else f"{cpu['neo4j']:.2f}")
     console = Console()
     console.print(table)
     console.print(f"the store is {result['ratio']}x faster than naive and reaches "
-                  f"{result['share_of_lower_bound']:.0%} of the lower bound (medians)")
+                  f"{result['share_of_lower_bound']:.0%} of the lower bound and "
+                  f"{result['share_of_idempotent_bound']:.0%} of the idempotent bound, which reaches "
+                  f"{result['idempotent_bound_share_of_lower_bound']:.0%} of the lower bound (medians)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -146,9 +146,15 @@ def analyse(rows: list[dict[str, Any]], documents: int, warm_up_end_s: float, en
 
 
 def connection_spread(samples: list[dict[str, Any]], warm_up_end_s: float) -> dict[str, dict[str, float]]:
-    """Per server, after warm-up: min, max and last count, and `growth`, the median count of the
-    second half less that of the first half (flat: <= 0). Medians, because a recycled child closes
-    its connections and its successor opens its own: the count dips and comes back, it does not climb."""
+    """Per server, after warm-up: min, max and last count; `peak_growth`, the highest count of the
+    second half less the highest of the first (a leak: > 0); and `median_growth`, the median count of
+    the second half less that of the first, for reference.
+
+    The counts follow the steps in flight: a child's pools open with its steps and close when it is
+    recycled, so the workers go back to their idle count whenever they are between steps, and a half's
+    median says how busy that half was. A leak keeps connections that no step uses, so every later
+    peak stands higher than the earlier ones; both halves of a long job reach the workers' full
+    concurrency, so their peaks compare like with like."""
     spread = {}
     servers = sorted({key for s in samples for key in s} - {"t", "documents"})
     for server in servers:  # postgres, redis, neo4j, and redis:<client name>
@@ -161,7 +167,8 @@ def connection_spread(samples: list[dict[str, Any]], warm_up_end_s: float) -> di
         first = [s.get(server, 0) for s in after if s["t"] <= middle]
         second = [s.get(server, 0) for s in after if s["t"] > middle]
         spread[server] = {"min": min(values), "max": max(values), "last": values[-1],
-                          "growth": statistics.median(second) - statistics.median(first)}
+                          "peak_growth": max(second) - max(first),
+                          "median_growth": statistics.median(second) - statistics.median(first)}
     return spread
 
 

@@ -64,6 +64,7 @@ from lumikb_pipeline.graph.build import build_document_graph
 from lumikb_pipeline.graph.merging import provenance_text
 from lumikb_pipeline.graph.neo4j_store import Neo4jGraphStore
 from lumikb_pipeline.graph.plan import entity_state, relationship_state
+from lumikb_pipeline.orchestration import processes
 from lumikb_pipeline_tests.graph.conftest import delete_kbs
 
 RESULTS = Path(__file__).resolve().parent / "results" / "graph_writes.json"
@@ -263,14 +264,13 @@ def _neo4j_server_process(uri: str) -> psutil.Process | None:
     address = urlsplit(uri)
     if address.hostname not in {"localhost", "127.0.0.1", "::1"}:
         return None
-    port = address.port or 7687
-    try:
-        for connection in psutil.net_connections(kind="tcp"):
-            if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port and connection.pid:
-                return psutil.Process(connection.pid)
-    except psutil.Error:  # not allowed to list other users' sockets
+    pids = processes.listening_pids(address.port or 7687)
+    if not pids or len(pids) > 1:  # not visible, or not one process to read
         return None
-    return None
+    try:
+        return psutil.Process(pids.pop())
+    except psutil.Error:
+        return None
 
 
 def _cpu_seconds(process: psutil.Process | None) -> float | None:
@@ -391,12 +391,15 @@ def run(
                     share = len(docs[writer]) // rounds
                     start = r * share + position[writer]
                     take = min(block if writer != "naive" else max(1, block // 10), count[writer] - position[writer])
-                    spent = _write_all(docs[writer][start:start + take], write[writer], workers, neo4j_process)
+                    seconds, client_cpu, server_cpu = _write_all(
+                        docs[writer][start:start + take], write[writer], workers, neo4j_process)
                     position[writer] += take
                     totals = per_round[writer][-1]
-                    totals["seconds"] += spent[0]
-                    totals["client_cpu_s"] += spent[1]
-                    totals["server_cpu_s"] = None if spent[2] is None else totals["server_cpu_s"] + spent[2]
+                    totals["seconds"] += seconds
+                    totals["client_cpu_s"] += client_cpu
+                    # One block whose server CPU could not be read leaves the round's unknown.
+                    totals["server_cpu_s"] = (None if server_cpu is None or totals["server_cpu_s"] is None
+                                              else totals["server_cpu_s"] + server_cpu)
             for writer in WRITERS:
                 totals = per_round[writer][-1]
                 for key in ("seconds", "client_cpu_s", "server_cpu_s"):
